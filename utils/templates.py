@@ -91,4 +91,7 @@ def tokenize_segments(tokenizer, segs: list[tuple[str, bool]], max_length: int |
 
 
 def tokenize_sft_sample(tokenizer, template: str, sample: dict, max_length: int | None) -> dict:
-    return tokenize_segments(tokenizer, segments(template, sample_turns(sample), tokenizer), max_length)
+    """input_ids and labels (-100 outside the assistant's responses) of one training sample."""
+    tokens = tokenize_segments(tokenizer, segments(template, sample_turns(sample), tokenizer), max_length)
+    labels = [t if keep else -100 for t, keep in zip(tokens["input_ids"], tokens["assistant_masks"])]
+    return {"input_ids": tokens["input_ids"], "labels": labels}

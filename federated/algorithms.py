@@ -1,0 +1,184 @@
+"""Federated algorithms: each is one small class, registered by name, shared by SFT and DPO.
+
+An algorithm has a server part and a client part:
+  init_state(x, num_clients)          -> server state, a dict of tensors (checkpointed generically)
+  client_hooks(k, x, state, store)    -> ClientHooks for client k's local training this round
+  step(x, Y, counts, state, t, ups)   -> the new global vector, from the sampled clients' vectors Y [K, N]
+Server math runs through kernels/ (Triton on CUDA, PyTorch twin otherwise). The reference math is in
+../shared/docs/ALGORITHMS.md; options beyond the paper are explicit flags in FedArguments.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+
+
+class ClientHooks:
+    """Trainer-agnostic hooks into local training; the default does nothing (FedAvg and the FedOpt family)."""
+
+    def loss_term(self, flat) -> torch.Tensor | None:
+        """An extra term added to the local loss (FedProx)."""
+        return None
+
+    def after_optimizer_step(self, flat, lr: float) -> None:
+        """Called after every local optimizer step (SCAFFOLD's control-variate correction)."""
+
+    def finish(self, y: torch.Tensor, steps: int, lr: float) -> tuple[dict, dict]:
+        """After local training: (extra uploads for the server, state the client keeps for later rounds)."""
+        return {}, {}
+
+
+@dataclass
+class Algorithm:
+    """FedAvg: x <- sum_i w_i y_i with sample-count weights. The base class of every other algorithm."""
+    fed_args: object
+    server_rule = "fedavg"
+    weighting = "samples"  # "samples": w_i = n_i / sum n_j; "uniform": w_i = 1/K
+    vectors_per_transfer = 1  # vectors each sampled client downloads and uploads per round
+
+    def init_state(self, x: torch.Tensor, num_clients: int) -> dict[str, torch.Tensor]:
+        return {}
+
+    def client_hooks(self, client: int, x: torch.Tensor, state: dict, client_store: dict) -> ClientHooks:
+        return ClientHooks()
+
+    def weights(self, sample_counts: list[int]) -> torch.Tensor:
+        counts = torch.tensor(sample_counts, dtype=torch.float32)
+        if self.weighting == "uniform":
+            return torch.full_like(counts, 1.0 / len(counts))
+        return counts / counts.sum()
+
+    def step(self, x, client_vectors, sample_counts, state, t, uploads=None) -> torch.Tensor:
+        a = self.fed_args
+        return kernels.server_update(self.server_rule, x, client_vectors, self.weights(sample_counts),
+                                     state.get("m"), state.get("v"), t, eta=a.fedopt_eta, tau=a.fedopt_tau,
+                                     beta1=a.fedopt_beta1, beta2=a.fedopt_beta2,
+                                     bias_correction=a.fedopt_bias_correction)
+
+
+class FedAvgM(Algorithm):
+    """Server momentum on the weighted mean delta: m <- D (t=0) else beta1 m + (1-beta1) D; x <- x + m."""
+    server_rule = "fedavgm"
+
+    def init_state(self, x, num_clients):
+        return {"m": torch.zeros_like(x)}
+
+
+class FedOpt(Algorithm):
+    """FedAdagrad/FedYogi/FedAdam (Reddi et al.) as FedLLM-Bench runs them: unweighted mean delta, no bias
+    correction, v initialised to tau^2. --fedopt_weighted and --fedopt_bias_correction give Reddi's variant."""
+
+    @property
+    def weighting(self):
+        return "samples" if self.fed_args.fedopt_weighted else "uniform"
+
+    def init_state(self, x, num_clients):
+        return {"m": torch.zeros_like(x), "v": torch.full_like(x, self.fed_args.fedopt_tau ** 2)}
+
+
+class FedAdagrad(FedOpt):
+    server_rule = "fedadagrad"
+
+
+class FedYogi(FedOpt):
+    server_rule = "fedyogi"
+
+
+class FedAdam(FedOpt):
+    server_rule = "fedadam"
+
+
+class ProxHooks(ClientHooks):
+    def __init__(self, x: torch.Tensor, mu: float):
+        self.x, self.mu = x, mu
+
+    def loss_term(self, flat):
+        if self.x.device != flat.named[0][1].device:  # move the anchor once, not every step
+            self.x = self.x.to(flat.named[0][1].device)
+        return 0.5 * self.mu * flat.squared_distance(self.x)
+
+
+class FedProx(Algorithm):
+    """FedAvg with the proximal term mu/2 ||y - x||^2 added to every local loss."""
+
+    def client_hooks(self, client, x, state, client_store):
+        return ProxHooks(x, self.fed_args.prox_mu)
+
+
+class ScaffoldHooks(ClientHooks):
+    def __init__(self, x: torch.Tensor, c: torch.Tensor, c_i: torch.Tensor):
+        self.x, self.c_i = x, c_i
+        self.correction = c - c_i  # applied as y <- y - lr (c - c_i) after every optimizer step
+        self._device_correction = None
+
+    def after_optimizer_step(self, flat, lr):
+        if self._device_correction is None:
+            self._device_correction = self.correction.to(flat.named[0][1].device)
+        flat.add_(self._device_correction, alpha=-lr)
+
+    def finish(self, y, steps, lr):
+        # Option II: c_i+ = (x - y) / (K lr) - (c - c_i); upload dc_i = c_i+ - c_i.
+        c_i_new = (self.x - y) / (steps * lr) - self.correction
+        return {"control_delta": c_i_new - self.c_i}, {"c": c_i_new}
+
+
+class Scaffold(Algorithm):
+    """SCAFFOLD (option II as in the reference): FedAvg of the models plus control variates c and c_i.
+    c lives in the server state; every c_i lives on the CPU in the client store, made only when first needed."""
+    vectors_per_transfer = 2
+
+    def init_state(self, x, num_clients):
+        return {"c": torch.zeros_like(x)}
+
+    def client_hooks(self, client, x, state, client_store):
+        c_i = client_store.get(client, {}).get("c")
+        return ScaffoldHooks(x, state["c"], torch.zeros_like(x) if c_i is None else c_i)
+
+    def step(self, x, client_vectors, sample_counts, state, t, uploads=None):
+        state["c"] = kernels.scaffold_control_update(state["c"], uploads["control_delta"], self.num_clients)
+        return super().step(x, client_vectors, sample_counts, state, t)
+
+
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    "fedavg": Algorithm, "fedprox": FedProx, "scaffold": Scaffold, "fedavgm": FedAvgM,
+    "fedadagrad": FedAdagrad, "fedyogi": FedYogi, "fedadam": FedAdam,
+}
+LOCAL = re.compile(r"^local(\d+)$")
+
+
+def algorithm_names() -> str:
+    return ", ".join([*ALGORITHMS, "local<k>"])
+
+
+def parse_local(fed_alg: str) -> int | None:
+    """The client index of `local<k>` (any number of digits), or None for a federated algorithm."""
+    match = LOCAL.match(fed_alg)
+    return int(match.group(1)) if match else None
+
+
+def make_algorithm(fed_args, num_clients: int) -> Algorithm:
+    """The algorithm named by --fed_alg; local<k> trains client k alone and keeps its model (FedAvg of one)."""
+    name = fed_args.fed_alg
+    local = parse_local(name)
+    if local is not None:
+        if local >= num_clients:
+            raise SystemExit(f"--fed_alg {name}: client index {local} is out of range; this run has "
+                             f"{num_clients} clients (local0 ... local{num_clients - 1}).")
+        algorithm = Algorithm(fed_args)
+    elif name in ALGORITHMS:
+        algorithm = ALGORITHMS[name](fed_args)
+    else:
+        raise SystemExit(f"Unknown --fed_alg {name!r}: choose one of {algorithm_names()}.")
+    algorithm.num_clients = num_clients
+    return algorithm
+
+
+def server_step(algorithm: Algorithm, x: torch.Tensor, client_vectors: torch.Tensor, sample_counts: list[int],
+                state: dict, round_idx: int, uploads: dict | None = None) -> torch.Tensor:
+    """The public server update: global vector x [N] (fp32), the sampled clients' vectors [K, N], their sample
+    counts, the server state (updated in place) and the 0-based round index -> the new global vector."""
+    return algorithm.step(x, client_vectors, sample_counts, state, round_idx, uploads or {})

@@ -1,0 +1,78 @@
+"""Run state: everything the round loop needs to continue exactly where it stopped (nanoGPT's lesson).
+
+checkpoint-<r>/ holds the PEFT adapter (loadable with PeftModel.from_pretrained) and the run state:
+run_state.safetensors (global vector, server state, per-client state, torch RNG) and run_state.json (round,
+Python and NumPy RNG states, loss history). A checkpoint is written to a temporary folder and renamed, so a
+crash never leaves a half-written one.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class RunState:
+    x: torch.Tensor  # global vector (fp32, CPU)
+    server_state: dict[str, torch.Tensor]
+    client_store: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # e.g. SCAFFOLD c_i, on CPU
+    round: int = 0  # rounds completed
+    loss_history: list[list[float]] = field(default_factory=list)  # [num_clients][rounds], -1 = not sampled
+    extra: dict = field(default_factory=dict)  # JSON-able state of optional parts (e.g. a privacy accountant)
+
+
+def _tensors(run: RunState) -> dict[str, torch.Tensor]:
+    tensors = {"x": run.x, "torch_rng": torch.get_rng_state()}
+    tensors.update({f"server/{k}": v for k, v in run.server_state.items()})
+    for client, state in run.client_store.items():
+        tensors.update({f"client/{client}/{k}": v for k, v in state.items()})
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def save_checkpoint(output_dir: str | Path, run: RunState, model) -> Path:
+    final = Path(output_dir) / f"checkpoint-{run.round}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    save_file(_tensors(run), tmp / "run_state.safetensors")
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    meta = {"round": run.round, "loss_history": run.loss_history, "extra": run.extra,
+            "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    (tmp / "run_state.json").write_text(json.dumps(meta))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    done = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "run_state.json").exists()
+            and p.name.split("-")[-1].isdigit()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def load_checkpoint(path: Path) -> RunState:
+    tensors = load_file(path / "run_state.safetensors")
+    meta = json.loads((path / "run_state.json").read_text())
+    torch.set_rng_state(tensors.pop("torch_rng"))
+    version, internal, gauss = meta["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = meta["numpy_rng"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    run = RunState(x=tensors.pop("x"), server_state={}, round=meta["round"], loss_history=meta["loss_history"],
+                   extra=meta.get("extra", {}))
+    for key, value in tensors.items():
+        scope, *rest = key.split("/")
+        if scope == "server":
+            run.server_state[rest[0]] = value
+        else:
+            run.client_store.setdefault(int(rest[0]), {})[rest[1]] = value
+    return run

@@ -1,0 +1,66 @@
+"""Run configuration as dataclasses, parsed once in each entry script's main() (flag names as OpenFedLLM)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class FedArguments:
+    fed_alg: str = field(default="fedavg", metadata={"help": "fedavg, fedprox, scaffold, fedavgm, fedadagrad, "
+                                                             "fedyogi, fedadam, or local<k> (client k alone)"})
+    num_clients: int | None = field(default=None, metadata={"help": "clients in the run (default: all of the "
+                                                                      "dataset's; fewer takes the first N)"})
+    sample_clients: int = field(default=2, metadata={"help": "clients sampled per round"})
+    num_rounds: int = field(default=3, metadata={"help": "communication rounds"})
+    prox_mu: float = field(default=0.01, metadata={"help": "FedProx mu"})
+    fedopt_eta: float = field(default=1e-3, metadata={"help": "server learning rate (FedAdagrad/Yogi/Adam)"})
+    fedopt_tau: float = field(default=1e-3, metadata={"help": "adaptivity (FedAdagrad/Yogi/Adam)"})
+    fedopt_beta1: float = field(default=0.5, metadata={"help": "server momentum (FedAvgM, FedOpt)"})
+    fedopt_beta2: float = field(default=0.99, metadata={"help": "second moment decay (FedYogi/FedAdam)"})
+    fedopt_bias_correction: bool = field(default=False, metadata={"help": "Reddi et al.'s bias correction "
+                                                                           "(not in the paper)"})
+    fedopt_weighted: bool = field(default=False, metadata={"help": "sample-weighted mean delta for FedOpt "
+                                                                    "(the paper uses the unweighted mean)"})
+    save_model_freq: int | None = field(default=None, metadata={"help": "alias of --checkpoint_step"})
+
+
+@dataclass
+class ScriptArguments:
+    model_name_or_path: str = field(default="smollm2", metadata={"help": "HF id or local path; 'smollm2' is the "
+                                                                          "embedded SmolLM2-135M-Instruct"})
+    dataset: str = field(default="fed-synthetic", metadata={"help": "dataset name in the registry"})
+    dataset_name: str | None = field(default=None, metadata={"help": "alias of --dataset (FedLLM-Bench name)"})
+    local_data_dir: str | None = field(default=None, metadata={"help": "released-format JSON file (client id "
+                                                                        "-> list of samples)"})
+    template: str = field(default="alpaca", metadata={"help": "alpaca, vicuna_v1.1 or chat (the model's own)"})
+    learning_rate: float = field(default=2e-5, metadata={"help": "peak local learning rate (cosine over rounds)"})
+    batch_size: int = field(default=16, metadata={"help": "local batch size per step"})
+    gradient_accumulation_steps: int = field(default=1)
+    max_steps: int = field(default=10, metadata={"help": "local steps per client per round"})
+    dynamic_local_step: bool = field(default=False, metadata={"help": "steps from client size (ChatbotPA)"})
+    seq_length: int = field(default=512, metadata={"help": "maximum tokens per sample"})
+    peft_lora_r: int = field(default=16)
+    peft_lora_alpha: int = field(default=32)
+    load_in_8bit: bool = field(default=False)
+    load_in_4bit: bool = field(default=False)
+    gradient_checkpointing: bool = field(default=False)
+    output_dir: str = field(default="output")
+    checkpoint_step: int = field(default=50, metadata={"help": "save a checkpoint every N rounds (and the last)"})
+    seed: int = field(default=2023)
+    resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its last "
+                                                         "checkpoint"})
+    synthetic_num_clients: int = field(default=20, metadata={"help": "fed-synthetic: number of clients"})
+    synthetic_alpha: float = field(default=0.3, metadata={"help": "fed-synthetic: Dirichlet skew of task mixtures"})
+    synthetic_seed: int = field(default=0)
+    synthetic_mean_samples: int = field(default=64)
+    eval_after: bool = field(default=True, metadata={"help": "score the final adapter on the dataset's held-out "
+                                                            "test set when it has one (fed-synthetic)"})
+
+    def __post_init__(self):
+        if self.dataset_name:
+            self.dataset = self.dataset_name
+
+
+def dataset_options(script_args: ScriptArguments) -> dict:
+    """Keyword options every dataset builder receives (builders ignore the ones they do not use)."""
+    return {k: v for k, v in vars(script_args).items() if k.startswith("synthetic_")}

@@ -1,0 +1,144 @@
+"""The federated round loop, shared by main_sft.py and main_dpo.py.
+
+for each round t: sample clients, set the round's learning rate; for each sampled client: load the global
+vector, train locally on this round's subset, read its vector back; aggregate on the server; log a metrics row;
+checkpoint every --checkpoint_step rounds and at the end.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from federated.algorithms import make_algorithm, parse_local, server_step
+from federated.checkpoint import RunState, latest_checkpoint, load_checkpoint, save_checkpoint
+from federated.client import LocalTrainer, client_seed, is_finite, local_steps, round_subset
+
+logger = logging.getLogger(__name__)
+
+
+def sample_clients(fed_args, num_clients: int, round_idx: int) -> list[int]:
+    """The reference's sampling: random.seed(t); sorted(random.sample(range(n), k)); all when n <= k."""
+    local = parse_local(fed_args.fed_alg)
+    if local is not None:
+        return [local]
+    if num_clients <= fed_args.sample_clients:
+        return list(range(num_clients))
+    return sorted(random.Random(round_idx).sample(range(num_clients), fed_args.sample_clients))
+
+
+def round_learning_rate(lr: float, lr_min: float, round_idx: int, num_rounds: int) -> float:
+    """Cosine decay over rounds, constant within a round."""
+    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * round_idx / num_rounds))
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def write_args(output_dir: Path, *configs) -> None:
+    merged = {}
+    for config in configs:
+        merged.update(asdict(config))
+    (output_dir / "args.json").write_text(json.dumps(merged, indent=2, default=str))
+
+
+def _start(output_dir: Path, resume: bool, x0: torch.Tensor, algorithm, num_clients: int) -> RunState:
+    checkpoint = latest_checkpoint(output_dir) if resume else None
+    if resume and checkpoint is None:
+        logger.warning("--resume: no checkpoint in %s yet, starting from round 0", output_dir)
+    if checkpoint is None:
+        (output_dir / "metrics.jsonl").write_text("")
+        return RunState(x=x0, server_state=algorithm.init_state(x0, num_clients),
+                        loss_history=[[] for _ in range(num_clients)])
+    run = load_checkpoint(checkpoint)
+    logger.info("Resuming from %s (round %d)", checkpoint, run.round)
+    metrics = output_dir / "metrics.jsonl"  # drop rows of rounds after the checkpoint: they are redone
+    rows = [r for r in metrics.read_text().splitlines() if r and json.loads(r)["round"] <= run.round]
+    metrics.write_text("".join(r + "\n" for r in rows))
+    return run
+
+
+def run_federated(script_args, fed_args, model, local_trainer: LocalTrainer, client_data: list, lr_min: float,
+                  privacy=None) -> RunState:
+    """Train for fed_args.num_rounds rounds; `client_data[k]` is client k's tokenised dataset."""
+    output_dir = Path(script_args.output_dir)
+    num_clients, flat = len(client_data), local_trainer.flat
+    sample_counts = [len(d) for d in client_data]
+    algorithm = make_algorithm(fed_args, num_clients)
+    run = _start(output_dir, script_args.resume, flat.get(), algorithm, num_clients)
+    if privacy is not None and "privacy" in run.extra:
+        privacy.load_state_dict(run.extra["privacy"])
+    checkpoint_step = fed_args.save_model_freq or script_args.checkpoint_step
+    bytes_per_vector = flat.numel * 4
+
+    bar = tqdm(range(run.round, fed_args.num_rounds), initial=run.round, total=fed_args.num_rounds, desc="rounds")
+    for t in bar:
+        round_start = time.perf_counter()
+        clients = sample_clients(fed_args, num_clients, t)
+        lr = round_learning_rate(script_args.learning_rate, lr_min, t, fed_args.num_rounds)
+        vectors, counts, uploads, losses, dropped, steps_done = [], [], defaultdict(list), {}, [], {}
+        train_time = 0.0
+        for k in clients:
+            steps = local_steps(script_args, fed_args, sample_counts[k], num_clients)
+            per_step = script_args.batch_size * script_args.gradient_accumulation_steps
+            data = round_subset(client_data[k], t, per_step * steps)
+            flat.set(run.x)
+            hooks = algorithm.client_hooks(k, run.x, run.server_state, run.client_store)
+            train_start = time.perf_counter()
+            losses[k], steps_done[k] = local_trainer.train(data, steps, lr, hooks, client_seed(script_args.seed, t, k))
+            train_time += time.perf_counter() - train_start
+            y = flat.get()
+            if not (is_finite(y) and math.isfinite(losses[k])):
+                dropped.append(k)  # a diverged client must not poison the global model
+                logger.warning("Round %d: client %d produced NaN/inf; dropped from aggregation", t + 1, k)
+                continue
+            client_uploads, client_state = hooks.finish(y, steps_done[k], lr)
+            vectors.append(y)
+            counts.append(sample_counts[k])
+            for key, value in client_uploads.items():
+                uploads[key].append(value)
+            if client_state:
+                run.client_store[k] = client_state
+        if vectors:
+            stacked = torch.stack(vectors)
+            if privacy is not None:
+                stacked, counts = privacy.privatize(run.x, stacked, counts, t, clients)
+            run.x = server_step(algorithm, run.x, stacked, counts, run.server_state, t,
+                                {key: torch.stack(v) for key, v in uploads.items()})
+        flat.set(run.x)
+        run.round = t + 1
+        for k in range(num_clients):
+            run.loss_history[k].append(losses[k] if k in losses and k not in dropped else -1.0)
+
+        round_time = time.perf_counter() - round_start
+        transfer = bytes_per_vector * algorithm.vectors_per_transfer * len(clients)
+        row = {"round": run.round, "clients": clients, "client_loss": {str(k): v for k, v in losses.items()},
+               "local_steps": {str(k): v for k, v in steps_done.items()}, "learning_rate": lr,
+               "round_time_s": round(round_time, 4), "train_time_s": round(train_time, 4),
+               "peak_memory_mb": round(peak_memory_mb(), 1), "bytes_uploaded": transfer,
+               "bytes_downloaded": transfer, "dropped_clients": dropped}
+        if privacy is not None:
+            row.update(privacy.metrics(run))
+        with open(output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        np.save(output_dir / "training_loss.npy", np.array(run.loss_history))
+        mean_loss = float(np.mean([losses[k] for k in losses if k not in dropped])) if vectors else float("nan")
+        bar.set_postfix(loss=f"{mean_loss:.4f}", s_per_round=f"{round_time:.1f}")
+        if run.round % checkpoint_step == 0 or run.round == fed_args.num_rounds:
+            if privacy is not None:
+                run.extra["privacy"] = privacy.state_dict()
+            save_checkpoint(output_dir, run, model)
+    return run
