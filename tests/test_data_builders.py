@@ -1,0 +1,261 @@
+"""The FedLLM-Bench builders on small local files in each source's exact schema (no network).
+
+Rows are written as parquet with the source's columns and read back through the builders' own
+`datasets.load_dataset` code (`source_path`). Real Aya rows come from ../shared/eval_data (never copied here).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data import fedllm_bench as fb
+from data.registry import load_federated_dataset, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_EVAL = ROOT.parent / "shared" / "eval_data"
+AYA_TESTSET = SHARED_EVAL / "ref_gpt4" / "aya_testset.json"
+
+
+def write_parquet(rows: list[dict], path: Path) -> str:
+    import datasets
+
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    return str(path)
+
+
+def write_eval_dir(root: Path, file: str, instructions: list[str]) -> str:
+    (root / "ref_gpt4").mkdir(parents=True, exist_ok=True)
+    (root / "ref_gpt4" / file).write_text(json.dumps([{"instruction": i} for i in instructions]), encoding="utf-8")
+    return str(root)
+
+
+# --- Aya --------------------------------------------------------------------------------------------------
+
+def aya_rows() -> list[dict]:
+    """Aya `default` schema. One annotator per language (20 real rows each), plus rows the rules must drop."""
+    if not AYA_TESTSET.exists():
+        pytest.skip("../shared/eval_data/ref_gpt4/aya_testset.json is not there")
+    data = json.loads(AYA_TESTSET.read_text(encoding="utf-8"))
+    codes = {name.replace(" ", "_"): code for name, code in fb.AYA_LANGUAGES.items()}
+    rows = []
+    for key, samples in data.items():
+        for s in samples:
+            rows.append({"inputs": s["instruction"], "targets": s["reference"], "language": key.replace("_", " "),
+                         "language_code": codes[key], "annotation_type": "original-annotations",
+                         "user_id": f"annotator-{codes[key]}"})
+    # Traditional Chinese shares the code zho but is not a Fed-Aya language; Turkish is not one either.
+    for j in range(12):
+        rows.append({"inputs": f"繁體問題 {j}", "targets": "答案", "language": "Traditional Chinese",
+                     "language_code": "zho", "annotation_type": "original-annotations", "user_id": "annotator-eng"})
+        rows.append({"inputs": f"Soru {j}", "targets": "Cevap", "language": "Turkish", "language_code": "tur",
+                     "annotation_type": "re-annotations", "user_id": "annotator-tur"})
+    # A small annotator below the threshold, and one empty response that cleanup drops.
+    rows += [{"inputs": f"Small {j}", "targets": "x", "language": "English", "language_code": "eng",
+              "annotation_type": "original-annotations", "user_id": "annotator-small"} for j in range(5)]
+    rows.append({"inputs": "Empty answer", "targets": "  ", "language": "English", "language_code": "eng",
+                 "annotation_type": "original-annotations", "user_id": "annotator-eng"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def aya_source(tmp_path_factory) -> str:
+    return write_parquet(aya_rows(), tmp_path_factory.mktemp("aya") / "train.parquet")
+
+
+def build(name, tmp_path, source, eval_dir=None, **options):
+    eval_dir = eval_dir or write_eval_dir(tmp_path / "eval", "unused.json", [])
+    return load_federated_dataset(name, source_path=source, eval_data_dir=eval_dir,
+                                  cache_dir=str(tmp_path / "cache"), **options)
+
+
+def test_aya_language_filter_and_threshold(aya_source, tmp_path):
+    ds = build("fed-aya", tmp_path, aya_source, min_samples=20)
+    assert ds.kind == "sft" and ds.num_clients == 8
+    assert ds.sample_counts == [20] * 8  # the 8 languages only; Traditional Chinese, Turkish and empty rows gone
+    assert {m["language"] for m in ds.client_metadata} == set(fb.AYA_LANGUAGES)
+    assert "annotator-small" not in ds.client_ids and "annotator-tur" not in ds.client_ids
+    first = ds.clients[0][0]
+    assert set(first) == {"instruction", "response"} and first["instruction"]
+
+
+def test_aya_threshold_before_the_language_filter_and_code_matching(aya_source, tmp_path):
+    # Counting all rows, annotator-eng has 20 + 12 + 1 = 33 and the Turkish annotator 12: only English passes 30.
+    ds = build("fed-aya", tmp_path, aya_source, min_samples=30, threshold_on="all_rows")
+    assert ds.client_ids == ["annotator-eng"] and ds.sample_counts == [20]
+    # By code, zho keeps the Traditional Chinese rows of annotator-eng.
+    ds = build("fed-aya", tmp_path, aya_source, min_samples=30, match_language_by="code")
+    assert ds.client_ids == ["annotator-eng"] and ds.sample_counts == [32]
+
+
+def test_leakage_removal_counts_and_reports(aya_source, tmp_path, capsys):
+    english = json.loads(AYA_TESTSET.read_text(encoding="utf-8"))["English"]
+    leaked = [s["instruction"] for s in english[:7]]
+    ds = build("fed-aya", tmp_path, aya_source, eval_dir=write_eval_dir(tmp_path / "ev", "aya_testset.json", leaked),
+               min_samples=20)
+    counts = dict(zip(ds.client_ids, ds.sample_counts))
+    assert counts["annotator-eng"] == 13 and sum(ds.sample_counts) == 160 - 7
+    assert ds.info["leakage"]["removed"] == 7 and ds.info["rule_counts_before_leakage"] == [20] * 8
+    assert "removed 7 training samples" in capsys.readouterr().out
+    leaked_set = set(leaked)
+    assert not any(s["instruction"] in leaked_set for c in ds.clients for s in c)
+
+
+def test_the_real_test_set_removes_everything_it_contains(aya_source, tmp_path):
+    # The fixture *is* the Ref-GPT4 Aya test set: with the default eval data every sample leaks.
+    with pytest.raises(SystemExit, match="no client passes"):
+        build("fed-aya", tmp_path, aya_source, eval_dir=str(SHARED_EVAL), min_samples=20)
+
+
+def test_cache_is_written_and_read_back(aya_source, tmp_path, capsys):
+    first = build("fed-aya", tmp_path, aya_source, min_samples=20)
+    folder = next((tmp_path / "cache" / "fed-aya").glob("[0-9a-f]*"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["rules"]["min_samples"] == 20 and manifest["counts"]["samples"] == 160
+    assert len(manifest["source"]["files"]) == 1 and all(len(h) == 64 for h in manifest["source"]["files"].values())
+    assert set(manifest["output_files"]) == {"aya_38c_25k.json", "client_metadata.json"}
+    released = json.loads((folder / "aya_38c_25k.json").read_text())
+    assert list(released) == first.client_ids
+    second = build("fed-aya", tmp_path, aya_source, min_samples=20)
+    assert second.info.get("from_cache") and second.clients == first.clients
+    assert second.client_metadata == first.client_metadata
+    assert "read from the cache" in capsys.readouterr().out
+    # The released file loads with the released-file loader too.
+    assert load_federated_dataset(local_data_dir=str(folder / "aya_38c_25k.json")).sample_counts == first.sample_counts
+
+
+def test_fed_aya_acceptance_on_the_known_counts():
+    import random
+
+    shuffled = list(fb.FED_AYA_COUNTS)
+    random.Random(0).shuffle(shuffled)
+    ok = fb.check_fed_aya_counts(shuffled)
+    assert ok["match"] and ok["clients"] == (38, 38) and ok["samples"] == (25513, 25513)
+    off = fb.check_fed_aya_counts(shuffled[:-1] + [shuffled[-1] + 1])
+    assert not off["match"] and off["missing"] == [shuffled[-1]] and off["unexpected"] == [shuffled[-1] + 1]
+    assert not fb.check_fed_aya_counts(shuffled[:37])["match"]
+
+
+def test_population_std_matches_table1():
+    mean, std = fb.population_mean_std(fb.FED_AYA_COUNTS)
+    assert round(mean, 2) == 671.39 and round(std, 2) == 814.81  # "671±815"; ddof=1 would give 825.75
+    assert fb.population_mean_std([1, 3]) == (2.0, 1.0)
+
+
+# --- Chatbot Arena ----------------------------------------------------------------------------------------
+
+def battle(judge: str, winner: str, question: str, turn: int = 1, language: str = "English") -> dict:
+    """One row of lmsys/chatbot_arena_conversations (moderation columns reduced to their flag)."""
+    def conv(model):
+        out = [{"content": question, "role": "user"}, {"content": f"{model} answers {question}", "role": "assistant"}]
+        if turn > 1:
+            out += [{"content": "and then?", "role": "user"}, {"content": f"{model} continues", "role": "assistant"}]
+        return out
+    return {"question_id": f"{judge}-{question}", "model_a": "alpha", "model_b": "beta", "winner": winner,
+            "judge": judge, "conversation_a": conv("alpha"), "conversation_b": conv("beta"), "turn": turn,
+            "anony": True, "language": language, "tstamp": 1.0, "openai_moderation": {"flagged": False},
+            "toxic_chat_tag": {"roberta-large": {"flagged": False, "probability": 0.0}}}
+
+
+@pytest.fixture(scope="module")
+def arena_source(tmp_path_factory) -> str:
+    rows = []
+    rows += [battle("judge-big", "model_a" if j % 2 else "model_b", f"q{j}") for j in range(12)]
+    rows += [battle("judge-big", w, f"tie{j}") for j, w in enumerate(["tie", "tie (bothbad)"] * 3)]
+    rows += [battle("judge-mid", "model_a", f"m{j}", turn=2 if j < 2 else 1, language="French") for j in range(7)]
+    rows += [battle("judge-small", "model_b", f"s{j}") for j in range(4)]
+    return write_parquet(rows, tmp_path_factory.mktemp("arena") / "train-00000-of-00001.parquet")
+
+
+def test_chatbotit_drops_ties_and_small_judges(arena_source, tmp_path):
+    ds = build("fed-chatbotit", tmp_path, arena_source)
+    assert ds.client_ids == ["judge-big"] and ds.sample_counts == [12]  # ties dropped: 12 decisive of 18 battles
+    first, second = ds.clients[0][:2]
+    assert first == {"instruction": "q0", "response": "beta answers q0"}  # the winner's first reply
+    assert second["response"] == "alpha answers q1"
+
+
+def test_chatbotpa_pairs_and_first_turn_extraction(arena_source, tmp_path):
+    ds = build("fed-chatbotpa", tmp_path, arena_source)
+    assert ds.kind == "preference" and ds.client_ids == ["judge-big", "judge-mid"] and ds.sample_counts == [12, 7]
+    mid = ds.clients[1][0]
+    # A two-turn battle contributes its first exchange only.
+    assert mid == {"prompt": "m0", "chosen": "alpha answers m0", "rejected": "beta answers m0"}
+    assert ds.client_metadata[1]["language"] == "French"
+    # The turn == 1 variant drops judge-mid's two multi-turn battles, leaving it below 6.
+    ds = build("fed-chatbotpa", tmp_path, arena_source, single_turn="turn1_only", min_samples=6)
+    assert ds.client_ids == ["judge-big"]
+    validate(ds)
+
+
+# --- WildChat ---------------------------------------------------------------------------------------------
+
+def wildchat_row(ip: str, k: int, turns: int, toxic: bool = False, first_user: str | None = None) -> dict:
+    """One row of allenai/WildChat-1M (moderation lists left empty)."""
+    conversation = []
+    for t in range(turns):
+        for role, text in (("user", first_user if t == 0 and first_user is not None else f"{ip} question {k}.{t}"),
+                           ("assistant", f"answer {k}.{t}")):
+            conversation.append({"content": text, "country": "France", "hashed_ip": ip,
+                                 "header": {"accept-language": "en", "user-agent": "x"}, "language": "English",
+                                 "redacted": False, "role": role, "state": None, "timestamp": None, "toxic": toxic,
+                                 "turn_identifier": k * 10 + t})
+    return {"conversation_hash": f"h{ip}{k}", "model": "gpt-4", "timestamp": None, "conversation": conversation,
+            "turn": turns, "language": "English", "openai_moderation": [], "detoxify_moderation": [],
+            "toxic": toxic, "redacted": False, "state": None, "country": "France", "hashed_ip": ip,
+            "header": {"accept-language": "en", "user-agent": "x"}}
+
+
+@pytest.fixture(scope="module")
+def wildchat_source(tmp_path_factory) -> str:
+    rows = []
+    rows += [wildchat_row("ip-a", k, turns=1 + (k % 3 == 0)) for k in range(9)]  # 9 conversations, 3 multi-turn
+    rows += [wildchat_row("ip-b", k, turns=3) for k in range(6)]
+    rows += [wildchat_row("ip-c", k, turns=1) for k in range(7)]
+    rows += [wildchat_row("ip-c", 99, turns=1, first_user="")]  # empty user input: dropped
+    rows += [wildchat_row("ip-d", k, turns=2, toxic=True) for k in range(8)]
+    return write_parquet(rows, tmp_path_factory.mktemp("wildchat") / "train.parquet")
+
+
+def test_wildchat_single_turn_threshold_and_top_n(wildchat_source, tmp_path):
+    ds = build("fed-wildchat", tmp_path, wildchat_source, min_samples=7)
+    assert ds.client_ids == ["ip-a", "ip-c", "ip-d"] and ds.sample_counts == [9, 7, 8]
+    assert ds.clients[0][0] == {"instruction": "ip-a question 0.0", "response": "answer 0.0"}
+    # top_n keeps the largest clients, in source order.
+    ds = build("fed-wildchat", tmp_path, wildchat_source, min_samples=7, top_n=2)
+    assert ds.client_ids == ["ip-a", "ip-d"]
+    ds = build("fed-wildchat", tmp_path, wildchat_source, min_samples=7, drop_toxic=True, single_turn="turn1_only")
+    assert ds.client_ids == ["ip-c"] and ds.sample_counts == [7]
+
+
+def test_wildchat_multi_turn_conversion(wildchat_source, tmp_path):
+    ds = build("fed-wildchat-mt", tmp_path, wildchat_source, min_samples=3)
+    assert ds.kind == "multiturn" and ds.client_ids == ["ip-a", "ip-b", "ip-d"] and ds.sample_counts == [3, 6, 8]
+    conv = ds.clients[1][0]["conversations"]
+    assert [t["from"] for t in conv] == ["human", "gpt"] * 3
+    assert conv[0]["value"] == "ip-b question 0.0" and conv[-1]["value"] == "answer 0.2"
+
+
+def test_conversion_keeps_strict_alternation():
+    turns = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "u1"},
+             {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"}]
+    assert fb._to_released_conversation(turns) == [{"from": "human", "value": "u1"}, {"from": "gpt", "value": "a1"}]
+
+
+# --- Offline ----------------------------------------------------------------------------------------------
+
+def test_offline_without_cache_is_one_clear_line(tmp_path):
+    """No network, nothing cached: one line naming the ways to get the data, no traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"), "FEDLLM_CACHE": str(tmp_path / "cache")}
+    code = ("from data.registry import load_federated_dataset; "
+            "load_federated_dataset('fed-chatbotit', eval_data_dir='none')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "lmsys/chatbot_arena_conversations" in err and "HF_TOKEN" in err and "--local_data_dir" in err
