@@ -33,7 +33,7 @@ def _batches(prompts: Sequence[str], tokenizer, batch_size: int) -> list[list[in
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _generate_batch(model, tokenizer, texts: list[str], kwargs: dict) -> list[str]:
+def _generate_batch(model, tokenizer, texts: list[str], kwargs: dict, strip: bool) -> list[str]:
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -44,15 +44,19 @@ def _generate_batch(model, tokenizer, texts: list[str], kwargs: dict) -> list[st
     with torch.inference_mode():
         out = model.generate(**enc, **kwargs)
     new_tokens = out[:, enc["input_ids"].shape[1]:]
-    return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return [t.strip() for t in texts] if strip else texts
 
 
 def generate_answers(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 8, max_new_tokens: int = 256,
                      do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                     on_answer: Callable[[int, str], None] | None = None, desc: str = "generating") -> list[str]:
+                     on_answer: Callable[[int, str], None] | None = None, progress=None,
+                     strip: bool = True, desc: str = "generating") -> list[str]:
     """Answers to fully formatted `prompts` (template already applied), in input order.
 
     `on_answer(index, text)` is called as each answer is made, so callers can append it to disk at once.
+    `strip=False` keeps surrounding whitespace (code completions start with indentation).
+    `progress`: a tqdm bar to advance (one bar across many calls); by default each call shows its own.
     With sampling, `seed` seeds each batch (seed + batch number), so a run is reproducible for a given
     batch size; greedy decoding does not depend on the batch size.
     """
@@ -60,18 +64,19 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, batch_size: in
     model.eval()
     kwargs = _decoding_kwargs(tokenizer, max_new_tokens, do_sample, temperature, top_p)
     answers: list[str | None] = [None] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, unit="answer", dynamic_ncols=True)
+    bar = progress if progress is not None else tqdm(total=len(prompts), desc=desc, unit="answer", dynamic_ncols=True)
     try:
         for number, indices in enumerate(_batches(prompts, tokenizer, batch_size)):
             if seed is not None:
                 torch.manual_seed(seed + number)
-            texts = _generate_batch(model, tokenizer, [prompts[i] for i in indices], kwargs)
+            texts = _generate_batch(model, tokenizer, [prompts[i] for i in indices], kwargs, strip)
             for i, text in zip(indices, texts):
                 answers[i] = text
                 if on_answer is not None:
                     on_answer(i, text)
             bar.update(len(indices))
     finally:
-        bar.close()
+        if progress is None:
+            bar.close()
         model.train(was_training)
     return answers

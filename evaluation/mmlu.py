@@ -1,0 +1,101 @@
+"""MMLU, 5-shot, InstructEval-style: the answer letter the model generates, by exact match.
+
+The FedLLM-Bench authors' closed-ended code was never released; InstructEval (the likely harness, DATASETS.md
+§4.5) prompts with k dev examples per subject and counts an answer correct when the model's greedy
+continuation starts with the right letter. The data is the original Hendrycks et al. release (CSV files
+without header: question, A, B, C, D, answer), from `--mmlu_dir` or downloaded once into the cache.
+"""
+from __future__ import annotations
+
+import csv
+import tarfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from evaluation.scores import append_score, done_keys
+from evaluation.generate import generate_answers
+from utils.model import cache_root
+
+MMLU_URL = "https://people.eecs.berkeley.edu/~hendrycks/data.tar"
+CHOICES = ("A", "B", "C", "D")
+
+
+@dataclass(frozen=True)
+class Question:
+    subject: str
+    question: str
+    options: tuple[str, str, str, str]
+    answer: str
+
+
+def mmlu_dir(local: str | None) -> Path:
+    """A directory with dev/ and test/ CSVs: `local`, or the cached copy of the public tarball."""
+    if local:
+        path = Path(local)
+        if not (path / "dev").is_dir() or not (path / "test").is_dir():
+            raise SystemExit(f"--mmlu_dir {local} must hold dev/ and test/ with <subject>_dev.csv and "
+                             "<subject>_test.csv (the layout of the Hendrycks data.tar).")
+        return path
+    target = cache_root() / "eval_data" / "mmlu"
+    if not (target / "test").is_dir():
+        tar_path = cache_root() / "eval_data" / "mmlu_data.tar"
+        tar_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            urllib.request.urlretrieve(MMLU_URL, tar_path)
+        except OSError as err:
+            raise SystemExit(f"Could not download MMLU from {MMLU_URL} ({err}); pass --mmlu_dir with a local "
+                             "copy (dev/ and test/ CSV folders).") from err
+        with tarfile.open(tar_path) as tar:
+            tar.extractall(target.parent, filter="data")
+        (target.parent / "data").rename(target)
+    return target
+
+
+def read_split(directory: Path, split: str) -> dict[str, list[Question]]:
+    by_subject = {}
+    for path in sorted((directory / split).glob(f"*_{split}.csv")):
+        subject = path.name[: -len(f"_{split}.csv")]
+        with open(path, encoding="utf-8", newline="") as f:
+            by_subject[subject] = [Question(subject, row[0], tuple(row[1:5]), row[5].strip()) for row in csv.reader(f)]
+    return by_subject
+
+
+def _block(q: Question, with_answer: bool) -> str:
+    options = "".join(f"\n{letter}. {text}" for letter, text in zip(CHOICES, q.options))
+    return f"{q.question}{options}\nAnswer:" + (f" {q.answer}\n\n" if with_answer else "")
+
+
+def few_shot_prompt(question: Question, shots: list[Question]) -> str:
+    header = f"The following are multiple choice questions (with answers) about {question.subject.replace('_', ' ')}.\n\n"
+    return header + "".join(_block(s, True) for s in shots) + _block(question, False)
+
+
+def is_correct(prediction: str, answer: str) -> bool:
+    return prediction.strip().startswith(answer)
+
+
+def run_mmlu(model, tokenizer, out_path: Path, meta: dict, data_dir: str | None = None, k: int = 5,
+             limit: int | None = None, batch_size: int = 8, wrap: Callable[[str], str] = lambda p: p) -> dict:
+    """Score the test questions missing from `out_path` (the first `limit` overall, subjects in name order).
+
+    `wrap` applies a chat/instruction template to the whole few-shot prompt (default: none, as InstructEval).
+    """
+    directory = mmlu_dir(data_dir)
+    dev, test = read_split(directory, "dev"), read_split(directory, "test")
+    questions = [(f"{s}-{i}", q) for s, qs in test.items() for i, q in enumerate(qs)][:limit]
+    done = done_keys(out_path)
+    todo = [(qid, q) for qid, q in questions if (qid, 1) not in done]
+    prompts = [wrap(few_shot_prompt(q, dev.get(q.subject, [])[:k])) for _, q in todo]
+
+    def record(index: int, prediction: str) -> None:
+        qid, q = todo[index]
+        append_score(out_path, {**meta, "question_id": qid, "turn": 1, "category": q.subject,
+                                "score": float(is_correct(prediction, q.answer)), "judgment": prediction,
+                                "reference": q.answer})
+
+    # Two new tokens hold " B" whichever way the tokenizer splits the space and the letter.
+    generate_answers(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=2, on_answer=record,
+                     desc="mmlu")
+    return {"questions": len(questions), "scored_now": len(todo)}

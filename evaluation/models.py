@@ -1,0 +1,91 @@
+"""What to evaluate: the base model and LoRA checkpoints, loaded once and swapped adapter by adapter.
+
+A training run writes OUTPUT_DIR/args.json and OUTPUT_DIR/checkpoint-<round>/ (a PEFT adapter); evaluation
+defaults the base model, quantisation and prompt template from that args.json, so answers use the template
+the model was trained with.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from utils.model import load_base_model, load_tokenizer
+from utils.templates import check_template
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = "alpaca"  # the paper's answer scripts use the Alpaca prompt
+
+
+@dataclass(frozen=True)
+class Target:
+    model_id: str  # names the answer and judgment files
+    checkpoint: str | None  # None: the base model without an adapter
+    template: str
+
+
+def run_args(checkpoint: str) -> dict:
+    """The training run's args.json (in the checkpoint's run directory, or the checkpoint itself), or {}."""
+    for candidate in (Path(checkpoint).parent / "args.json", Path(checkpoint) / "args.json"):
+        if candidate.exists():
+            return json.loads(candidate.read_text())
+    return {}
+
+
+def model_id_for(checkpoint: str | None, base_model: str) -> str:
+    if checkpoint is None:
+        return "base_" + Path(base_model.rstrip("/")).name
+    path = Path(checkpoint.rstrip("/")).resolve()
+    return f"{path.parent.name}_{path.name}"
+
+
+def resolve(base_model: str | None, checkpoints: list[str], template: str | None,
+            include_base: bool) -> tuple[dict, list[Target]]:
+    """The base-model settings and the ordered targets; --template overrides each run's own template."""
+    runs = [run_args(c) for c in checkpoints]
+    trained_on = {r.get("model_name_or_path") for r in runs if r.get("model_name_or_path")}
+    if base_model is None and len(trained_on) > 1:
+        raise SystemExit(f"The checkpoints were trained on different base models {sorted(trained_on)}: "
+                         "evaluate them in separate invocations or pass --base_model.")
+    base = base_model or (trained_on.pop() if trained_on else "smollm2")
+    first = runs[0] if runs else {}
+    settings = {"model_name_or_path": base, "load_in_8bit": bool(first.get("load_in_8bit")),
+                "load_in_4bit": bool(first.get("load_in_4bit")), "seq_length": first.get("seq_length")}
+    targets = [Target(model_id_for(None, base), None, check_template(template or DEFAULT_TEMPLATE))] \
+        if include_base or not checkpoints else []
+    for checkpoint, args in zip(checkpoints, runs):
+        if not Path(checkpoint).is_dir():
+            raise SystemExit(f"--checkpoints {checkpoint} is not a directory (expected OUTPUT_DIR/checkpoint-N).")
+        chosen = check_template(template or args.get("template") or DEFAULT_TEMPLATE)
+        targets.append(Target(model_id_for(checkpoint, base), checkpoint, chosen))
+    return settings, targets
+
+
+def iter_models(settings: dict, targets: list[Target]) -> Iterator[tuple[Target, object, object]]:
+    """(target, model, tokenizer) for each target; the base weights are loaded once, adapters swapped in."""
+    tokenizer = load_tokenizer(settings["model_name_or_path"], settings.get("seq_length"))
+    model = load_base_model(settings["model_name_or_path"], settings["load_in_8bit"], settings["load_in_4bit"])
+    peft_model, loaded = None, None
+    for target in targets:
+        if target.checkpoint is None:
+            if peft_model is None:
+                yield target, model, tokenizer
+            else:
+                with peft_model.disable_adapter():
+                    yield target, peft_model, tokenizer
+            continue
+        name = target.model_id
+        if peft_model is None:
+            from peft import PeftModel
+
+            peft_model = PeftModel.from_pretrained(model, target.checkpoint, adapter_name=name)
+        else:
+            peft_model.load_adapter(target.checkpoint, adapter_name=name)
+            peft_model.set_adapter(name)
+            peft_model.delete_adapter(loaded)  # keep one adapter in memory at a time
+        loaded = name
+        logger.info("evaluating %s (adapter %s, template %s)", name, target.checkpoint, target.template)
+        yield target, peft_model, tokenizer
