@@ -1,0 +1,141 @@
+"""IFD / IRA on a tiny random Llama against losses computed by hand, the FedDQC hooks, language groups,
+and the Table 1 statistics."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data import quality as q
+from data.groups import LANGUAGE_FAMILIES, client_groups
+from data.registry import FederatedDataset
+from data.stats import aggregate, main as stats_main, table1_row
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from utils.model import load_tokenizer
+
+    return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    from utils.model import tiny_llama
+
+    return tiny_llama(tokenizer).eval()
+
+
+def hand_loss(model, ids: list[int], n_tail: int) -> float:
+    """Mean of -log p(token) over the last n_tail tokens, one unpadded sequence, written out step by step."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    total = 0.0
+    for position in range(len(ids) - n_tail, len(ids)):
+        total += -logp[position - 1, ids[position]].item()  # token at `position` is predicted one step earlier
+    return total / n_tail
+
+
+def test_losses_ifd_and_ira_match_hand_computation(tiny, tokenizer):
+    from utils.templates import prompt_text
+
+    pairs = [("Name a colour.", "Blue."), ("Add 2 and 3.", "The sum of two and three is five."),
+             ("Say hi", "hi there, how are you doing today?")]
+    cond, direct = q.response_losses(tiny, tokenizer, pairs, batch_size=2)  # padded batches of mixed length
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    for (instruction, response), c, d in zip(pairs, cond, direct):
+        prompt = tokenizer(prompt_text("alpaca", tokenizer, instruction))["input_ids"]
+        answer = tokenizer(" " + response, add_special_tokens=False)["input_ids"]
+        assert c == pytest.approx(hand_loss(tiny, prompt + answer, len(answer)), abs=1e-4)
+        assert d == pytest.approx(hand_loss(tiny, [start] + answer, len(answer)), abs=1e-4)
+    scores = q.scores_from_losses(cond, direct)
+    np.testing.assert_allclose(scores["ifd"], cond / direct)
+    np.testing.assert_allclose(scores["ifd_ppl"], np.exp(cond) / np.exp(direct))
+    np.testing.assert_allclose(scores["ira"], direct - cond)
+
+
+def sft_dataset(counts=(3, 2), languages=None) -> FederatedDataset:
+    clients = [[{"instruction": f"c{c} q{i}", "response": f"answer {i} of client {c}"} for i in range(n)]
+               for c, n in enumerate(counts)]
+    meta = [{"language": lang} for lang in languages] if languages else []
+    return FederatedDataset(name="toy", kind="sft", client_ids=[f"c{c}" for c in range(len(counts))],
+                            clients=clients, client_metadata=meta)
+
+
+def test_score_dataset_groups_by_client_and_caches(tiny, tokenizer, tmp_path):
+    ds = sft_dataset()
+    scores = q.score_dataset(ds, "tiny-test", model=tiny, tokenizer=tokenizer, cache_dir=str(tmp_path), progress=False)
+    assert [len(v) for v in scores.metrics["ira"]] == [3, 2]
+    assert scores.per_client("ifd")[1] == pytest.approx(np.mean(scores.metrics["ifd"][1]))
+
+    class Refuses(torch.nn.Module):  # a second run must read the cache, not run the model
+        def forward(self, *a, **k):
+            raise AssertionError("the cache was not used")
+
+    again = q.score_dataset(ds, "tiny-test", model=Refuses(), tokenizer=tokenizer, cache_dir=str(tmp_path))
+    assert again.metrics == scores.metrics
+
+
+def test_quality_filter_and_order():
+    ds = sft_dataset(counts=(3, 2), languages=["English", "Telugu"])
+    ira = [[0.5, -0.2, 0.9], [-1.0, -0.5]]
+    filtered = q.apply_quality_filter(ds, ira, threshold=0.0)
+    assert filtered.client_ids == ["c0"] and [s["instruction"] for s in filtered.clients[0]] == ["c0 q0", "c0 q2"]
+    assert filtered.client_metadata == [{"language": "English"}]
+    assert filtered.info["quality_filter"]["dropped_clients"] == ["c1"]
+    assert filtered.info["quality_filter"]["samples_after"] == 2
+    ordered = q.order_by_quality(ds, ira)
+    assert [s["instruction"] for s in ordered.clients[0]] == ["c0 q2", "c0 q0", "c0 q1"]
+    assert [s["instruction"] for s in ordered.clients[1]] == ["c1 q1", "c1 q0"]
+    with pytest.raises(SystemExit, match="every sample"):
+        q.apply_quality_filter(ds, [[0.1]], 0.0)
+    with pytest.raises(SystemExit, match="lower it"):
+        q.apply_quality_filter(ds, ira, threshold=5.0)
+
+
+def test_client_groups_same_and_similar_language():
+    languages = ["English", "Spanish", "Telugu", "English", "Simplified Chinese", "French", "Russian",
+                 "Standard Arabic", "Portuguese"]
+    ds = sft_dataset(counts=[1] * len(languages), languages=languages)
+    same = client_groups(ds, "same_language")
+    assert same["English"] == [0, 3] and same["Telugu"] == [2] and len(same) == 8
+    similar = client_groups(ds, "similar_language")
+    assert len(LANGUAGE_FAMILIES) == 5 and set(similar) == set(LANGUAGE_FAMILIES)
+    assert similar["Germanic-Romance"] == [0, 1, 3, 5, 8] and similar["Dravidian"] == [2]
+    with pytest.raises(SystemExit, match="language"):
+        client_groups(sft_dataset(), "same_language")
+    with pytest.raises(SystemExit, match="Unknown"):
+        client_groups(ds, "by_country")
+
+
+def test_aggregations_use_population_std():
+    agg = aggregate([[1, 3], [10]])
+    assert agg["pooled"] == pytest.approx((14 / 3, np.std([1, 3, 10])))
+    assert agg["across_clients"] == pytest.approx((6.0, 4.0))  # client means 2 and 10
+    assert agg["within_clients"] == pytest.approx((6.0, 0.5))  # client stds 1 and 0
+
+
+def test_table1_row_lengths(tokenizer):
+    ds = FederatedDataset(name="toy", kind="preference", client_ids=["a", "b"], clients=[
+        [{"prompt": "one two", "chosen": "yes", "rejected": "no no no"}],
+        [{"prompt": "three", "chosen": "ok", "rejected": "nope"}, {"prompt": "four", "chosen": "a b", "rejected": "c"}]])
+    row = table1_row(ds, tokenizer)
+    lengths = lambda texts: [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]  # noqa: E731
+    assert row["clients"] == 2 and row["samples"] == 3 and row["per_client"] == (1.5, 0.5)
+    assert row["instruction_length"]["pooled"][0] == pytest.approx(np.mean(lengths(["one two", "three", "four"])))
+    assert row["response_length"]["pooled"][0] == pytest.approx(np.mean(lengths(["yes", "ok", "a b"])))
+    both = table1_row(ds, tokenizer, pa_response="both")
+    assert both["response_length"]["pooled"][0] == pytest.approx(
+        np.mean(lengths(["yes", "no no no", "ok", "nope", "a b", "c"])))
+
+
+def test_stats_cli_prints_the_row_beside_the_paper(tmp_path, capsys):
+    released = {f"user{c}": [{"instruction": "hello there", "response": "hi"}] * n for c, n in enumerate([1, 3])}
+    path = tmp_path / "aya.json"
+    path.write_text(json.dumps(released))
+    stats_main(["--dataset", "fed-aya", "--local_data_dir", str(path), "--tokenizer", "smollm2"])
+    out = capsys.readouterr().out
+    assert "tokenizer: smollm2" in out and "2±1" in out and "671±815" in out and "116±199" in out
