@@ -39,6 +39,7 @@ class Algorithm:
     server_rule = "fedavg"
     weighting = "samples"  # "samples": w_i = n_i / sum n_j; "uniform": w_i = 1/K
     vectors_per_transfer = 1  # vectors each sampled client downloads and uploads per round
+    dp_mode = None  # the DP mode this name turns on (federated/privacy.py); None: only --dp_* flags do
 
     def init_state(self, x: torch.Tensor, num_clients: int) -> dict[str, torch.Tensor]:
         return {}
@@ -102,6 +103,11 @@ class ProxHooks(ClientHooks):
         return 0.5 * self.mu * flat.squared_distance(self.x)
 
 
+class FedDP(Algorithm):
+    """The paper's name for FedAvg with DP paper mode (Appendix D); DP itself lives in federated/privacy.py."""
+    dp_mode = "paper"
+
+
 class FedProx(Algorithm):
     """FedAvg with the proximal term mu/2 ||y - x||^2 added to every local loss."""
 
@@ -145,7 +151,7 @@ class Scaffold(Algorithm):
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     "fedavg": Algorithm, "fedprox": FedProx, "scaffold": Scaffold, "fedavgm": FedAvgM,
-    "fedadagrad": FedAdagrad, "fedyogi": FedYogi, "fedadam": FedAdam,
+    "fedadagrad": FedAdagrad, "fedyogi": FedYogi, "fedadam": FedAdam, "feddp": FedDP,
 }
 LOCAL = re.compile(r"^local(\d+)$")
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 @dataclass
 class FedArguments:
     fed_alg: str = field(default="fedavg", metadata={"help": "fedavg, fedprox, scaffold, fedavgm, fedadagrad, "
-                                                             "fedyogi, fedadam, or local<k> (client k alone)"})
+                                                             "fedyogi, fedadam, feddp (fedavg + DP paper mode), "
+                                                             "or local<k> (client k alone)"})
     num_clients: int | None = field(default=None, metadata={"help": "clients in the run (default: all of the "
                                                                       "dataset's; fewer takes the first N)"})
     sample_clients: int = field(default=2, metadata={"help": "clients sampled per round"})
@@ -22,6 +23,22 @@ class FedArguments:
     fedopt_weighted: bool = field(default=False, metadata={"help": "sample-weighted mean delta for FedOpt "
                                                                     "(the paper uses the unweighted mean)"})
     save_model_freq: int | None = field(default=None, metadata={"help": "alias of --checkpoint_step"})
+    # User-level DP on top of any server algorithm (federated/privacy.py). It is on when --dp_mode is given, with
+    # --fed_alg feddp (paper mode), or when any other --dp_* flag but --dp_delta is given (clip mode).
+    dp_mode: str | None = field(default=None, metadata={"help": "paper (Appendix D: noise, no clipping, "
+                                                                 "unaccounted) or clip (clipped DP-FedAvg, "
+                                                                 "RDP-accounted; the default)"})
+    dp_epsilon: float | None = field(default=None, metadata={"help": "paper: the epsilon of the sigma formula; "
+                                                                      "clip: alias of --dp_target_epsilon"})
+    dp_delta: float = field(default=1e-5, metadata={"help": "the delta of (epsilon, delta)"})
+    dp_clip: float | None = field(default=None, metadata={"help": "C: clip mode clips each client's delta to "
+                                                                   "this L2 norm; paper mode's formula uses it "
+                                                                   "(default 1.0)"})
+    dp_max_grad_norm: float | None = field(default=None, metadata={"help": "alias of --dp_clip (paper's name)"})
+    dp_sigma: float | None = field(default=None, metadata={"help": "paper mode: noise std, overriding the formula"})
+    dp_noise_multiplier: float | None = field(default=None, metadata={"help": "clip mode: z, noise std z C / K"})
+    dp_target_epsilon: float | None = field(default=None, metadata={"help": "clip mode: calibrate z so that "
+                                                                             "epsilon after --num_rounds is this"})
 
 
 @dataclass
