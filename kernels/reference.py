@@ -3,6 +3,9 @@
 All operate on one flat fp32 vector of the trainable parameters. `client_vectors` is [K, N] (fp32, bf16 or
 fp16); accumulation is always fp32. `weights` is [K] fp32 and sums to 1 (sample-count or uniform weights).
 State tensors (`m`, `v`) are [N] fp32 and are updated in place.
+
+Every function here has a Triton twin in kernels/triton_kernels.py with the same signature; kernels/__init__.py
+chooses between them. These twins define the semantics and are what the tests compare the kernels against.
 """
 from __future__ import annotations
 
@@ -10,10 +13,14 @@ import torch
 
 SERVER_RULES = ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam")
 
+# Noise streams are keyed by (seed, round, client). The noise added to the aggregate (not to one client) uses
+# this reserved client id; real client ids must be smaller.
+AGGREGATE_NOISE_CLIENT = 2**32 - 1
+
 
 def weighted_sum(client_vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_k weights[k] * client_vectors[k], accumulated in fp32."""
-    return weights.to(torch.float32) @ client_vectors.to(torch.float32)
+    return weights.to(client_vectors.device, torch.float32) @ client_vectors.to(torch.float32)
 
 
 def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weights: torch.Tensor,
@@ -28,20 +35,20 @@ def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weig
               v <- v + m^2 | v - (1-beta2) m^2 sign(v - m^2) | beta2 v + (1-beta2) m^2;
               x <- x + eta m / (sqrt(v) + tau)
     bias_correction (an option, Reddi et al. style): m is an EMA from zero at every round, and the update uses
-    m / (1 - beta1^(t+1)) and, for fedadam, v / (1 - beta2^(t+1)).
+    m / (1 - beta1^(t+1)) (fedavgm, fedyogi, fedadam) and, for fedadam, v / (1 - beta2^(t+1)).
     """
-    if rule not in SERVER_RULES:
-        raise ValueError(f"unknown server rule {rule!r}; expected one of {SERVER_RULES}")
+    check_rule(rule)
     new_mean = weighted_sum(client_vectors, weights)
     if rule == "fedavg":
         return new_mean
     delta = new_mean - x.to(torch.float32)  # sum_k w_k (y_k - x), as the weights sum to one
-    if rule == "fedadagrad" or (t == 0 and not bias_correction):
+    if copies_delta_into_m(rule, t, bias_correction):
         m.copy_(delta)
     else:
         m.mul_(beta1).add_(delta, alpha=1 - beta1)
+    m_denom, v_denom = bias_denominators(rule, t, beta1, beta2, bias_correction)
     if rule == "fedavgm":
-        return x + m
+        return x + m / m_denom
     m2 = m * m
     if rule == "fedadagrad":
         v.add_(m2)
@@ -49,14 +56,108 @@ def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weig
         v.sub_((1 - beta2) * m2 * torch.sign(v - m2))
     else:
         v.mul_(beta2).add_(m2, alpha=1 - beta2)
-    m_hat, v_hat = m, v
-    if bias_correction and rule != "fedadagrad":
-        m_hat = m / (1 - beta1 ** (t + 1))
-        if rule == "fedadam":
-            v_hat = v / (1 - beta2 ** (t + 1))
-    return x + eta * m_hat / (torch.sqrt(v_hat) + tau)
+    return x + eta * (m / m_denom) / (torch.sqrt(v / v_denom) + tau)
+
+
+def check_rule(rule: str) -> None:
+    if rule not in SERVER_RULES:
+        raise ValueError(f"unknown server rule {rule!r}; expected one of {SERVER_RULES}")
+
+
+def copies_delta_into_m(rule: str, t: int, bias_correction: bool) -> bool:
+    """Whether m <- D this round (FedAdagrad always; the others at t=0 unless m is a bias-corrected EMA)."""
+    return rule == "fedadagrad" or (t == 0 and not bias_correction)
+
+
+def bias_denominators(rule: str, t: int, beta1: float, beta2: float, bias_correction: bool) -> tuple[float, float]:
+    """(m divisor, v divisor) of the update: 1 and 1 unless bias correction applies to the rule."""
+    if not bias_correction or rule in ("fedavg", "fedadagrad"):
+        return 1.0, 1.0
+    return 1 - beta1 ** (t + 1), (1 - beta2 ** (t + 1)) if rule == "fedadam" else 1.0
 
 
 def scaffold_control_update(c: torch.Tensor, control_deltas: torch.Tensor, num_clients: int) -> torch.Tensor:
     """SCAFFOLD server control: c <- c + sum_k dc_k / num_clients (num_clients = all clients, not |S|)."""
     return c + control_deltas.to(torch.float32).sum(dim=0) / num_clients
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Differential privacy: clipping of client deltas and Gaussian noise, fused into the aggregation.
+# ----------------------------------------------------------------------------------------------------------------
+
+def client_delta_norms(x: torch.Tensor, client_vectors: torch.Tensor) -> torch.Tensor:
+    """[K] fp32: ||y_k - x||_2 for every client, the input of per-client clipping.
+
+    One client row at a time, so the twin never materialises a [K, N] fp32 copy of the stack.
+    """
+    x = x.to(torch.float32)
+    return torch.stack([torch.linalg.vector_norm(row.to(torch.float32) - x) for row in client_vectors])
+
+
+def clip_factors(norms: torch.Tensor, clip_norm: float | None) -> torch.Tensor:
+    """[K] fp32: min(1, C / norm_k), the factor that scales delta_k to L2 norm at most C (1 when C is None)."""
+    if clip_norm is None:
+        return torch.ones_like(norms, dtype=torch.float32)
+    return torch.clamp(clip_norm / norms.to(torch.float32), max=1.0)  # a zero norm gives inf, clamped to 1
+
+
+def dp_aggregate(x: torch.Tensor, client_vectors: torch.Tensor, weights: torch.Tensor, clip_norm: float | None,
+                 noise_std: float, seed: int, round_idx: int, noise_per_client: bool = False,
+                 client_ids: list[int] | torch.Tensor | None = None) -> torch.Tensor:
+    """The new aggregate x + sum_k w_k (f_k (y_k - x) [+ n_k]) [+ n], fp32 [N].
+
+    x: [N] global vector before the round; client_vectors: [K, N] (fp32/bf16/fp16); weights: [K], summing to 1.
+    clip_norm: C, each delta is scaled by f_k = min(1, C / ||y_k - x||) (None: no clipping, the paper's mode).
+    noise_std: sigma of the Gaussian noise per coordinate (0: none). With noise_per_client=False one draw n is
+    added to the weighted mean delta; with noise_per_client=True (the paper's Appendix D) every client's vector
+    gets its own draw n_k before the weighted average.
+    seed, round_idx, client_ids: the noise is a deterministic function of (seed, round_idx, client id) and differs
+    for any other triple. client_ids default to 0..K-1; pass the real client indices so that a client's noise
+    does not depend on its position in the stack. Ranges: 0 <= seed < 2^31, 0 <= round_idx < 2^32,
+    0 <= client id < 2^32 - 1.
+    For a server optimizer on top (FedAvgM, FedAdam...), pass the result as a one-row stack with weight 1 to
+    server_update.
+
+    The twin's noise comes from torch's generator (mt19937 on the CPU, seeded with 32 bits mixed from the triple);
+    it is statistically equivalent to, not bit-identical with, the Triton kernel's Philox noise.
+    """
+    ids = noise_client_ids(client_ids, client_vectors.shape[0], seed, round_idx)
+    x32 = x.to(torch.float32)
+    factors = clip_factors(client_delta_norms(x32, client_vectors), clip_norm)
+    weights = weights.to(x32.device, torch.float32)
+    mean_delta = torch.zeros_like(x32)
+    for k, row in enumerate(client_vectors):
+        delta = (row.to(torch.float32) - x32) * factors[k]
+        if noise_per_client and noise_std:
+            delta += noise_std * gaussian_noise(x32.numel(), seed, round_idx, ids[k], x32.device)
+        mean_delta += weights[k] * delta
+    if not noise_per_client and noise_std:
+        mean_delta += noise_std * gaussian_noise(x32.numel(), seed, round_idx, AGGREGATE_NOISE_CLIENT, x32.device)
+    return x32 + mean_delta
+
+
+def noise_client_ids(client_ids, num_rows: int, seed: int, round_idx: int) -> list[int]:
+    """Validated client ids (default 0..K-1) and key ranges, so that no two triples share a noise stream."""
+    ids = list(range(num_rows)) if client_ids is None else [int(i) for i in client_ids]
+    if len(ids) != num_rows:
+        raise ValueError(f"{len(ids)} client ids for {num_rows} client vectors")
+    if not 0 <= seed < 2**31 or not 0 <= round_idx < 2**32:
+        raise ValueError(f"noise seed must be in [0, 2^31) and round in [0, 2^32); got {seed}, {round_idx}")
+    if any(not 0 <= i < AGGREGATE_NOISE_CLIENT for i in ids):
+        raise ValueError(f"client ids must be in [0, 2^32 - 1); got {ids}")
+    return ids
+
+
+def gaussian_noise(n: int, seed: int, round_idx: int, client: int, device) -> torch.Tensor:
+    """n draws of N(0, 1) from a torch generator seeded from (seed, round, client)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(_mix64((seed << 32 | round_idx) ^ _mix64(client)))
+    return torch.randn(n, generator=generator, device=device, dtype=torch.float32)
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's finaliser: spreads every input bit over the 64 output bits (mt19937 keeps the low 32)."""
+    z = (z + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)

@@ -1,0 +1,121 @@
+"""Every Triton kernel (through the dispatcher) against its PyTorch twin under TRITON_INTERPRET=1.
+
+tests/test_kernels.py runs this file in a child process with TRITON_INTERPRET=1 and FEDLLM_FORCE_TRITON=1 set
+before triton is first imported (Triton's own library is decorated at import, so the interpreter cannot be
+switched on later in a process). In a suite run without those variables the module skips itself. Tolerances
+are listed in tests/test_kernels.py.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("FEDLLM_FORCE_TRITON") != "1":
+    pytest.skip("run by tests/test_kernels.py in a child process with TRITON_INTERPRET=1",
+                allow_module_level=True)
+
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import reference  # noqa: E402
+from test_kernels import (ABOVE_1M, DTYPES, ODD_LENGTH, assert_uncorrelated, init_state,  # noqa: E402
+                          make_round, noise_stats)
+
+pytestmark = pytest.mark.triton
+
+
+def test_dispatches_to_triton():
+    from kernels import triton_kernels
+    assert kernels._backend(torch.zeros(3)) is triton_kernels
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", (1, 2, 7))
+def test_weighted_sum(dtype, k):
+    _, y, w = make_round(ODD_LENGTH, k, dtype)
+    torch.testing.assert_close(kernels.weighted_sum(y, w), reference.weighted_sum(y, w), rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_sum_above_1m_and_strided_rows():
+    _, y, w = make_round(ABOVE_1M + 5, 2, torch.bfloat16)
+    y = y[:, 5:]  # row stride != N
+    torch.testing.assert_close(kernels.weighted_sum(y, w), reference.weighted_sum(y, w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", reference.SERVER_RULES)
+@pytest.mark.parametrize("bias_correction", (False, True), ids=("plain", "bias_corrected"))
+@pytest.mark.parametrize("dtype,k", [(torch.float32, 1), (torch.bfloat16, 2), (torch.float16, 7),
+                                     (torch.float32, 7)], ids=("fp32-K1", "bf16-K2", "fp16-K7", "fp32-K7"))
+def test_server_update_over_rounds(rule, bias_correction, dtype, k):
+    n = 70_001
+    x_tri = x_ref = make_round(n, 1)[0]
+    (m_tri, v_tri), (m_ref, v_ref) = init_state(n), init_state(n)
+    for t in range(3):
+        _, y, w = make_round(n, k, dtype, seed=t, x=x_ref)
+        x_tri = kernels.server_update(rule, x_tri, y, w, m_tri, v_tri, t, bias_correction=bias_correction)
+        x_ref = reference.server_update(rule, x_ref, y, w, m_ref, v_ref, t, bias_correction=bias_correction)
+        torch.testing.assert_close(x_tri, x_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m_tri, m_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v_tri, v_ref, rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", (1, 2, 7))
+def test_scaffold_control_update(dtype, k):
+    c, dc, _ = make_round(ODD_LENGTH, k, dtype)
+    torch.testing.assert_close(kernels.scaffold_control_update(c, dc, 747),
+                               reference.scaffold_control_update(c, dc, 747), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", (1, 2, 7))
+def test_client_delta_norms(dtype, k):
+    x, y, _ = make_round(ODD_LENGTH, k, dtype)
+    torch.testing.assert_close(kernels.client_delta_norms(x, y), reference.client_delta_norms(x, y),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", (1, 2, 7))
+@pytest.mark.parametrize("clip_norm", (None, 1.0), ids=("no_clip", "clip"))
+def test_dp_aggregate_without_noise(dtype, k, clip_norm):
+    x, y, w = make_round(ODD_LENGTH, k, dtype)
+    args = (x, y, w, clip_norm, 0.0, 7, 3)
+    torch.testing.assert_close(kernels.dp_aggregate(*args), reference.dp_aggregate(*args), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_client", (False, True), ids=("on_mean", "per_client"))
+def test_noise_statistics(per_client):
+    sigma, k = 0.3, 3
+    x = torch.zeros(ABOVE_1M)
+    y = torch.zeros(k, ABOVE_1M)
+    w = torch.tensor([0.5, 0.3, 0.2])
+    noise = kernels.dp_aggregate(x, y, w, None, sigma, 11, 2, noise_per_client=per_client)
+    # independent per-client draws average to sigma * ||w||_2 (identical streams would give sigma * sum w)
+    noise_stats(noise, sigma * w.norm().item() if per_client else sigma)
+
+
+@pytest.mark.parametrize("per_client", (False, True), ids=("on_mean", "per_client"))
+def test_noise_is_keyed_by_seed_round_and_client(per_client):
+    x, y, w = make_round(ODD_LENGTH, 2)
+    clean = kernels.dp_aggregate(x, y, w, 1.0, 0.0, 5, 4)
+
+    def noise(seed=5, round_idx=4, ids=(3, 9), rows=2):
+        return kernels.dp_aggregate(x, y[:rows], w[:rows] / w[:rows].sum(), 1.0, 0.1, seed, round_idx,
+                                    noise_per_client=per_client, client_ids=list(ids)) - clean
+
+    first = noise()
+    assert torch.equal(first, noise())
+    assert_uncorrelated(first, noise(seed=6))
+    assert_uncorrelated(first, noise(round_idx=5))
+    if per_client:
+        assert_uncorrelated(noise(ids=[3], rows=1), noise(ids=[10], rows=1))
+
+
+def test_client_and_mean_streams_are_distinct():
+    x, y = torch.zeros(ODD_LENGTH), torch.zeros(1, ODD_LENGTH)
+    w = torch.ones(1)
+    per_client = kernels.dp_aggregate(x, y, w, None, 1.0, 0, 0, noise_per_client=True, client_ids=[0])
+    on_mean = kernels.dp_aggregate(x, y, w, None, 1.0, 0, 0)
+    assert_uncorrelated(per_client, on_mean)
