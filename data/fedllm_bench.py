@@ -95,6 +95,7 @@ class Recipe:
     test_file: str  # Ref-GPT4 test set under <eval_data_dir>/ref_gpt4/
     params: dict  # rule parameters and their defaults; see each recipe's comments
     extract: Callable[[dict, dict], Item | None]
+    columns: tuple[str, ...]  # the only columns `extract` reads: WildChat's moderation lists are large
     targets: dict = field(default_factory=dict)  # Table 1 / training-script values
 
 
@@ -164,7 +165,7 @@ AYA = Recipe(
         "annotation_types": "all",  # [U] or "original-annotations" / "re-annotations"
         "drop_empty": True,  # [U] part of the "initial cleanup"
     },
-    extract=_aya_item,
+    extract=_aya_item, columns=("inputs", "targets", "language", "language_code", "annotation_type", "user_id"),
     targets={"clients": 38, "samples": 25513, "per_client": (671, 815), "instruction_length": (116, 199),
              "response_length": (225, 411), "quality": (0.63, 0.28)},
 )
@@ -204,6 +205,7 @@ def _chatbotpa_item(row: dict, params: dict) -> Item | None:
 
 
 CHATBOT_SOURCE = Source("lmsys/chatbot_arena_conversations", gated=True)
+CHATBOT_COLUMNS = ("winner", "turn", "judge", "language", "conversation_a", "conversation_b")
 CHATBOT_PARAMS = {
     "single_turn": "first_turn",  # [I] "first_turn" of every battle, or "turn1_only" (battles with turn == 1)
     "drop_empty": True,  # [U]
@@ -211,14 +213,14 @@ CHATBOT_PARAMS = {
 CHATBOTIT = Recipe(
     name="fed-chatbotit", kind="sft", source=CHATBOT_SOURCE, released_file="chatbotIT_237c_6k.json",
     test_file="chatbot_testset.json", params={"min_samples": 10, "top_n": None, **CHATBOT_PARAMS},
-    extract=_chatbotit_item,
+    extract=_chatbotit_item, columns=CHATBOT_COLUMNS,
     targets={"clients": 237, "samples": 6166, "per_client": (26, 33), "instruction_length": (68, 119),
              "response_length": (211, 176), "quality": (0.67, 0.22)},
 )
 CHATBOTPA = Recipe(
     name="fed-chatbotpa", kind="preference", source=CHATBOT_SOURCE, released_file="chatbotPA_747c_10k.json",
     test_file="chatbot_testset.json", params={"min_samples": 5, "top_n": None, **CHATBOT_PARAMS},
-    extract=_chatbotpa_item,
+    extract=_chatbotpa_item, columns=CHATBOT_COLUMNS,
     targets={"clients": 747, "samples": 9508, "per_client": (13, 21), "instruction_length": (69, 124),
              "response_length": (218, 178), "quality": (0.68, 0.21)},
 )
@@ -249,6 +251,7 @@ def _wildchat_multi_item(row: dict, params: dict) -> Item | None:
 
 
 WILDCHAT_SOURCE = Source("allenai/WildChat-1M")
+WILDCHAT_COLUMNS = ("conversation", "turn", "toxic", "language", "hashed_ip")
 WILDCHAT = Recipe(
     name="fed-wildchat", kind="sft", source=WILDCHAT_SOURCE, released_file="wildchat_100c_53k.json",
     test_file="wildchat_testset.json",
@@ -259,7 +262,7 @@ WILDCHAT = Recipe(
         "drop_toxic": False,  # [U] the paper's copy still had toxic conversations
         "drop_empty": True,  # the card warns of empty user inputs
     },
-    extract=_wildchat_single_item,
+    extract=_wildchat_single_item, columns=WILDCHAT_COLUMNS,
     targets={"clients": 100, "samples": 52703, "per_client": (527, 477), "instruction_length": (331, 435),
              "response_length": (506, 470), "quality": (0.79, 0.37)},
 )
@@ -272,7 +275,7 @@ WILDCHAT_MT = Recipe(
         "min_turns": 2,  # [I] multi-turn = at least two complete user/assistant exchanges
         "drop_toxic": False, "drop_empty": True,
     },
-    extract=_wildchat_multi_item,
+    extract=_wildchat_multi_item, columns=WILDCHAT_COLUMNS,
     targets={"clients": 50, "samples": 15406},
 )
 
@@ -467,6 +470,7 @@ def build(recipe: Recipe, source_path: str | None = None, eval_data_dir: str | N
         provenance = _hub_provenance(recipe.source, revision, hf_token)
         revision = provenance["resolved_revision"] or revision  # load exactly the commit we record
     rows = load_source(recipe, revision, source_path, hf_token, out_dir.parent / "_work")
+    rows = rows.select_columns([c for c in recipe.columns if c in rows.column_names])
     items = (recipe.extract(row, params) for row in _progress(rows, recipe.name))
     groups = group_clients((i for i in items if i is not None), params["min_samples"], params["top_n"])
     rule_counts = [len(v) for v in groups.values()]
@@ -496,7 +500,7 @@ def build(recipe: Recipe, source_path: str | None = None, eval_data_dir: str | N
     if recipe is AYA:
         manifest["acceptance"] = check_fed_aya_counts(rule_counts)
     _write_cache(out_dir, recipe, clients, metadata, manifest)
-    _report(recipe, manifest, out_dir)
+    _report(recipe, manifest, f"built from {manifest['source']['id']} into {out_dir}")
     return _as_dataset(recipe, clients, metadata, manifest)
 
 
@@ -525,7 +529,7 @@ def read_cached(recipe: Recipe, out_dir: Path) -> FederatedDataset:
     manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
     clients = json.loads((out_dir / recipe.released_file).read_text(encoding="utf-8"))
     metadata = json.loads((out_dir / "client_metadata.json").read_text(encoding="utf-8"))
-    print(f"{recipe.name}: read from the cache {out_dir}")
+    _report(recipe, manifest, f"read from the cache {out_dir}")
     return _as_dataset(recipe, clients, metadata, {**manifest, "from_cache": True})
 
 
@@ -537,9 +541,9 @@ def _as_dataset(recipe: Recipe, clients: dict, metadata: dict, manifest: dict) -
                             info=manifest)
 
 
-def _report(recipe: Recipe, manifest: dict, out_dir: Path) -> None:
+def _report(recipe: Recipe, manifest: dict, where: str) -> None:
     leak = manifest["leakage"]
-    lines = [f"{recipe.name}: built from {manifest['source']['id']} into {out_dir}",
+    lines = [f"{recipe.name}: {where}",
              f"  rules {manifest['rules']}", *table1_comparison(recipe, manifest["counts"]["per_client"]),
              f"  leakage: removed {leak['removed']} training samples equal to a test instruction"
              + (f" ({leak['note']})" if "note" in leak else "")]
@@ -553,3 +557,32 @@ def _report(recipe: Recipe, manifest: dict, out_dir: Path) -> None:
 
 for _recipe in RECIPES.values():
     register_dataset(_recipe.name)(partial(build, _recipe))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build a dataset under several values of unknown rules and compare each with Table 1."""
+    import argparse
+    import itertools
+
+    from data.stats import parse_rule, add_dataset_args
+
+    parser = argparse.ArgumentParser(description="Build a FedLLM-Bench dataset, optionally sweeping rule values: "
+                                                 "python -m data.fedllm_bench --dataset fed-aya "
+                                                 "--sweep threshold_on=filtered_rows,all_rows")
+    add_dataset_args(parser)
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                        help="try each value of a rule parameter (all combinations of several --sweep)")
+    args = parser.parse_args(argv)
+    if args.dataset not in RECIPES:
+        raise SystemExit(f"--dataset must be one of {', '.join(RECIPES)}")
+    fixed = dict(parse_rule(r) for r in args.rule)
+    axes = [(key, [parse_rule(f"{key}={v}")[1] for v in values.split(",")])
+            for key, _, values in (s.partition("=") for s in args.sweep)]
+    for combination in itertools.product(*[values for _, values in axes]):
+        rules = {**fixed, **dict(zip([key for key, _ in axes], combination))}
+        build(RECIPES[args.dataset], source_path=args.source_path, eval_data_dir=args.eval_data_dir,
+              hf_token=args.hf_token, cache_dir=args.cache_dir, **rules)
+
+
+if __name__ == "__main__":
+    main()

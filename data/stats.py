@@ -41,7 +41,7 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
                         help="override a construction rule, e.g. --rule min_samples=150 (value parsed as JSON)")
 
 
-def _parse_rule(text: str) -> tuple[str, object]:
+def parse_rule(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep:
         raise SystemExit(f"--rule {text!r}: write KEY=VALUE, e.g. --rule min_samples=150")
@@ -53,7 +53,7 @@ def _parse_rule(text: str) -> tuple[str, object]:
 
 def load_from_args(args) -> FederatedDataset:
     options = {"source_path": args.source_path, "eval_data_dir": args.eval_data_dir, "hf_token": args.hf_token,
-               "cache_dir": args.cache_dir, **dict(_parse_rule(r) for r in args.rule)}
+               "cache_dir": args.cache_dir, **dict(parse_rule(r) for r in args.rule)}
     return load_federated_dataset(args.dataset, local_data_dir=args.local_data_dir, **options)
 
 
