@@ -258,6 +258,7 @@ WILDCHAT = Recipe(
     params={
         "min_samples": 200,  # confirmed
         "top_n": 100,  # [I] far more than 100 IPs pass 200, yet the paper has exactly 100: keep the largest
+        # (--rule top_n=0 keeps every client that passes the threshold)
         "single_turn": "first_turn",  # [I] or "turn1_only"
         "drop_toxic": False,  # [U] the paper's copy still had toxic conversations
         "drop_empty": True,  # the card warns of empty user inputs
@@ -300,7 +301,7 @@ def group_clients(items, min_samples: int, top_n: int | None = None) -> dict[str
         if item.sample is not None:
             bucket.append(item)
     eligible = [key for key in counted if counted[key] >= min_samples and kept[key]]
-    if top_n is not None and len(eligible) > top_n:
+    if top_n and len(eligible) > top_n:  # 0 or None: no cap
         largest = set(sorted(eligible, key=lambda k: -counted[k])[:top_n])  # sorted() is stable
         eligible = [key for key in eligible if key in largest]
     return {key: kept[key] for key in eligible}

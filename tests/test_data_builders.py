@@ -222,7 +222,7 @@ def wildchat_source(tmp_path_factory) -> str:
 
 
 def test_wildchat_single_turn_threshold_and_top_n(wildchat_source, tmp_path):
-    ds = build("fed-wildchat", tmp_path, wildchat_source, min_samples=7)
+    ds = build("fed-wildchat", tmp_path, wildchat_source, min_samples=7, top_n=0)  # 0: no cap
     assert ds.client_ids == ["ip-a", "ip-c", "ip-d"] and ds.sample_counts == [9, 7, 8]
     assert ds.clients[0][0] == {"instruction": "ip-a question 0.0", "response": "answer 0.0"}
     # top_n keeps the largest clients, in source order.
