@@ -11,14 +11,16 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from data import load_federated_dataset
+from federated.algorithms import make_algorithm
 from federated.client import LocalTrainer, with_client_hooks
 from federated.config import FedArguments, ScriptArguments, dataset_options
 from federated.flat import FlatParams
 from federated.loop import run_federated, write_args
+from federated.privacy import make_privacy
 from utils.model import load_base_model, load_tokenizer, wrap_with_lora
 from utils.templates import check_template, tokenize_sft_sample
 
@@ -71,8 +73,11 @@ def main():
     if dataset.kind == "preference":
         raise SystemExit(f"Dataset {dataset.name} holds preference pairs: train it with main_dpo.py.")
     clients = select_clients(dataset, fed_args)
+    algorithm = make_algorithm(fed_args, len(clients))  # fails fast on a bad --fed_alg, before any loading
+    privacy = make_privacy(fed_args, script_args, [len(c) for c in clients])  # None unless DP flags are given
     write_args(output_dir, script_args, fed_args)
 
+    set_seed(script_args.seed)  # LoRA's initial A matrices come from the global RNG
     tokenizer = load_tokenizer(script_args.model_name_or_path, script_args.seq_length)
     model = load_base_model(script_args.model_name_or_path, script_args.load_in_8bit, script_args.load_in_4bit)
     model = wrap_with_lora(model, r=script_args.peft_lora_r, alpha=script_args.peft_lora_alpha)
@@ -80,7 +85,8 @@ def main():
 
     trainer = build_sft_trainer(model, tokenizer, script_args, client_data[0])
     local_trainer = LocalTrainer(trainer, FlatParams(model))
-    run_federated(script_args, fed_args, model, local_trainer, client_data, lr_min=LR_MIN)
+    run_federated(script_args, fed_args, model, local_trainer, client_data, lr_min=LR_MIN, algorithm=algorithm,
+                  privacy=privacy)
 
     if script_args.eval_after and dataset.test:
         from evaluation.exact_match import score_exact_match

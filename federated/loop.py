@@ -72,12 +72,12 @@ def _start(output_dir: Path, resume: bool, x0: torch.Tensor, algorithm, num_clie
 
 
 def run_federated(script_args, fed_args, model, local_trainer: LocalTrainer, client_data: list, lr_min: float,
-                  privacy=None) -> RunState:
+                  privacy=None, algorithm=None) -> RunState:
     """Train for fed_args.num_rounds rounds; `client_data[k]` is client k's tokenised dataset."""
     output_dir = Path(script_args.output_dir)
     num_clients, flat = len(client_data), local_trainer.flat
     sample_counts = [len(d) for d in client_data]
-    algorithm = make_algorithm(fed_args, num_clients)
+    algorithm = algorithm or make_algorithm(fed_args, num_clients)
     run = _start(output_dir, script_args.resume, flat.get(), algorithm, num_clients)
     if privacy is not None and "privacy" in run.extra:
         privacy.load_state_dict(run.extra["privacy"])

@@ -1,0 +1,38 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and a tiny random Llama saved as a local model directory."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+SHARED_EVAL_DATA = ROOT.parent / "shared" / "eval_data"
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from utils.model import load_tokenizer
+    return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer):
+    """A randomly initialised 2-layer Llama with SmolLM2's tokenizer: real code paths in seconds."""
+    from utils.model import tiny_llama
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(smol_tokenizer).save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def run_entry(module, argv: list[str]):
+    """Run an entry script's main() in this process with the given command line."""
+    saved = sys.argv
+    sys.argv = [module.__file__, *map(str, argv)]
+    try:
+        return module.main()
+    finally:
+        sys.argv = saved

@@ -1,0 +1,172 @@
+"""main_sft.py end to end on a tiny random Llama (fast) and on the real SmolLM2 (slow): every method, exact
+resume after a kill, and every bad input with its one-line error."""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import main_sft
+from conftest import ROOT, run_entry
+
+METHODS = ["fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "local1"]
+
+
+def tiny_args(model_dir, out, *extra):
+    return ["--model_name_or_path", model_dir, "--output_dir", out, "--synthetic_num_clients", 4,
+            "--synthetic_mean_samples", 16, "--sample_clients", 2, "--num_rounds", 2, "--max_steps", 2,
+            "--batch_size", 2, "--seq_length", 64, "--learning_rate", 1e-3, "--eval_after", "false", *extra]
+
+
+def adapter(path) -> dict:
+    return load_file(Path(path) / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_rounds_every_method(method, tiny_model_dir, tmp_path):
+    out = tmp_path / method
+    run_entry(main_sft, tiny_args(tiny_model_dir, out, "--fed_alg", method))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    expected_clients = [1] if method == "local1" else None
+    for row in rows:
+        assert len(row["clients"]) == (1 if method == "local1" else 2)
+        assert expected_clients is None or row["clients"] == expected_clients
+        assert all(np.isfinite(v) for v in row["client_loss"].values())
+        assert row["bytes_uploaded"] > 0 and row["peak_memory_mb"] > 0 and row["train_time_s"] > 0
+    losses = np.load(out / "training_loss.npy")
+    assert losses.shape == (4, 2)
+    assert ((losses == -1) | (losses > 0)).all()
+    # The saved adapter loads with PeftModel and differs from LoRA's initial state (B = 0).
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "checkpoint-2")
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
+    assert json.loads((out / "args.json").read_text())["fed_alg"] == method
+
+
+@pytest.mark.parametrize("method", ["scaffold", "fedadam"])
+def test_resume_from_a_checkpoint_is_bit_identical(method, tiny_model_dir, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = ["--fed_alg", method, "--num_rounds", 3, "--checkpoint_step", 1]
+    run_entry(main_sft, tiny_args(tiny_model_dir, full, *args))
+    # The state on disk after a stop in round 2: checkpoint-1 only, metrics of later rounds to be redone.
+    shutil.copytree(full, resumed)
+    for later in ("checkpoint-2", "checkpoint-3"):
+        shutil.rmtree(resumed / later)
+    run_entry(main_sft, tiny_args(tiny_model_dir, resumed, *args, "--resume", "true"))
+    a, b = adapter(full / "checkpoint-3"), adapter(resumed / "checkpoint-3")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = load_file(full / "checkpoint-3/run_state.safetensors"), load_file(resumed / "checkpoint-3/run_state.safetensors")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if k != "torch_rng")
+    rows = [json.loads(r) for r in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert np.array_equal(np.load(full / "training_loss.npy"), np.load(resumed / "training_loss.npy"))
+
+
+def test_killed_run_resumes_bit_identical(tiny_model_dir, tmp_path):
+    """A real kill (SIGKILL) once checkpoint-1 exists, then --resume, against an uninterrupted run."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    args = ["--fed_alg", "fedavgm", "--num_rounds", 3, "--checkpoint_step", 1, "--max_steps", 3]
+    run_entry(main_sft, tiny_args(tiny_model_dir, full, *args))
+    command = [sys.executable, str(ROOT / "main_sft.py"), *map(str, tiny_args(tiny_model_dir, killed, *args))]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-1" / "run_state.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoint-3").exists(), "the run finished before it could be killed"
+    run_entry(main_sft, tiny_args(tiny_model_dir, killed, *args, "--resume", "true"))
+    a, b = adapter(full / "checkpoint-3"), adapter(killed / "checkpoint-3")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_client_is_dropped_and_the_run_goes_on(tiny_model_dir, tmp_path):
+    out = tmp_path / "nan"
+    run_entry(main_sft, tiny_args(tiny_model_dir, out, "--learning_rate", 1e38, "--max_steps", 3, "--num_rounds", 1))
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["dropped_clients"] == row["clients"]
+    assert all(torch.isfinite(t).all() for t in adapter(out / "checkpoint-1").values())
+
+
+def write_json(path, obj):
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+@pytest.mark.parametrize("payload,message", [
+    (None, "does not exist"),
+    ("not json", "is not valid JSON"),
+    ([{"instruction": "a", "response": "b"}], "must be one JSON object mapping client id to a list"),
+    ({"u1": [{"instruction": "a"}]}, "client 'u1', sample 0 lacks 'response'"),
+    ({"u1": [{"instruction": "a", "response": "b"}], "u2": []}, "client 'u2' has no samples"),
+])
+def test_bad_dataset_files(payload, message, tiny_model_dir, tmp_path, capsys):
+    file = tmp_path / "data.json"
+    if payload == "not json":
+        file.write_text("{oops")
+    elif payload is not None:
+        write_json(file, payload)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=message):
+        run_entry(main_sft, tiny_args(tiny_model_dir, out, "--local_data_dir", file))
+    assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--fed_alg", "fedsgd"], "Unknown --fed_alg 'fedsgd': choose one of fedavg, fedprox, scaffold"),
+    (["--fed_alg", "local9"], "client index 9 is out of range"),
+    (["--dataset", "fed-nothing"], "Unknown --dataset 'fed-nothing'"),
+    (["--template", "llama3"], "Unknown --template 'llama3'"),
+    (["--num_clients", 9], "--num_clients 9 exceeds the 4 clients"),
+])
+def test_bad_arguments_fail_before_loading(extra, message, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=message):
+        run_entry(main_sft, tiny_args("/nonexistent/model", out, *extra))
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_released_file_and_sample_clients_clamp(tiny_model_dir, tmp_path):
+    data = {"alice": [{"instruction": f"Say {i}", "response": str(i)} for i in range(5)],
+            "bob": [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}] * 3}
+    data["bob"] = [{"instruction": "Greet", "response": "Hello"}] * 3
+    file = write_json(tmp_path / "fed.json", data)
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="--sample_clients 5 > --num_clients 2"):
+        run_entry(main_sft, tiny_args(tiny_model_dir, out, "--local_data_dir", file, "--sample_clients", 5,
+                                      "--num_rounds", 1))
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert row["clients"] == [0, 1]
+
+
+def test_multiturn_released_file_trains_with_vicuna(tiny_model_dir, tmp_path):
+    conv = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+            {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]
+    file = write_json(tmp_path / "mt.json", {"a": [{"conversations": conv}] * 4, "b": [{"conversations": conv}] * 2})
+    out = tmp_path / "out"
+    run_entry(main_sft, tiny_args(tiny_model_dir, out, "--local_data_dir", file, "--template", "vicuna_v1.1",
+                                  "--num_rounds", 1))
+    assert (out / "checkpoint-1" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_fed_synthetic_end_to_end(tmp_path):
+    """The real embedded model on fed-synthetic: loss falls over rounds and the exact-match score is written."""
+    out = tmp_path / "smol"
+    run_entry(main_sft, ["--output_dir", out, "--num_rounds", 3, "--sample_clients", 2, "--max_steps", 3,
+                         "--batch_size", 4, "--seq_length", 96, "--learning_rate", 5e-4, "--synthetic_num_clients", 6])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = (np.mean(list(r["client_loss"].values())) for r in (rows[0], rows[-1]))
+    assert last < first
+    scores = json.loads((out / "eval_exact_match.json").read_text())
+    assert scores["n"] == 240 and 0.0 <= scores["accuracy"] <= 1.0
