@@ -38,17 +38,20 @@ def _backend(tensor: torch.Tensor):
     return triton_kernels
 
 
-def weighted_sum(client_vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_k weights[k] client_vectors[k] in fp32; see reference.weighted_sum."""
-    return _backend(client_vectors).weighted_sum(client_vectors, weights)
+def weighted_sum(client_vectors: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k weights[k] client_vectors[k] in fp32 (into out if given); see reference.weighted_sum."""
+    return _backend(client_vectors).weighted_sum(client_vectors, weights, out=out)
 
 
 def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weights: torch.Tensor,
                   m: torch.Tensor | None, v: torch.Tensor | None, t: int, eta: float = 1e-3, tau: float = 1e-3,
-                  beta1: float = 0.5, beta2: float = 0.99, bias_correction: bool = False) -> torch.Tensor:
-    """One server step (fedavg/fedavgm/fedadagrad/fedyogi/fedadam); see reference.server_update."""
+                  beta1: float = 0.5, beta2: float = 0.99, bias_correction: bool = False,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """One server step (fedavg/fedavgm/fedadagrad/fedyogi/fedadam), new x into out if given (reusing a buffer
+    saves page faults on the CPU); see reference.server_update."""
     return _backend(client_vectors).server_update(rule, x, client_vectors, weights, m, v, t, eta=eta, tau=tau,
-                                                  beta1=beta1, beta2=beta2, bias_correction=bias_correction)
+                                                  beta1=beta1, beta2=beta2, bias_correction=bias_correction,
+                                                  out=out)
 
 
 def scaffold_control_update(c: torch.Tensor, control_deltas: torch.Tensor, num_clients: int) -> torch.Tensor:

@@ -18,15 +18,26 @@ SERVER_RULES = ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam")
 AGGREGATE_NOISE_CLIENT = 2**32 - 1
 
 
-def weighted_sum(client_vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_k weights[k] * client_vectors[k], accumulated in fp32."""
-    return weights.to(client_vectors.device, torch.float32) @ client_vectors.to(torch.float32)
+def weighted_sum(client_vectors: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k weights[k] * client_vectors[k], accumulated in fp32 (into `out`, an fp32 [N] tensor, if given).
+
+    Reusing `out` across rounds matters on the CPU: a fresh [N] result costs page faults comparable to the sum.
+    """
+    weights = weights.to(client_vectors.device, torch.float32)
+    return torch.mv(client_vectors.to(torch.float32).t(), weights, out=out)
+
+
+# Elements per slice in server_update: one slice's temporaries stay in cache, so the step reads every input
+# from memory once instead of once per elementwise op (about 4x faster on the CPU for the adaptive rules).
+SLICE = 1 << 16
 
 
 def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weights: torch.Tensor,
                   m: torch.Tensor | None, v: torch.Tensor | None, t: int, eta: float = 1e-3, tau: float = 1e-3,
-                  beta1: float = 0.5, beta2: float = 0.99, bias_correction: bool = False) -> torch.Tensor:
-    """One server step; returns the new global vector and updates m and v in place.
+                  beta1: float = 0.5, beta2: float = 0.99, bias_correction: bool = False,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """One server step; returns the new global vector (in `out` if given, fp32 [N], not x) and updates m and v in
+    place.
 
     fedavg:   x <- sum_k w_k y_k
     fedavgm:  D = sum_k w_k (y_k - x); m <- D (t=0) else beta1 m + (1-beta1) D; x <- x + m
@@ -38,10 +49,19 @@ def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weig
     m / (1 - beta1^(t+1)) (fedavgm, fedyogi, fedadam) and, for fedadam, v / (1 - beta2^(t+1)).
     """
     check_rule(rule)
-    new_mean = weighted_sum(client_vectors, weights)
     if rule == "fedavg":
-        return new_mean
-    delta = new_mean - x.to(torch.float32)  # sum_k w_k (y_k - x), as the weights sum to one
+        return weighted_sum(client_vectors, weights, out=out)
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device) if out is None else out
+    for start in range(0, x.numel(), SLICE):
+        part = slice(start, start + SLICE)
+        out[part] = _server_update_slice(rule, x[part], client_vectors[:, part], weights, m[part],
+                                         None if v is None else v[part], t, eta, tau, beta1, beta2, bias_correction)
+    return out
+
+
+def _server_update_slice(rule, x, client_vectors, weights, m, v, t, eta, tau, beta1, beta2, bias_correction):
+    """server_update on one slice of the coordinates (m and v are views, updated in place)."""
+    delta = weighted_sum(client_vectors, weights) - x.to(torch.float32)  # sum_k w_k (y_k - x): weights sum to 1
     if copies_delta_into_m(rule, t, bias_correction):
         m.copy_(delta)
     else:

@@ -158,17 +158,25 @@ def _fp32(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device=device, dtype=torch.float32).contiguous()
 
 
+def _output(out: torch.Tensor | None, n: int, device) -> torch.Tensor:
+    """The caller's fp32 [N] output buffer, or a new one."""
+    if out is None:
+        return torch.empty(n, dtype=torch.float32, device=device)
+    _check_state("out", out, n)
+    return out
+
+
 def _check_state(name: str, state: torch.Tensor | None, n: int) -> None:
-    """m and v are updated in place, so they must already be contiguous fp32 [N] tensors."""
+    """m, v (updated in place) and out buffers must already be contiguous fp32 [N] tensors."""
     if state is None or state.dtype != torch.float32 or not state.is_contiguous() or state.numel() != n:
         raise ValueError(f"{name} must be a contiguous fp32 tensor of {n} elements")
 
 
-def weighted_sum(client_vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def weighted_sum(client_vectors: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton twin of reference.weighted_sum."""
     rows = _rows(client_vectors)
     k, n = rows.shape
-    out = torch.empty(n, dtype=torch.float32, device=rows.device)
+    out = _output(out, n, rows.device)
     _launch(_accumulate_kernel, n, out, rows, _fp32(weights, rows.device), out, n, k, rows.stride(0), 1.0,
             HAS_BASE=False)
     return out
@@ -187,7 +195,8 @@ def scaffold_control_update(c: torch.Tensor, control_deltas: torch.Tensor, num_c
 
 def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weights: torch.Tensor,
                   m: torch.Tensor | None, v: torch.Tensor | None, t: int, eta: float = 1e-3, tau: float = 1e-3,
-                  beta1: float = 0.5, beta2: float = 0.99, bias_correction: bool = False) -> torch.Tensor:
+                  beta1: float = 0.5, beta2: float = 0.99, bias_correction: bool = False,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton twin of reference.server_update: one fused pass; returns the new x, updates m and v in place."""
     reference.check_rule(rule)
     rows = _rows(client_vectors)
@@ -198,7 +207,7 @@ def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weig
     if rule not in ("fedavg", "fedavgm"):
         _check_state("v", v, n)
     m_denom, v_denom = reference.bias_denominators(rule, t, beta1, beta2, bias_correction)
-    out = torch.empty(n, dtype=torch.float32, device=rows.device)
+    out = _output(out, n, rows.device)
     _launch(_server_update_kernel, n, x32, rows, _fp32(weights, rows.device), x32 if m is None else m,
             x32 if v is None else v, out, n, k, rows.stride(0), beta1, 1 - beta1, beta2, 1 - beta2, eta, tau,
             m_denom, v_denom, RULE=SERVER_RULES.index(rule),

@@ -179,8 +179,18 @@ def test_twin_noise_statistics_and_keys(per_client):
 def test_triton_kernels_match_twins_under_interpreter():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1", kernels.FORCE_TRITON_ENV: "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", kernels.FORCE_TRITON_ENV: "1", "OMP_NUM_THREADS": "1"}
     child = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_kernels_triton.py"), "-q",
                             "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True)
     print(child.stdout[-1500:])
     assert child.returncode == 0, child.stdout[-8000:] + child.stderr[-4000:]
+
+
+def test_server_update_writes_into_a_given_buffer():
+    x, y, w = make_round(1000, 3)
+    for rule in ("fedavg", "fedadam"):
+        m, v = init_state(1000)
+        expected = reference.server_update(rule, x, y, w, m.clone(), v.clone(), 1)
+        out = torch.empty(1000)
+        assert reference.server_update(rule, x, y, w, m, v, 1, out=out) is out
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -119,3 +119,12 @@ def test_client_and_mean_streams_are_distinct():
     per_client = kernels.dp_aggregate(x, y, w, None, 1.0, 0, 0, noise_per_client=True, client_ids=[0])
     on_mean = kernels.dp_aggregate(x, y, w, None, 1.0, 0, 0)
     assert_uncorrelated(per_client, on_mean)
+
+
+@pytest.mark.parametrize("rule", ("fedavg", "fedadam"))
+def test_server_update_writes_into_a_given_buffer(rule):
+    x, y, w = make_round(ODD_LENGTH, 2)
+    (m_tri, v_tri), (m_ref, v_ref) = init_state(ODD_LENGTH), init_state(ODD_LENGTH)
+    out = torch.empty(ODD_LENGTH)
+    assert kernels.server_update(rule, x, y, w, m_tri, v_tri, 0, out=out) is out
+    torch.testing.assert_close(out, reference.server_update(rule, x, y, w, m_ref, v_ref, 0), rtol=1e-5, atol=1e-6)
