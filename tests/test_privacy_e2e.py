@@ -1,5 +1,5 @@
-"""main_sft.py with DP end to end on a tiny random Llama: paper mode (--fed_alg feddp), clip mode on a server
-optimizer with per-round epsilon in metrics.jsonl, and an exact resume that restores the accountant."""
+"""main_sft.py and main_dpo.py with DP end to end on a tiny random Llama: paper mode (--fed_alg feddp), clip mode on
+a server optimizer with per-round epsilon in metrics.jsonl, and an exact resume that restores the accountant."""
 import json
 import shutil
 
@@ -15,24 +15,39 @@ from data import load_federated_dataset
 from federated.privacy import paper_sigma
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model trains fastest on one thread, and the two cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_args(model_dir, out, *extra):
-    """4 fed-synthetic clients of ~16 samples, 2 of them per round, 2 local steps of batch 2 at 64 tokens."""
+    """4 fed-synthetic clients of ~16 samples, 2 of them per round, 2 local steps of batch 2 at 96 tokens (which
+    hold a preference pair)."""
     return ["--model_name_or_path", model_dir, "--output_dir", out, "--synthetic_num_clients", 4,
             "--synthetic_mean_samples", 16, "--sample_clients", 2, "--num_rounds", 2, "--max_steps", 2,
-            "--batch_size", 2, "--seq_length", 64, "--learning_rate", 1e-3, "--eval_after", "false", *extra]
+            "--batch_size", 2, "--seq_length", 96, "--learning_rate", 1e-3, "--eval_after", "false", *extra]
 
 
 def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_paper_mode_two_rounds(tiny_model_dir, tmp_path, caplog):
+def entry(name):
+    return main_sft if name == "sft" else pytest.importorskip("main_dpo")
+
+
+@pytest.mark.parametrize("script, dataset", [("sft", "fed-synthetic"), ("dpo", "fed-synthetic-pref")])
+def test_paper_mode_two_rounds(script, dataset, tiny_model_dir, tmp_path, caplog):
     out = tmp_path / "feddp"
     with caplog.at_level("INFO", logger="federated.privacy"):
-        run_entry(main_sft, tiny_args(tiny_model_dir, out, "--fed_alg", "feddp", "--dp_epsilon", 1.0,
-                                      "--dp_delta", 1e-4))
+        run_entry(entry(script), tiny_args(tiny_model_dir, out, "--fed_alg", "feddp", "--dp_epsilon", 1.0,
+                                           "--dp_delta", 1e-4, "--dataset", dataset))
     assert "No clipping is applied" in caplog.text
-    counts = [len(c) for c in load_federated_dataset("fed-synthetic", synthetic_num_clients=4,
+    counts = [len(c) for c in load_federated_dataset(dataset, synthetic_num_clients=4,
                                                      synthetic_mean_samples=16).clients]
     sigma = paper_sigma(1.0, 1e-4, 1e-3, 1.0, sum(counts), 4, 2 / 4, 2)
     assert [r["round"] for r in rows(out)] == [1, 2]
@@ -41,12 +56,13 @@ def test_paper_mode_two_rounds(tiny_model_dir, tmp_path, caplog):
     assert json.loads((out / "checkpoint-2/run_state.json").read_text())["extra"]["privacy"]["mode"] == "paper"
 
 
-def test_clip_mode_resumes_exactly_with_the_accountant(tiny_model_dir, tmp_path, caplog):
+@pytest.mark.parametrize("script, fed_alg", [("sft", "fedavgm"), ("dpo", "fedadam")])
+def test_clip_mode_resumes_exactly_with_the_accountant(script, fed_alg, tiny_model_dir, tmp_path, caplog):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = ["--fed_alg", "fedavgm", "--dp_noise_multiplier", 0.8, "--dp_clip", 0.05, "--num_rounds", 2,
-            "--checkpoint_step", 1]
+    module = entry(script)
+    args = ["--fed_alg", fed_alg, "--dp_noise_multiplier", 0.8, "--dp_clip", 0.05, "--checkpoint_step", 1]
     with caplog.at_level("INFO", logger="federated.privacy"):
-        run_entry(main_sft, tiny_args(tiny_model_dir, full, *args))
+        run_entry(module, tiny_args(tiny_model_dir, full, *args))
     assert "seeded by the round index, not secret" in caplog.text
     # Per-round epsilon: Opacus' own analysis of t subsampled Gaussian steps at q = 2/4, z = 0.8.
     orders = RDPAccountant.DEFAULT_ALPHAS
@@ -59,7 +75,7 @@ def test_clip_mode_resumes_exactly_with_the_accountant(tiny_model_dir, tmp_path,
     # Stop after round 1 (checkpoint-1 only, later metric rows to be redone), then --resume.
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "checkpoint-2")
-    run_entry(main_sft, tiny_args(tiny_model_dir, resumed, *args, "--resume", "true"))
+    run_entry(module, tiny_args(tiny_model_dir, resumed, *args, "--resume", "true"))
     a, b = (load_file(d / "checkpoint-2/adapter_model.safetensors") for d in (full, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = [json.loads((d / "checkpoint-2/run_state.json").read_text())["extra"]["privacy"] for d in (full, resumed)]
