@@ -37,7 +37,7 @@ class FederatedDataset:
 
 DATASETS: dict[str, Callable[..., FederatedDataset]] = {}
 # Modules whose import registers builders; imported lazily so that `import data` stays cheap.
-_BUILDER_MODULES = ["data.synthetic", "data.released", "data.fedllm_bench"]
+_BUILDER_MODULES = ["data.synthetic", "data.synthetic_pref", "data.released", "data.fedllm_bench"]
 
 
 def register_dataset(name: str):

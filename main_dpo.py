@@ -1,0 +1,114 @@
+"""Federated preference alignment (DPO) of an LLM with LoRA, FedLLM-Bench style.
+
+    python main_dpo.py --fed_alg fedavg --dataset fed-synthetic-pref --num_rounds 10 --sample_clients 4
+    python main_dpo.py --fed_alg fedavg --local_data_dir fed_chatbotpa.json --sample_clients 10 --dynamic_local_step
+
+The reference model of DPO is the base model: the LoRA adapter disabled, so no second model copy is kept.
+"""
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import HfArgumentParser, set_seed
+from trl import DPOConfig, DPOTrainer
+
+from data import load_federated_dataset
+from federated.algorithms import make_algorithm
+from federated.client import LocalTrainer, with_client_hooks
+from federated.config import FedArguments, ScriptArguments, dataset_options
+from federated.flat import FlatParams
+from federated.loop import run_federated, write_args
+from federated.privacy import make_privacy
+from main_sft import select_clients
+from utils.model import load_base_model, load_tokenizer, wrap_with_lora
+from utils.preference import pair_texts, tokenize_pairs
+from utils.templates import check_template
+
+LR_MIN = 1e-5  # the floor of the per-round cosine schedule for DPO
+DEFAULT_DATASET = "fed-synthetic-pref"
+
+
+@dataclass
+class DPOArguments:
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO beta: how strongly the policy is held to the "
+                                                          "reference (the base model)"})
+
+
+def tokenize_clients(clients, tokenizer, template):
+    """Tokenise every client's pairs once for the whole run (never per round)."""
+    return [tokenize_pairs(tokenizer, template, samples) for samples in clients]
+
+
+def use_base_as_reference(model) -> None:
+    """trl copies the adapter of an already wrapped model into a frozen "ref" adapter and scores the reference with
+    it. Our adapter is freshly initialised (LoRA B = 0), so that copy only reproduces the base model at the cost of
+    extra LoRA compute; without it trl disables the adapter for the reference forward, which gives the base model."""
+    if "ref" in model.peft_config:
+        model.delete_adapter("ref")
+
+
+def build_dpo_trainer(model, tokenizer, script_args, dpo_args, first_pair: dict):
+    config = DPOConfig(
+        output_dir=os.path.join(script_args.output_dir, "trainer"), per_device_train_batch_size=script_args.batch_size,
+        gradient_accumulation_steps=script_args.gradient_accumulation_steps, max_steps=script_args.max_steps,
+        learning_rate=script_args.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
+        beta=dpo_args.dpo_beta, max_length=script_args.seq_length,
+        gradient_checkpointing=script_args.gradient_checkpointing, use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), logging_steps=1, save_strategy="no",
+        report_to="none", disable_tqdm=True, seed=script_args.seed)
+    trainer_class = with_client_hooks(DPOTrainer)
+    # DPOTrainer tokenises the dataset it is built with, so it gets one text pair: LocalTrainer swaps in each
+    # client's pre-tokenised pairs (prompt_ids/chosen_ids/rejected_ids), which trl trains on as they are.
+    trainer = trainer_class(model=model, ref_model=None, args=config, train_dataset=Dataset.from_list([first_pair]),
+                            processing_class=tokenizer)
+    use_base_as_reference(model)
+    return trainer
+
+
+def main():
+    parser = HfArgumentParser((ScriptArguments, FedArguments, DPOArguments))
+    parser.set_defaults(dataset=DEFAULT_DATASET)
+    script_args, fed_args, dpo_args = parser.parse_args_into_dataclasses()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_template(script_args.template)
+    output_dir = Path(script_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    dataset = load_federated_dataset(script_args.dataset, local_data_dir=script_args.local_data_dir,
+                                     kind="preference", **dataset_options(script_args))
+    if dataset.kind != "preference":
+        raise SystemExit(f"Dataset {dataset.name} holds {dataset.kind} samples, not preference pairs: train it with "
+                         f"main_sft.py, or pass a preference dataset such as {DEFAULT_DATASET}.")
+    clients = select_clients(dataset, fed_args)
+    algorithm = make_algorithm(fed_args, len(clients))  # fails fast on a bad --fed_alg, before any loading
+    privacy = make_privacy(fed_args, script_args, [len(c) for c in clients])  # None unless DP flags are given
+    write_args(output_dir, script_args, fed_args, dpo_args)
+
+    set_seed(script_args.seed)  # LoRA's initial A matrices come from the global RNG
+    tokenizer = load_tokenizer(script_args.model_name_or_path, script_args.seq_length)
+    model = load_base_model(script_args.model_name_or_path, script_args.load_in_8bit, script_args.load_in_4bit)
+    model = wrap_with_lora(model, r=script_args.peft_lora_r, alpha=script_args.peft_lora_alpha)
+    client_data = tokenize_clients(clients, tokenizer, script_args.template)
+
+    first_pair = pair_texts(script_args.template, tokenizer, clients[0][0])
+    trainer = build_dpo_trainer(model, tokenizer, script_args, dpo_args, first_pair)
+    local_trainer = LocalTrainer(trainer, FlatParams(model))
+    run_federated(script_args, fed_args, model, local_trainer, client_data, lr_min=LR_MIN, algorithm=algorithm,
+                  privacy=privacy)
+
+    if script_args.eval_after and dataset.test:
+        from evaluation.preference import score_preferences
+        scores = score_preferences(model, tokenizer, script_args.template, dataset.test, beta=dpo_args.dpo_beta,
+                                   max_length=script_args.seq_length)
+        (output_dir / "eval_preference.json").write_text(json.dumps(scores, indent=2))
+        print(f"On the {scores['n']} held-out pairs: preference accuracy {scores['preference_accuracy']:.3f}, "
+              f"mean reward margin {scores['mean_margin']:.4f} (base model log-prob accuracy "
+              f"{scores['base_logprob_accuracy']:.3f})")
+
+
+if __name__ == "__main__":
+    main()
