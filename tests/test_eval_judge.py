@@ -285,3 +285,16 @@ def test_aya_reference_prompt_and_per_language_table(tmp_path):
     text = report(tmp_path)
     assert "| English | French | All |" in text
     assert "| m1 | 8.00 | 4.00 | 6.00 |" in text
+
+
+def test_eval_data_from_dir_or_cache(tmp_path, monkeypatch):
+    from evaluation.data import data_file
+
+    monkeypatch.setenv("FEDLLM_CACHE", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / "eval_data" / "vicuna" / "question.jsonl"
+    cached.parent.mkdir(parents=True)
+    cached.write_text((EVAL_DATA / "vicuna" / "question.jsonl").read_text())
+    assert data_file("vicuna/question.jsonl") == cached  # no download once cached
+    assert data_file("vicuna/question.jsonl", EVAL_DATA) == EVAL_DATA / "vicuna" / "question.jsonl"
+    with pytest.raises(SystemExit, match="has no vicuna/question.jsonl"):
+        data_file("vicuna/question.jsonl", tmp_path / "empty")
