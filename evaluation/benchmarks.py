@@ -65,13 +65,13 @@ def _fastchat_request(item, turn, name, assets, temperature, **fields) -> JudgeR
 def _mtbench_requests(item: data.Item, answers: list[str], assets: Assets) -> list[JudgeRequest]:
     q, a = item.turns, answers
     with_ref = item.category in NEED_REFERENCE and len(item.references) >= 2
-    suffix = "-math-v1" if with_ref else "-v1"
-    refs = {"ref_answer_1": item.references[0], "ref_answer_2": item.references[1]} if with_ref else {}
+    name = "single-math-v1" if with_ref else "single-v1"
+    first_ref = {"ref_answer_1": item.references[0]} if with_ref else {}
+    both_refs = {**first_ref, "ref_answer_2": item.references[1]} if with_ref else {}
     t = MTBENCH_JUDGE_TEMPERATURE
-    first = _fastchat_request(item, 1, "single" + suffix, assets, t, question=q[0], answer=a[0],
-                              **{k: v for k, v in refs.items() if k == "ref_answer_1"})
-    second = _fastchat_request(item, 2, "single" + suffix + "-multi-turn", assets, t, question_1=q[0],
-                               answer_1=a[0], question_2=q[1], answer_2=a[1], **refs)
+    first = _fastchat_request(item, 1, name, assets, t, question=q[0], answer=a[0], **first_ref)
+    second = _fastchat_request(item, 2, name + "-multi-turn", assets, t, question_1=q[0], answer_1=a[0],
+                               question_2=q[1], answer_2=a[1], **both_refs)
     return [first, second]
 
 

@@ -95,7 +95,8 @@ class LLMJudge:
         self.config = config
         # Retries are ours (below): the client's own would hide 429/5xx from the backoff cap and the counters.
         self.client = openai.OpenAI(api_key=key, base_url=config.base_url, max_retries=0, timeout=config.timeout_s)
-        self.retries = 0
+        self.retries = 0  # counted across worker threads, for the final log line
+        self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -117,7 +118,8 @@ class LLMJudge:
                 if not _is_retryable(err) or attempt == cfg.max_retries:
                     raise JudgeError(f"{type(err).__name__}: {err}") from err
                 delay = _retry_after(err) or cfg.backoff_s * 2 ** attempt * (1 + random.random() / 4)
-                self.retries += 1
+                with self._lock:
+                    self.retries += 1
                 logger.warning("judge request failed (%s); retry %d in %.1fs", type(err).__name__, attempt + 1,
                                min(delay, cfg.max_backoff_s))
                 time.sleep(min(delay, cfg.max_backoff_s))
