@@ -12,6 +12,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_EVAL_DATA = ROOT.parent / "shared" / "eval_data"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the slow end-to-end tests (CI does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests run in CI (CI set) or with --runslow; a plain local run stays fast."""
+    if config.getoption("--runslow") or os.environ.get("CI"):
+        return
+    skip = pytest.mark.skip(reason="slow: runs in CI, or pass --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     from utils.model import load_tokenizer
