@@ -58,10 +58,21 @@ def test_dry_run_prints_the_paper_settings(tmp_path):
                  "--model_name_or_path meta-llama/Llama-2-7b-hf"):
         assert flag in train[0], flag
     evals = [line for line in lines if "-m evaluation.run" in line]
-    assert len(evals) == 9 and "--judge_base_url http://judge/v1" in evals[0]
-    assert "--benchmarks humaneval mmlu mtbench vicuna chatbot" not in evals[0]  # sorted, deduplicated
-    assert "chatbot" in evals[0] and "mmlu" in evals[0]
+    assert len(evals) == 18 and all("--judge_base_url http://judge/v1" in line for line in evals)
+    assert sum("--benchmarks humaneval mmlu --output_dir" in line for line in evals) == 9  # rule-scored
+    assert sum("--benchmarks chatbot mtbench vicuna --output_dir" in line for line in evals) == 9  # judged
     assert not any("smoke_eval" in line for line in lines)
+
+
+def test_without_a_judge_only_rule_scored_benchmarks_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    ctx = ctx_for(tmp_path)
+    steps = [s for s in ra.plan(ctx, ["table3"]).steps if s.name.startswith("evaluate")]
+    assert {s.skip is None for s in steps if "mmlu" in s.name} == {True}
+    assert all(s.skip.startswith("no judge configured for chatbot, mtbench, vicuna") for s in steps
+               if "vicuna" in s.name)
+    smoke = ctx_for(tmp_path, smoke=True)
+    assert not [s for s in ra.plan(smoke, ["table3"]).steps if s.name.startswith("evaluate")]
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
 
 
@@ -92,8 +103,9 @@ def test_missing_entry_or_flag_is_skipped_with_a_reason(tmp_path):
     real = ctx_for(tmp_path, flags_of=ra.entry_flags)
     table6 = ra.plan(real, ["table6"])
     groups = [s for s in table6.steps if s.name.startswith("train") and "client_groups" in s.command()]
-    assert groups and all(s.skip and "--client_groups" in s.skip for s in groups) or \
-        "client_groups" in (ra.entry_flags("main_sft.py") or set())
+    assert len(groups) == 2
+    if "client_groups" not in ra.entry_flags("main_sft.py"):  # until the core grows the flag
+        assert all("main_sft.py has no --client_groups yet" in s.skip for s in groups)
 
 
 def test_finished_step_is_skipped_and_interrupted_run_resumes(tmp_path):

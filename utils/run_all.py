@@ -241,22 +241,31 @@ def resolve_local_client(step: Step, run: Run) -> str | None:
 
 
 def eval_steps(ctx: Context, run: Run, benchmarks: set[str]) -> list[Step]:
-    checkpoint = final_checkpoint(ctx, run)
-    steps = []
+    """Smoke: the quick smoke score, and judged benchmarks only with a judge. Paper scale: the rule-scored
+    benchmarks (AdvBench, MMLU, HumanEval) always, the judged ones when a judge is configured."""
+    steps = [smoke_score_step(ctx, run)] if ctx.smoke else []
     if ctx.smoke:
-        output = ctx.runs_dir / run.name / "smoke_eval.json"
-        argv = [ctx.python, "-m", "utils.smoke_eval", "--checkpoint", str(checkpoint),
-                "--per_task", str(ctx.presets["smoke"]["eval_per_task"]), "--output", str(output)]
-        steps.append(Step(f"score {run.name} (smoke)", argv, output, skip=run.skip))
-        benchmarks = benchmarks - NEEDS_DOWNLOAD
-    if not benchmarks:
-        return steps
+        benchmarks = benchmarks - NEEDS_DOWNLOAD if ctx.judge_configured() else set()
+        groups = [benchmarks]
+    else:
+        groups = [benchmarks - JUDGED, benchmarks & JUDGED]
+    return steps + [benchmark_step(ctx, run, group) for group in groups if group]
+
+
+def smoke_score_step(ctx: Context, run: Run) -> Step:
+    output = ctx.runs_dir / run.name / "smoke_eval.json"
+    argv = [ctx.python, "-m", "utils.smoke_eval", "--checkpoint", str(final_checkpoint(ctx, run)),
+            "--per_task", str(ctx.presets["smoke"]["eval_per_task"]), "--output", str(output)]
+    return Step(f"score {run.name} (smoke)", argv, output, skip=run.skip)
+
+
+def benchmark_step(ctx: Context, run: Run, benchmarks: set[str]) -> Step:
     needs_judge = benchmarks & JUDGED
     skip = run.skip
     if needs_judge and not ctx.judge_configured():
         skip = skip or f"no judge configured for {', '.join(sorted(needs_judge))} (set OPENAI_API_KEY or --judge_base_url)"
-    argv = [ctx.python, "-m", "evaluation.run", "--checkpoints", str(checkpoint), "--benchmarks", *sorted(benchmarks),
-            "--output_dir", str(ctx.eval_dir), "--judge_model", ctx.judge_model]
+    argv = [ctx.python, "-m", "evaluation.run", "--checkpoints", str(final_checkpoint(ctx, run)),
+            "--benchmarks", *sorted(benchmarks), "--output_dir", str(ctx.eval_dir), "--judge_model", ctx.judge_model]
     if ctx.judge_base_url:
         argv += ["--judge_base_url", ctx.judge_base_url]
     if ctx.smoke:
@@ -265,8 +274,8 @@ def eval_steps(ctx: Context, run: Run, benchmarks: set[str]) -> list[Step]:
                  "--eval_data_dir", smoke["eval_data_dir"]]
     marker = ctx.eval_dir / ".done" / f"{run.name}__{'-'.join(sorted(benchmarks))}"
     step = Step(f"evaluate {run.name} on {', '.join(sorted(benchmarks))}", argv, marker, skip=skip)
-    step.after = lambda s: (s.done.parent.mkdir(parents=True, exist_ok=True), s.done.write_text(""))
-    return steps + [step]
+    step.after = lambda s: s.done.write_text("")
+    return step
 
 
 def stats_step(ctx: Context, dataset: str) -> Step:
