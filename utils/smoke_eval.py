@@ -27,7 +27,8 @@ def balanced_subset(test: list[dict], per_task: int) -> list[dict]:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--per_task", type=int, default=2)
+    parser.add_argument("--per_task", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=16, help="exact match: answer length cap")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
 
@@ -50,7 +51,7 @@ def main(argv=None) -> dict:
         scores = score_preferences(model, tokenizer, template, test, beta=run_args.get("dpo_beta", 0.1))
     else:
         from evaluation.exact_match import score_exact_match
-        scores = score_exact_match(model, tokenizer, template, test)
+        scores = score_exact_match(model, tokenizer, template, test, max_new_tokens=args.max_new_tokens)
     scores["subset"] = f"first {args.per_task} held-out samples per task"
     Path(args.output).write_text(json.dumps(scores, indent=2))
     print(json.dumps({k: v for k, v in scores.items() if k != "per_task"}))
