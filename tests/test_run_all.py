@@ -171,7 +171,7 @@ def test_run_values_come_from_scores_and_missing_paper_numbers_say_not_found(tmp
     assert first["Exact match % (smoke)"] == "25" and first["MT-Bench-1 (paper)"] == "not found"
     assert first["status"] == "ran"
     markdown = ra.to_markdown(table)
-    assert "SMOKE" in markdown and "Paper values:" in markdown
+    assert "SMOKE" in markdown and "not found" in markdown and "Differential-privacy scores not found" in markdown
     assert ra.round_losses(run_dir) == [1.5, 1.0]
     ra.plot_losses({run_name: result.runs[run_name]}, ctx)
     assert (ctx.results / "plots" / f"loss_{run_name}.png").exists()

@@ -472,8 +472,17 @@ def assemble(ctx: Context, name: str, result: Plan, statuses: dict[str, str], pa
         paper_row = {c["title"]: paper_value(paper, name, row["row"], c["title"]) for c in columns}
         rows.append((row["row"] + (f" [{key}]" if ctx.smoke and spec["kind"] == "stats" else ""), status,
                      ours, paper_row))
-    notes = [paper.get("not_found", {}).get(name, "")] if name in paper.get("not_found", {}) else []
+    notes = [paper["not_found"][name]] if name in paper.get("not_found", {}) else []
+    if spec["kind"] == "stats":
+        datasets = dict.fromkeys(key for _, key in result.cells[name])
+        notes += [f"{key}: {tokenizer_used(ctx.results / 'table1' / f'{key}.json')}" for key in datasets]
     return Table(name, spec["title"], [c["title"] for c in columns], rows, ctx.smoke, notes)
+
+
+def tokenizer_used(path: Path) -> str:
+    if not path.exists():
+        return "no statistics"
+    return "lengths counted with " + json.loads(path.read_text()).get("tokenizer", "an unrecorded tokenizer")
 
 
 def _scaled(value, scale):
@@ -511,7 +520,7 @@ def to_markdown(table: Table) -> str:
                   "comparable with the paper's, which are shown only to keep the layout.", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in records]
-    lines += [""] + [f"Paper values: {n}" for n in table.notes if n]
+    lines += [""] + [f"- {note}" for note in table.notes if note]
     return "\n".join(lines) + "\n"
 
 
