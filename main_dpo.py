@@ -7,24 +7,20 @@ The reference model of DPO is the base model: the LoRA adapter disabled, so no s
 """
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from datasets import Dataset
-from transformers import HfArgumentParser, set_seed
+from transformers import HfArgumentParser
 from trl import DPOConfig, DPOTrainer
 
-from data import load_federated_dataset
 from federated.algorithms import make_algorithm
 from federated.client import LocalTrainer, with_client_hooks
-from federated.config import FedArguments, ScriptArguments, dataset_options
+from federated.config import FedArguments, ScriptArguments
 from federated.flat import FlatParams
 from federated.loop import run_federated, write_args
 from federated.privacy import make_privacy
-from main_sft import select_clients
-from utils.model import load_base_model, load_tokenizer, wrap_with_lora
+from federated.setup import load_dataset_for, load_model_with_lora, select_clients, trainer_arguments
 from utils.preference import pair_texts, tokenize_pairs
 from utils.templates import check_template
 
@@ -52,14 +48,7 @@ def use_base_as_reference(model) -> None:
 
 
 def build_dpo_trainer(model, tokenizer, script_args, dpo_args, first_pair: dict):
-    config = DPOConfig(
-        output_dir=os.path.join(script_args.output_dir, "trainer"), per_device_train_batch_size=script_args.batch_size,
-        gradient_accumulation_steps=script_args.gradient_accumulation_steps, max_steps=script_args.max_steps,
-        learning_rate=script_args.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
-        beta=dpo_args.dpo_beta, max_length=script_args.seq_length,
-        gradient_checkpointing=script_args.gradient_checkpointing, use_cpu=not torch.cuda.is_available(),
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), logging_steps=1, save_strategy="no",
-        report_to="none", disable_tqdm=True, seed=script_args.seed)
+    config = DPOConfig(**trainer_arguments(script_args, script_args.output_dir), beta=dpo_args.dpo_beta)
     trainer_class = with_client_hooks(DPOTrainer)
     # DPOTrainer tokenises the dataset it is built with, so it gets one text pair: LocalTrainer swaps in each
     # client's pre-tokenised pairs (prompt_ids/chosen_ids/rejected_ids), which trl trains on as they are.
@@ -78,20 +67,13 @@ def main():
     output_dir = Path(script_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    dataset = load_federated_dataset(script_args.dataset, local_data_dir=script_args.local_data_dir,
-                                     kind="preference", **dataset_options(script_args))
-    if dataset.kind != "preference":
-        raise SystemExit(f"Dataset {dataset.name} holds {dataset.kind} samples, not preference pairs: train it with "
-                         f"main_sft.py, or pass a preference dataset such as {DEFAULT_DATASET}.")
+    dataset = load_dataset_for(script_args, kinds=("preference",), entry="main_dpo.py")
     clients = select_clients(dataset, fed_args)
     algorithm = make_algorithm(fed_args, len(clients))  # fails fast on a bad --fed_alg, before any loading
     privacy = make_privacy(fed_args, script_args, [len(c) for c in clients])  # None unless DP flags are given
     write_args(output_dir, script_args, fed_args, dpo_args)
 
-    set_seed(script_args.seed)  # LoRA's initial A matrices come from the global RNG
-    tokenizer = load_tokenizer(script_args.model_name_or_path, script_args.seq_length)
-    model = load_base_model(script_args.model_name_or_path, script_args.load_in_8bit, script_args.load_in_4bit)
-    model = wrap_with_lora(model, r=script_args.peft_lora_r, alpha=script_args.peft_lora_alpha)
+    tokenizer, model = load_model_with_lora(script_args)
     client_data = tokenize_clients(clients, tokenizer, script_args.template)
 
     first_pair = pair_texts(script_args.template, tokenizer, clients[0][0])

@@ -78,9 +78,15 @@ class LocalTrainer:
         return float(output.training_loss), int(output.global_step)
 
 
-def round_subset(dataset, round_idx: int, num_samples: int):
-    """This round's data of a client: a random subset of `num_samples` (all if it has fewer), seeded by round."""
+def round_subset(dataset, round_idx: int, num_samples: int, ordered_over_rounds: int | None = None):
+    """This round's data of a client: a random subset of `num_samples` (all if it has fewer), seeded by round.
+
+    With ordered_over_rounds=R (--quality_order) the data keeps its stored order (high to low quality): round t
+    takes the window that starts t/R of the way through, so training moves from the best samples to the rest."""
     n = len(dataset)
+    if ordered_over_rounds:
+        start = int(round_idx / ordered_over_rounds * n)
+        return dataset.select([(start + i) % n for i in range(min(n, num_samples))])
     return dataset.select(random.Random(round_idx).sample(range(n), min(n, num_samples)))
 
 

@@ -70,6 +70,16 @@ class ScriptArguments:
     synthetic_alpha: float = field(default=0.3, metadata={"help": "fed-synthetic: Dirichlet skew of task mixtures"})
     synthetic_seed: int = field(default=0)
     synthetic_mean_samples: int = field(default=64)
+    eval_data_dir: str | None = field(default=None, metadata={"help": "evaluation data (same layout as the public "
+                                                                       "sources); test sets for leakage removal"})
+    source_path: str | None = field(default=None, metadata={"help": "local copy of a FedLLM-Bench source dataset"})
+    hf_token: str | None = field(default=None, metadata={"help": "token for gated sources (default: HF_TOKEN)"})
+    quality_filter: str | None = field(default=None, metadata={"help": "'ira': drop each client's low-IRA samples"})
+    quality_threshold: float = field(default=0.0, metadata={"help": "keep samples with IRA >= this"})
+    quality_order: bool = field(default=False, metadata={"help": "train each client from high to low IRA"})
+    quality_model: str | None = field(default=None, metadata={"help": "model scoring IRA (default: the trained one)"})
+    client_groups: str | None = field(default=None, metadata={"help": "same_language or similar_language: one "
+                                                                      "federation (adapter) per language group"})
     eval_after: bool = field(default=True, metadata={"help": "score the final adapter on the dataset's held-out "
                                                             "test set when it has one (fed-synthetic)"})
 
@@ -80,4 +90,7 @@ class ScriptArguments:
 
 def dataset_options(script_args: ScriptArguments) -> dict:
     """Keyword options every dataset builder receives (builders ignore the ones they do not use)."""
-    return {k: v for k, v in vars(script_args).items() if k.startswith("synthetic_")}
+    options = {k: v for k, v in vars(script_args).items() if k.startswith("synthetic_")}
+    options.update({k: getattr(script_args, k) for k in ("eval_data_dir", "source_path", "hf_token")
+                    if getattr(script_args, k)})
+    return options

@@ -98,7 +98,8 @@ def run_federated(script_args, fed_args, model, local_trainer: LocalTrainer, cli
         for k in clients:
             steps = local_steps(script_args, fed_args, sample_counts[k], num_clients)
             per_step = script_args.batch_size * script_args.gradient_accumulation_steps
-            data = round_subset(client_data[k], t, per_step * steps)
+            data = round_subset(client_data[k], t, per_step * steps,
+                                ordered_over_rounds=fed_args.num_rounds if script_args.quality_order else None)
             flat.set(run.x)
             hooks = algorithm.client_hooks(k, run.x, run.server_state, run.client_store)
             train_start = time.perf_counter()

@@ -1,0 +1,96 @@
+"""Run set-up shared by main_sft.py and main_dpo.py: everything before the round loop that does not depend on
+the local trainer (load and choose clients, quality filtering, language groups, the model with LoRA)."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+
+import torch
+from transformers import set_seed
+
+from data import load_federated_dataset
+from federated.config import dataset_options
+from utils.model import load_base_model, load_tokenizer, wrap_with_lora
+
+
+def load_dataset_for(script_args, kinds: tuple[str, ...], entry: str):
+    """The run's dataset, checked to hold `kinds` of samples, after the optional IRA filter and ordering."""
+    kind = "preference" if kinds == ("preference",) else None
+    dataset = load_federated_dataset(script_args.dataset, local_data_dir=script_args.local_data_dir, kind=kind,
+                                     **dataset_options(script_args))
+    if dataset.kind not in kinds:
+        raise SystemExit(f"Dataset {dataset.name} holds {dataset.kind} samples, which {entry} does not train: "
+                         f"use {'main_dpo.py' if dataset.kind == 'preference' else 'main_sft.py'}.")
+    return apply_quality(dataset, script_args)
+
+
+def apply_quality(dataset, script_args):
+    """FedDQC-style data quality control: drop low-IRA samples and/or train from high to low IRA."""
+    if not (script_args.quality_filter or script_args.quality_order):
+        return dataset
+    if script_args.quality_filter not in (None, "ira"):
+        raise SystemExit(f"Unknown --quality_filter {script_args.quality_filter!r}: the supported score is 'ira'.")
+    from data.quality import apply_quality_filter, order_by_quality, score_dataset
+    scores = score_dataset(dataset, model_name_or_path=script_args.quality_model or script_args.model_name_or_path,
+                           max_length=script_args.seq_length)
+    if script_args.quality_filter:
+        dataset = apply_quality_filter(dataset, scores, script_args.quality_threshold)
+        scores = score_dataset(dataset, model_name_or_path=script_args.quality_model or script_args.model_name_or_path,
+                               max_length=script_args.seq_length)  # cached: aligned with the kept samples
+    if script_args.quality_order:
+        dataset = order_by_quality(dataset, scores)
+    return dataset
+
+
+def select_clients(dataset, fed_args) -> list[list[dict]]:
+    """--num_clients defaults to all clients; fewer takes the first N; --sample_clients is clamped to it."""
+    available = dataset.num_clients
+    if fed_args.num_clients is None:
+        fed_args.num_clients = available
+    if fed_args.num_clients > available:
+        raise SystemExit(f"--num_clients {fed_args.num_clients} exceeds the {available} clients of {dataset.name}; "
+                         f"pass --num_clients {available} or fewer.")
+    if fed_args.sample_clients > fed_args.num_clients:
+        warnings.warn(f"--sample_clients {fed_args.sample_clients} > --num_clients {fed_args.num_clients}: "
+                      f"sampling all {fed_args.num_clients} clients each round.")
+        fed_args.sample_clients = fed_args.num_clients
+    return dataset.clients[:fed_args.num_clients]
+
+
+def group_runs(dataset, script_args, fed_args) -> list[tuple[str, list[int], object, object]]:
+    """(name, client indices, script_args, fed_args) per independent federation: one for the whole run, or with
+    --client_groups one per language group, aggregating only within it, in its own output subfolder."""
+    members = list(range(fed_args.num_clients))
+    if not script_args.client_groups:
+        return [("all", members, script_args, fed_args)]
+    from data.groups import client_groups
+    runs = []
+    for name, indices in client_groups(dataset, script_args.client_groups).items():
+        indices = [i for i in indices if i in members]
+        group_dir = f"{script_args.output_dir}/group-{name.replace(' ', '_')}"
+        runs.append((name, indices, replace(script_args, output_dir=group_dir),
+                     replace(fed_args, num_clients=len(indices), sample_clients=min(fed_args.sample_clients,
+                                                                                     len(indices)))))
+    return runs
+
+
+def load_model_with_lora(script_args):
+    """Tokenizer and LoRA-wrapped base model, seeded so that LoRA's initial A matrices are reproducible."""
+    set_seed(script_args.seed)
+    tokenizer = load_tokenizer(script_args.model_name_or_path, script_args.seq_length)
+    model = load_base_model(script_args.model_name_or_path, script_args.load_in_8bit, script_args.load_in_4bit)
+    return tokenizer, wrap_with_lora(model, r=script_args.peft_lora_r, alpha=script_args.peft_lora_alpha)
+
+
+def trainer_arguments(script_args, output_dir: str) -> dict:
+    """The local-training settings SFTConfig and DPOConfig share: the round's constant learning rate, no saving
+    or logging by the trainer (the round loop does both), CPU or bf16 on GPU."""
+    return dict(
+        output_dir=f"{output_dir}/trainer", per_device_train_batch_size=script_args.batch_size,
+        gradient_accumulation_steps=script_args.gradient_accumulation_steps, max_steps=script_args.max_steps,
+        learning_rate=script_args.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
+        max_length=script_args.seq_length, gradient_checkpointing=script_args.gradient_checkpointing,
+        use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=script_args.seed,
+        # --quality_order: each round takes the next window of the client's high-to-low IRA data, in order.
+        train_sampling_strategy="sequential" if script_args.quality_order else "random")
