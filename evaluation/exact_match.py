@@ -31,6 +31,20 @@ def score_exact_match(model, tokenizer, template: str, test: list[dict], batch_s
             "per_task": {k: sum(v) / len(v) for k, v in sorted(per_task.items())}}
 
 
+def balanced_subset(test: list[dict], per_task: int | None) -> list[dict]:
+    """The first `per_task` samples of each task (all when None): a smaller set with the same task balance."""
+    if not per_task:
+        return test
+    taken = defaultdict(int)
+    subset = []
+    for sample in test:
+        task = sample.get("task", "all")
+        if taken[task] < per_task:
+            taken[task] += 1
+            subset.append(sample)
+    return subset
+
+
 def _run_args(checkpoint: str | None) -> dict:
     if checkpoint is None:
         return {}
@@ -45,6 +59,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--template", help="default: the run's template, else alpaca")
     parser.add_argument("--dataset", default="fed-synthetic")
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--per_task", type=int, help="score only the first N samples of each task")
+    parser.add_argument("--max_new_tokens", type=int, default=24)
     parser.add_argument("--output", help="write the scores as JSON here")
     args = parser.parse_args(argv)
 
@@ -55,7 +71,7 @@ def main(argv=None) -> dict:
     base = args.base_model or run_args.get("model_name_or_path", "smollm2")
     template = args.template or run_args.get("template", "alpaca")
     options = {k: v for k, v in run_args.items() if k.startswith("synthetic_")}
-    test = load_federated_dataset(args.dataset, **options).test
+    test = balanced_subset(load_federated_dataset(args.dataset, **options).test, args.per_task)
     if not test:
         raise SystemExit(f"Dataset {args.dataset} has no held-out test set to score by exact match.")
     tokenizer = load_tokenizer(base)
@@ -63,7 +79,8 @@ def main(argv=None) -> dict:
     if args.checkpoint:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, args.checkpoint)
-    scores = score_exact_match(model, tokenizer, template, test, batch_size=args.batch_size)
+    scores = score_exact_match(model, tokenizer, template, test, batch_size=args.batch_size,
+                               max_new_tokens=args.max_new_tokens)
     print(json.dumps(scores, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(scores, indent=2))
