@@ -83,8 +83,10 @@ def main():
                   privacy=privacy)
 
     if script_args.eval_after and dataset.test:
+        from evaluation.exact_match import balanced_subset
         from evaluation.preference import score_preferences
-        scores = score_preferences(model, tokenizer, script_args.template, dataset.test, beta=dpo_args.dpo_beta,
+        test = balanced_subset(dataset.test, script_args.eval_per_task)
+        scores = score_preferences(model, tokenizer, script_args.template, test, beta=dpo_args.dpo_beta,
                                    max_length=script_args.seq_length)
         (output_dir / "eval_preference.json").write_text(json.dumps(scores, indent=2))
         print(f"On the {scores['n']} held-out pairs: preference accuracy {scores['preference_accuracy']:.3f}, "

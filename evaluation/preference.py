@@ -2,6 +2,7 @@
 
     python -m evaluation.preference --checkpoint OUTPUT_DIR/checkpoint-R
     python -m evaluation.preference --base_model smollm2 --template alpaca      # the base model alone
+    python -m evaluation.preference --checkpoint OUTPUT_DIR/checkpoint-R --per_task 8   # a quick look on a CPU
 
 DPO's implicit reward of an answer a is beta (log pi(a|x) - log ref(a|x)), the reference being the base model.
 For an adapter we report the preference accuracy (share of pairs with reward margin > 0) and the mean margin
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from evaluation.exact_match import balanced_subset
 from utils.preference import tokenize_pair
 
 
@@ -118,6 +120,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--dataset", help="default: the run's dataset, else fed-synthetic-pref")
     parser.add_argument("--beta", type=float, help="default: the run's dpo_beta, else 0.1")
     parser.add_argument("--max_length", type=int, help="default: the run's seq_length, else no truncation")
+    parser.add_argument("--per_task", type=int, help="score only the first N held-out pairs of every task")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--output", help="write the scores as JSON here")
     args = parser.parse_args(argv)
@@ -132,7 +135,7 @@ def main(argv=None) -> dict:
     beta = args.beta if args.beta is not None else run_args.get("dpo_beta", 0.1)
     max_length = args.max_length or run_args.get("seq_length")
     options = {k: v for k, v in run_args.items() if k.startswith("synthetic_")}
-    test = load_federated_dataset(dataset, **options).test
+    test = balanced_subset(load_federated_dataset(dataset, **options).test, args.per_task)
     if not test:
         raise SystemExit(f"Dataset {dataset} has no held-out preference pairs to score.")
     tokenizer = load_tokenizer(base)

@@ -55,7 +55,7 @@ def two_round_run(tiny_model_dir, tmp_path_factory):
     def run(method):
         if method not in done:
             out = tmp_path_factory.mktemp(method)
-            extra = ["--eval_after", "true"] if method == "fedavg" else []
+            extra = ["--eval_after", "true", "--eval_per_task", 5] if method == "fedavg" else []
             run_entry(main_dpo, tiny_args(tiny_model_dir, out, "--fed_alg", method, *extra))
             done[method] = out
         return done[method]
@@ -94,8 +94,8 @@ def test_in_run_evaluation_matches_the_cli(two_round_run):
     """main_dpo's --eval_after and `python -m evaluation.preference --checkpoint` score the same adapter alike."""
     out = two_round_run("fedavg")
     in_run = json.loads((out / "eval_preference.json").read_text())
-    cli = preference.main(["--checkpoint", str(out / "checkpoint-2")])
-    assert in_run["n"] == cli["n"] == 240
+    cli = preference.main(["--checkpoint", str(out / "checkpoint-2"), "--per_task", "5"])
+    assert in_run["n"] == cli["n"] == 60 and set(cli["per_task"]) == set(in_run["per_task"])
     for key in ("preference_accuracy", "mean_margin", "logprob_accuracy", "base_logprob_accuracy"):
         assert cli[key] == pytest.approx(in_run[key], abs=1e-5)
     assert cli["mean_margin"] != 0.0
@@ -184,7 +184,7 @@ def test_a_file_without_pairs_is_read_as_pairs_and_refused(tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--dataset", "fed-synthetic"], "holds sft samples, not preference pairs: train it with main_sft.py"),
+    (["--dataset", "fed-synthetic"], "holds sft samples, which main_dpo.py does not train: use main_sft.py"),
     (["--fed_alg", "fedsgd"], "Unknown --fed_alg 'fedsgd'"),
     (["--fed_alg", "local4"], "client index 4 is out of range"),
 ])
@@ -259,9 +259,3 @@ def test_smollm2_dpo_loss_falls(tmp_path):
     scores = preference.score_preferences(model, tokenizer, "alpaca", train_pairs, max_length=96)
     assert scores["dpo_loss"] < LN2 - 0.01 and scores["mean_margin"] > 0
 
-
-def test_per_task_subset_keeps_the_balance():
-    test = load_federated_dataset("fed-synthetic-pref", synthetic_num_clients=2).test
-    subset = preference.first_per_task(test, 3)
-    assert len(subset) == 36 and subset == [p for p in test if p in subset]
-    assert preference.first_per_task(test, None) == test
