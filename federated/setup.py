@@ -89,7 +89,7 @@ def trainer_arguments(script_args, output_dir: str) -> dict:
         output_dir=f"{output_dir}/trainer", per_device_train_batch_size=script_args.batch_size,
         gradient_accumulation_steps=script_args.gradient_accumulation_steps, max_steps=script_args.max_steps,
         learning_rate=script_args.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
-        max_length=script_args.seq_length, gradient_checkpointing=script_args.gradient_checkpointing,
+        max_length=script_args.seq_length, activation_checkpointing=script_args.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=script_args.seed,
         # --quality_order: each round takes the next window of the client's high-to-low IRA data, in order.
