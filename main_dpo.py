@@ -83,7 +83,7 @@ def main():
                   privacy=privacy)
 
     if script_args.eval_after and dataset.test:
-        from evaluation.exact_match import balanced_subset
+        from data.synthetic import balanced_subset
         from evaluation.preference import score_preferences
         test = balanced_subset(dataset.test, script_args.eval_per_task)
         scores = score_preferences(model, tokenizer, script_args.template, test, beta=dpo_args.dpo_beta,

@@ -64,7 +64,8 @@ def main():
                       algorithm=make_algorithm(run_fed, len(members)),
                       privacy=make_privacy(run_fed, run_args, [len(clients[i]) for i in members]))
         if script_args.eval_after and dataset.test:
-            from evaluation.exact_match import balanced_subset, score_exact_match
+            from data.synthetic import balanced_subset
+            from evaluation.exact_match import score_exact_match
             test = balanced_subset(dataset.test, script_args.eval_per_task)
             scores = score_exact_match(model, tokenizer, script_args.template, test)
             (output_dir / "eval_exact_match.json").write_text(json.dumps(scores, indent=2))

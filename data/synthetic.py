@@ -7,6 +7,7 @@ short CPU run shows the paper's first finding: federated training beats training
 from __future__ import annotations
 
 import random
+from collections import defaultdict
 
 import numpy as np
 
@@ -142,3 +143,17 @@ def exact_match(prediction: str, answer: str) -> bool:
     def norm(s: str) -> str:
         return " ".join(s.strip().rstrip(".").split()).lower()
     return norm(prediction) == norm(answer)
+
+
+def balanced_subset(test: list[dict], per_task: int | None) -> list[dict]:
+    """The first `per_task` samples of each task (all when None): a smaller set with the same task balance."""
+    if not per_task:
+        return test
+    taken = defaultdict(int)
+    subset = []
+    for sample in test:
+        task = sample.get("task", "all")
+        if taken[task] < per_task:
+            taken[task] += 1
+            subset.append(sample)
+    return subset

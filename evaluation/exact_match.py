@@ -31,56 +31,24 @@ def score_exact_match(model, tokenizer, template: str, test: list[dict], batch_s
             "per_task": {k: sum(v) / len(v) for k, v in sorted(per_task.items())}}
 
 
-def balanced_subset(test: list[dict], per_task: int | None) -> list[dict]:
-    """The first `per_task` samples of each task (all when None): a smaller set with the same task balance."""
-    if not per_task:
-        return test
-    taken = defaultdict(int)
-    subset = []
-    for sample in test:
-        task = sample.get("task", "all")
-        if taken[task] < per_task:
-            taken[task] += 1
-            subset.append(sample)
-    return subset
-
-
-def _run_args(checkpoint: str | None) -> dict:
-    if checkpoint is None:
-        return {}
-    args_file = Path(checkpoint).parent / "args.json"
-    return json.loads(args_file.read_text()) if args_file.exists() else {}
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a checkpoint-<round> folder of a training run")
     parser.add_argument("--base_model", help="default: the run's model_name_or_path, else smollm2")
     parser.add_argument("--template", help="default: the run's template, else alpaca")
-    parser.add_argument("--dataset", default="fed-synthetic")
+    parser.add_argument("--dataset", help="default: the run's dataset, else fed-synthetic")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--per_task", type=int, help="score only the first N samples of each task")
     parser.add_argument("--max_new_tokens", type=int, default=24)
     parser.add_argument("--output", help="write the scores as JSON here")
     args = parser.parse_args(argv)
 
-    from data import load_federated_dataset
-    from utils.model import load_base_model, load_tokenizer
+    from evaluation.models import scoring_target
 
-    run_args = _run_args(args.checkpoint)
-    base = args.base_model or run_args.get("model_name_or_path", "smollm2")
-    template = args.template or run_args.get("template", "alpaca")
-    options = {k: v for k, v in run_args.items() if k.startswith("synthetic_")}
-    test = balanced_subset(load_federated_dataset(args.dataset, **options).test, args.per_task)
-    if not test:
-        raise SystemExit(f"Dataset {args.dataset} has no held-out test set to score by exact match.")
-    tokenizer = load_tokenizer(base)
-    model = load_base_model(base)
-    if args.checkpoint:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, args.checkpoint)
-    scores = score_exact_match(model, tokenizer, template, test, batch_size=args.batch_size,
-                               max_new_tokens=args.max_new_tokens)
+    target = scoring_target(args.checkpoint, args.base_model, args.template, args.dataset, "fed-synthetic",
+                            args.per_task)
+    scores = score_exact_match(target.model, target.tokenizer, target.template, target.test,
+                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     print(json.dumps(scores, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(scores, indent=2))

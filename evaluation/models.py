@@ -35,6 +35,37 @@ def run_args(checkpoint: str) -> dict:
     return {}
 
 
+@dataclass
+class ScoringTarget:
+    run: dict  # the training run's args.json, {} for a bare base model
+    template: str
+    test: list[dict]
+    model: object
+    tokenizer: object
+
+
+def scoring_target(checkpoint: str | None, base_model: str | None, template: str | None, dataset: str | None,
+                   default_dataset: str, per_task: int | None) -> ScoringTarget:
+    """What the offline scorers (exact match, preference pairs) need: the run's settings, the dataset's held-out
+    samples (the first `per_task` of each task), and the base model with the checkpoint's adapter."""
+    from data import load_federated_dataset
+    from data.synthetic import balanced_subset
+    from utils.model import load_base_model, load_tokenizer
+
+    run = run_args(checkpoint) if checkpoint else {}
+    name = dataset or run.get("dataset", default_dataset)
+    options = {k: v for k, v in run.items() if k.startswith("synthetic_")}
+    test = balanced_subset(load_federated_dataset(name, **options).test, per_task)
+    if not test:
+        raise SystemExit(f"Dataset {name} has no held-out test samples to score.")
+    base = base_model or run.get("model_name_or_path", "smollm2")
+    model = load_base_model(base)
+    if checkpoint:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, checkpoint)
+    return ScoringTarget(run, template or run.get("template", DEFAULT_TEMPLATE), test, model, load_tokenizer(base))
+
+
 def model_id_for(checkpoint: str | None, base_model: str) -> str:
     if checkpoint is None:
         return "base_" + Path(base_model.rstrip("/")).name

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from evaluation.exact_match import balanced_subset
 from utils.preference import tokenize_pair
 
 
@@ -105,13 +104,6 @@ def score_preferences(model, tokenizer, template: str, pairs: list[dict], beta: 
     return scores
 
 
-def _run_args(checkpoint: str | None) -> dict:
-    if checkpoint is None:
-        return {}
-    args_file = Path(checkpoint).parent / "args.json"
-    return json.loads(args_file.read_text()) if args_file.exists() else {}
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a checkpoint-<round> folder of a main_dpo.py run")
@@ -125,26 +117,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--output", help="write the scores as JSON here")
     args = parser.parse_args(argv)
 
-    from data import load_federated_dataset
-    from utils.model import load_base_model, load_tokenizer
+    from evaluation.models import scoring_target
 
-    run_args = _run_args(args.checkpoint)
-    base = args.base_model or run_args.get("model_name_or_path", "smollm2")
-    template = args.template or run_args.get("template", "alpaca")
-    dataset = args.dataset or run_args.get("dataset", "fed-synthetic-pref")
-    beta = args.beta if args.beta is not None else run_args.get("dpo_beta", 0.1)
-    max_length = args.max_length or run_args.get("seq_length")
-    options = {k: v for k, v in run_args.items() if k.startswith("synthetic_")}
-    test = balanced_subset(load_federated_dataset(dataset, **options).test, args.per_task)
-    if not test:
-        raise SystemExit(f"Dataset {dataset} has no held-out preference pairs to score.")
-    tokenizer = load_tokenizer(base)
-    model = load_base_model(base)
-    if args.checkpoint:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, args.checkpoint)
-    scores = score_preferences(model, tokenizer, template, test, beta=beta, max_length=max_length,
-                               batch_size=args.batch_size)
+    target = scoring_target(args.checkpoint, args.base_model, args.template, args.dataset, "fed-synthetic-pref",
+                            args.per_task)
+    beta = args.beta if args.beta is not None else target.run.get("dpo_beta", 0.1)
+    scores = score_preferences(target.model, target.tokenizer, target.template, target.test, beta=beta,
+                               max_length=args.max_length or target.run.get("seq_length"), batch_size=args.batch_size)
     print(json.dumps(scores, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(scores, indent=2))
