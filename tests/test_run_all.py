@@ -168,7 +168,8 @@ def test_run_values_come_from_scores_and_missing_paper_numbers_say_not_found(tmp
                         ({}, {}))
     header, records = ra.to_records(table)
     first = dict(zip(header, records[0]))
-    assert first["Exact match % (smoke)"] == "25" and first["MT-Bench-1 (paper)"] == "not found"
+    assert first["Exact match % (smoke)"] == "25" and first["Exact match % (smoke) (paper)"] == "n/a"
+    assert first["MT-Bench-1 (paper)"] == "not found"
     assert first["status"] == "ran"
     markdown = ra.to_markdown(table)
     assert "SMOKE" in markdown and "not found" in markdown and "Differential-privacy scores not found" in markdown

@@ -35,6 +35,7 @@ BENCHMARK_OF = {"MT-Bench-1": "mtbench", "MT-Bench-2": "mtbench", "MT-Bench": "m
                 "AdvBench harmless %": "advbench", "MMLU %": "mmlu", "HumanEval pass@1 %": "humaneval"}
 JUDGED = {"mtbench", "vicuna", "aya", "chatbot", "wildchat"}
 NEEDS_DOWNLOAD = {"mmlu"}  # not part of the offline eval data copy
+NO_PAPER = "n/a"  # a column with no published counterpart (the smoke metrics)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -469,10 +470,13 @@ def assemble(ctx: Context, name: str, result: Plan, statuses: dict[str, str], pa
             run_dir = ctx.runs_dir / key
             ours = {c["title"]: _scaled(metric_value(c["metric"], run_dir, judged), c.get("scale")) for c in columns}
             status = statuses.get(f"train {key}", "")
-        paper_row = {c["title"]: paper_value(paper, name, row["row"], c["title"]) for c in columns}
+        paper_row = {c["title"]: NO_PAPER if c["metric"].startswith("smoke:") else
+                     paper_value(paper, name, row["row"], c["title"]) for c in columns}
         rows.append((row["row"] + (f" [{key}]" if ctx.smoke and spec["kind"] == "stats" else ""), status,
                      ours, paper_row))
     notes = [paper["not_found"][name]] if name in paper.get("not_found", {}) else []
+    if ctx.smoke and spec["kind"] == "runs" and not ctx.judge_configured():
+        notes.append("Judged columns are empty: no judge configured (OPENAI_API_KEY or --judge_base_url).")
     if spec["kind"] == "stats":
         datasets = dict.fromkeys(key for _, key in result.cells[name])
         notes += [f"{key}: {tokenizer_used(ctx.results / 'table1' / f'{key}.json')}" for key in datasets]
@@ -496,7 +500,12 @@ def _fmt(value) -> str:
 
 
 def difference(ours, paper):
-    return None if ours is None or paper is None else ours - paper
+    numeric = isinstance(ours, (int, float)) and isinstance(paper, (int, float))
+    return ours - paper if numeric else None
+
+
+def paper_text(paper) -> str:
+    return "n/a" if paper is NO_PAPER else "not found" if paper is None else _fmt(paper)
 
 
 def to_records(table: Table) -> tuple[list[str], list[list[str]]]:
@@ -506,7 +515,7 @@ def to_records(table: Table) -> tuple[list[str], list[list[str]]]:
         cells = [label]
         for column in table.columns:
             p = paper.get(column)
-            cells += [_fmt(ours.get(column)) or "-", _fmt(p) if p is not None else "not found",
+            cells += [_fmt(ours.get(column)) or "-", paper_text(p),
                       _fmt(difference(ours.get(column), p)) or "-"]
         records.append(cells + [status])
     return header, records
@@ -585,12 +594,14 @@ def plot_table(table: Table, results: Path) -> None:
     for ax, column in zip(axes[0], table.columns):
         labels = [label for label, *_ in table.rows]
         ours = [r[2].get(column) for r in table.rows]
-        paper = [r[3].get(column) for r in table.rows]
+        paper = [r[3].get(column) if isinstance(r[3].get(column), (int, float)) else None for r in table.rows]
         xs = range(len(labels))
         ax.bar([x - 0.2 for x in xs], [v if v is not None else 0 for v in ours], width=0.4, label="ours")
         ax.bar([x + 0.2 for x in xs], [v if v is not None else 0 for v in paper], width=0.4, label="paper")
         ax.set_xticks(list(xs), labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(column, fontsize=9)
+        if all(v is None for v in ours + paper):
+            ax.text(0.5, 0.5, "no values\n(not run, or no judge)", ha="center", va="center", transform=ax.transAxes)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(table.title + (" — SMOKE" if table.smoke else ""), fontsize=10)
     fig.tight_layout()
