@@ -61,7 +61,7 @@ def test_dry_run_prints_the_paper_settings(tmp_path):
     assert len(evals) == 18 and all("--judge_base_url http://judge/v1" in line for line in evals)
     assert sum("--benchmarks humaneval mmlu --output_dir" in line for line in evals) == 9  # rule-scored
     assert sum("--benchmarks chatbot mtbench vicuna --output_dir" in line for line in evals) == 9  # judged
-    assert not any("smoke_eval" in line for line in lines)
+    assert not any("--per_task" in line for line in lines)
 
 
 def test_without_a_judge_only_rule_scored_benchmarks_run(tmp_path, monkeypatch):
@@ -90,7 +90,11 @@ def test_smoke_shares_runs_across_tables_and_marks_the_subset(tmp_path):
     runnable = [r for r in result.runs.values() if r.skip is None]
     assert sorted(r.args["fed_alg"] for r in runnable) == ["fedavg", "local0", "local1"]
     assert all(r.args["model_name_or_path"] == "smollm2" and r.args["dataset"] == "fed-synthetic" for r in runnable)
-    assert any("smoke_eval" in " ".join(s.argv) for s in result.steps)
+    scores = [s.command() for s in result.steps if s.name.startswith("score") and not s.skip]
+    assert scores and all("-m evaluation.exact_match" in c and "--per_task 1 --output" in c for c in scores)
+    table6 = ra.plan(ctx, ["table6"])
+    assert [r.skip for r in table6.runs.values() if "client_groups" in r.args] == \
+        ["not run in smoke: the stand-in datasets carry no client language"] * 2
 
 
 def test_missing_entry_or_flag_is_skipped_with_a_reason(tmp_path):

@@ -115,6 +115,8 @@ def run_for_row(table: dict, row: dict, presets: dict, smoke: bool) -> Run:
 def smoke_skip(row: dict, presets: dict) -> str | None:
     """Smoke mode trains a subset: the methods in smoke.methods and the local clients in smoke.local_clients."""
     smoke = presets["smoke"]
+    if row.get("smoke_skip"):
+        return f"not run in smoke: {row['smoke_skip']}"
     if _method_family(row["fed_alg"]) not in smoke["methods"]:
         return "not run in smoke (smoke.methods in utils/presets.json)"
     if row["fed_alg"] == "local" and row.get("smoke_client", 0) not in smoke["local_clients"]:
@@ -254,9 +256,14 @@ def eval_steps(ctx: Context, run: Run, benchmarks: set[str]) -> list[Step]:
 
 
 def smoke_score_step(ctx: Context, run: Run) -> Step:
+    """Exact match (SFT) or DPO preference accuracy on the first held-out samples of each task."""
     output = ctx.runs_dir / run.name / "smoke_eval.json"
-    argv = [ctx.python, "-m", "utils.smoke_eval", "--checkpoint", str(final_checkpoint(ctx, run)),
-            "--per_task", str(ctx.presets["smoke"]["eval_per_task"]), "--output", str(output)]
+    smoke = ctx.presets["smoke"]
+    module = "evaluation.preference" if run.task == "preference" else "evaluation.exact_match"
+    argv = [ctx.python, "-m", module, "--checkpoint", str(final_checkpoint(ctx, run)),
+            "--per_task", str(smoke["eval_per_task"]), "--output", str(output)]
+    if run.task != "preference":
+        argv += ["--max_new_tokens", str(smoke["eval_max_new_tokens"])]
     return Step(f"score {run.name} (smoke)", argv, output, skip=run.skip)
 
 
