@@ -2,7 +2,6 @@
 ../shared/docs/ALGORITHMS.md, checked by an independent NumPy oracle and literal hand-computed values."""
 import math
 import random
-from types import SimpleNamespace
 
 import numpy as np
 import pytest

@@ -5,7 +5,6 @@ import gc
 import json
 import math
 import random
-import shutil
 
 import numpy as np
 import pytest
