@@ -6,12 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
-from pathlib import Path
 
 from data.synthetic import exact_match
 from evaluation.generate import generate_answers
+from evaluation.models import add_scoring_args, report_scores, scoring_target_from_args
 from utils.templates import prompt_text
 
 
@@ -33,26 +32,14 @@ def score_exact_match(model, tokenizer, template: str, test: list[dict], batch_s
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="a checkpoint-<round> folder of a training run")
-    parser.add_argument("--base_model", help="default: the run's model_name_or_path, else smollm2")
-    parser.add_argument("--template", help="default: the run's template, else alpaca")
-    parser.add_argument("--dataset", help="default: the run's dataset, else fed-synthetic")
+    add_scoring_args(parser, default_dataset="fed-synthetic")
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--per_task", type=int, help="score only the first N samples of each task")
     parser.add_argument("--max_new_tokens", type=int, default=24)
-    parser.add_argument("--output", help="write the scores as JSON here")
     args = parser.parse_args(argv)
-
-    from evaluation.models import scoring_target
-
-    target = scoring_target(args.checkpoint, args.base_model, args.template, args.dataset, "fed-synthetic",
-                            args.per_task)
+    target = scoring_target_from_args(args)
     scores = score_exact_match(target.model, target.tokenizer, target.template, target.test,
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    print(json.dumps(scores, indent=2))
-    if args.output:
-        Path(args.output).write_text(json.dumps(scores, indent=2))
-    return scores
+    return report_scores(scores, args.output)
 
 
 if __name__ == "__main__":

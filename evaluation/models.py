@@ -66,6 +66,29 @@ def scoring_target(checkpoint: str | None, base_model: str | None, template: str
     return ScoringTarget(run, template or run.get("template", DEFAULT_TEMPLATE), test, model, load_tokenizer(base))
 
 
+def add_scoring_args(parser, default_dataset: str) -> None:
+    """The command-line options of an offline scorer: which run, model, template and held-out samples."""
+    parser.add_argument("--checkpoint", help="a checkpoint-<round> folder of a training run")
+    parser.add_argument("--base_model", help="default: the run's model_name_or_path, else smollm2")
+    parser.add_argument("--template", help="default: the run's template, else alpaca")
+    parser.add_argument("--dataset", help=f"default: the run's dataset, else {default_dataset}")
+    parser.add_argument("--per_task", type=int, help="score only the first N held-out samples of each task")
+    parser.add_argument("--output", help="write the scores as JSON here")
+    parser.set_defaults(default_dataset=default_dataset)
+
+
+def scoring_target_from_args(args) -> ScoringTarget:
+    return scoring_target(args.checkpoint, args.base_model, args.template, args.dataset, args.default_dataset,
+                          args.per_task)
+
+
+def report_scores(scores: dict, output: str | None) -> dict:
+    print(json.dumps(scores, indent=2))
+    if output:
+        Path(output).write_text(json.dumps(scores, indent=2))
+    return scores
+
+
 def model_id_for(checkpoint: str | None, base_model: str) -> str:
     if checkpoint is None:
         return "base_" + Path(base_model.rstrip("/")).name

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
+from evaluation.models import add_scoring_args, report_scores, scoring_target_from_args
 from utils.preference import tokenize_pair
 
 
@@ -106,28 +105,16 @@ def score_preferences(model, tokenizer, template: str, pairs: list[dict], beta: 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="a checkpoint-<round> folder of a main_dpo.py run")
-    parser.add_argument("--base_model", help="default: the run's model_name_or_path, else smollm2")
-    parser.add_argument("--template", help="default: the run's template, else alpaca")
-    parser.add_argument("--dataset", help="default: the run's dataset, else fed-synthetic-pref")
+    add_scoring_args(parser, default_dataset="fed-synthetic-pref")
     parser.add_argument("--beta", type=float, help="default: the run's dpo_beta, else 0.1")
     parser.add_argument("--max_length", type=int, help="default: the run's seq_length, else no truncation")
-    parser.add_argument("--per_task", type=int, help="score only the first N held-out pairs of every task")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--output", help="write the scores as JSON here")
     args = parser.parse_args(argv)
-
-    from evaluation.models import scoring_target
-
-    target = scoring_target(args.checkpoint, args.base_model, args.template, args.dataset, "fed-synthetic-pref",
-                            args.per_task)
+    target = scoring_target_from_args(args)
     beta = args.beta if args.beta is not None else target.run.get("dpo_beta", 0.1)
     scores = score_preferences(target.model, target.tokenizer, target.template, target.test, beta=beta,
                                max_length=args.max_length or target.run.get("seq_length"), batch_size=args.batch_size)
-    print(json.dumps(scores, indent=2))
-    if args.output:
-        Path(args.output).write_text(json.dumps(scores, indent=2))
-    return scores
+    return report_scores(scores, args.output)
 
 
 if __name__ == "__main__":
