@@ -32,6 +32,30 @@ def smol_tokenizer():
     return load_tokenizer("smollm2")
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A fresh SmolLM2 tokenizer per test module, for tests that may change its settings."""
+    from utils.model import load_tokenizer
+    return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    """A tiny random Llama in eval mode, for scoring tests."""
+    from utils.model import tiny_llama
+    return tiny_llama(tokenizer).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """A tiny model trains fastest on one thread, and the two cores are shared."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smol_tokenizer):
     """A randomly initialised 2-layer Llama with SmolLM2's tokenizer: real code paths in seconds."""

@@ -13,20 +13,6 @@ AYA_TESTSET = Path(__file__).resolve().parents[2] / "shared" / "eval_data" / "re
 PNG_MAGIC = b"\x89PNG"
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from utils.model import load_tokenizer
-
-    return load_tokenizer("smollm2")
-
-
-@pytest.fixture(scope="module")
-def tiny(tokenizer):
-    from utils.model import tiny_llama
-
-    return tiny_llama(tokenizer).eval()
-
-
 def aya_clients() -> FederatedDataset:
     """Real Aya rows: each language split into two clients of 12 and 8 samples."""
     if not AYA_TESTSET.exists():

@@ -14,20 +14,6 @@ from data.registry import FederatedDataset
 from data.stats import aggregate, main as stats_main, table1_row
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from utils.model import load_tokenizer
-
-    return load_tokenizer("smollm2")
-
-
-@pytest.fixture(scope="module")
-def tiny(tokenizer):
-    from utils.model import tiny_llama
-
-    return tiny_llama(tokenizer).eval()
-
-
 def hand_loss(model, ids: list[int], n_tail: int) -> float:
     """Mean of -log p(token) over the last n_tail tokens, one unpadded sequence, written out step by step."""
     with torch.no_grad():

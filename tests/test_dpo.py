@@ -22,13 +22,7 @@ METHODS = ["fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", 
 LN2 = math.log(2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model trains fastest on one thread, and the two cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_args(model_dir, out, *extra):

@@ -15,13 +15,7 @@ from data import load_federated_dataset
 from federated.privacy import paper_sigma
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model trains fastest on one thread, and the two cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_args(model_dir, out, *extra):
