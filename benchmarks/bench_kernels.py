@@ -87,7 +87,7 @@ def per_key_step(rule, x, clients, weights, m, v, t, eta=1e-3, tau=1e-3, beta1=0
 def flat_step(module, rule, x, y, weights, m, v, t, num_clients, out=None):
     """The flat call; `out` reuses a result buffer as a training loop can (a fresh one costs page faults)."""
     if rule == "scaffold":
-        return module.scaffold_control_update(x, y, num_clients)
+        return module.scaffold_control_update(x, y, num_clients, out=out)
     return module.server_update(rule, x, y, weights, m, v, t, out=out)
 
 

@@ -145,7 +145,7 @@ class Scaffold(Algorithm):
         return ScaffoldHooks(x, state["c"], torch.zeros_like(x) if c_i is None else c_i)
 
     def step(self, x, client_vectors, sample_counts, state, t, uploads=None):
-        state["c"] = kernels.scaffold_control_update(state["c"], uploads["control_delta"], self.num_clients)
+        kernels.scaffold_control_update(state["c"], uploads["control_delta"], self.num_clients, out=state["c"])
         return super().step(x, client_vectors, sample_counts, state, t)
 
 

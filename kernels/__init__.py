@@ -54,9 +54,10 @@ def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weig
                                                   out=out)
 
 
-def scaffold_control_update(c: torch.Tensor, control_deltas: torch.Tensor, num_clients: int) -> torch.Tensor:
-    """c + sum_k dc_k / num_clients; see reference.scaffold_control_update."""
-    return _backend(control_deltas).scaffold_control_update(c, control_deltas, num_clients)
+def scaffold_control_update(c: torch.Tensor, control_deltas: torch.Tensor, num_clients: int,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """c + sum_k dc_k / num_clients (into out if given, which may be c); see reference.scaffold_control_update."""
+    return _backend(control_deltas).scaffold_control_update(c, control_deltas, num_clients, out=out)
 
 
 def client_delta_norms(x: torch.Tensor, client_vectors: torch.Tensor) -> torch.Tensor:

@@ -24,12 +24,25 @@ def weighted_sum(client_vectors: torch.Tensor, weights: torch.Tensor, out: torch
     Reusing `out` across rounds matters on the CPU: a fresh [N] result costs page faults comparable to the sum.
     """
     weights = weights.to(client_vectors.device, torch.float32)
-    return torch.mv(client_vectors.to(torch.float32).t(), weights, out=out)
+    if client_vectors.dtype == torch.float32:
+        return torch.mv(client_vectors.t(), weights, out=out)
+    out = _new_out(client_vectors, out)
+    for part in _slices(out.numel()):  # cast slice by slice: never a [K, N] fp32 copy of a bf16/fp16 stack
+        torch.mv(client_vectors[:, part].to(torch.float32).t(), weights, out=out[part])
+    return out
 
 
-# Elements per slice in server_update: one slice's temporaries stay in cache, so the step reads every input
-# from memory once instead of once per elementwise op (about 4x faster on the CPU for the adaptive rules).
-SLICE = 1 << 16
+# Elements per slice in server_update: one slice's inputs and temporaries stay in cache, so the step reads every
+# input from memory once instead of once per elementwise op (5x faster on the CPU for FedAdam, docs/BENCHMARKS.md).
+SLICE = 1 << 17
+
+
+def _slices(n: int):
+    return (slice(start, start + SLICE) for start in range(0, n, SLICE))
+
+
+def _new_out(like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty(like.shape[-1], dtype=torch.float32, device=like.device) if out is None else out
 
 
 def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weights: torch.Tensor,
@@ -51,32 +64,41 @@ def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weig
     check_rule(rule)
     if rule == "fedavg":
         return weighted_sum(client_vectors, weights, out=out)
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device) if out is None else out
-    for start in range(0, x.numel(), SLICE):
-        part = slice(start, start + SLICE)
-        out[part] = _server_update_slice(rule, x[part], client_vectors[:, part], weights, m[part],
-                                         None if v is None else v[part], t, eta, tau, beta1, beta2, bias_correction)
+    out = _new_out(x, out)
+    weights = weights.to(x.device, torch.float32)
+    copy_m = copies_delta_into_m(rule, t, bias_correction)
+    m_denom, v_denom = bias_denominators(rule, t, beta1, beta2, bias_correction)
+    scratch = torch.empty((2, min(SLICE, x.numel())), dtype=torch.float32, device=x.device)
+    for part in _slices(x.numel()):
+        x_part, m_part, out_part = x[part].to(torch.float32), m[part], out[part]
+        delta, tmp = scratch[0, :out_part.numel()], scratch[1, :out_part.numel()]
+        # D = sum_k w_k y_k - x, summed in the kernels' order (so FedYogi's sign(v - m^2) agrees with them)
+        torch.mv(client_vectors[:, part].to(torch.float32).t(), weights, out=delta).sub_(x_part)
+        if copy_m:
+            m_part.copy_(delta)
+        else:
+            m_part.mul_(beta1).add_(delta, alpha=1 - beta1)
+        if rule == "fedavgm":
+            torch.add(x_part, m_part, alpha=1 / m_denom, out=out_part)
+            continue
+        _second_moment(rule, v[part], m_part, beta2, tmp, delta)
+        v_hat = v[part] if v_denom == 1.0 else torch.div(v[part], v_denom, out=tmp)
+        torch.sqrt(v_hat, out=tmp).add_(tau)  # sqrt(v^) + tau
+        torch.addcdiv(x_part, m_part, tmp, value=eta / m_denom, out=out_part)  # x + eta m^ / (sqrt(v^) + tau)
     return out
 
 
-def _server_update_slice(rule, x, client_vectors, weights, m, v, t, eta, tau, beta1, beta2, bias_correction):
-    """server_update on one slice of the coordinates (m and v are views, updated in place)."""
-    delta = weighted_sum(client_vectors, weights) - x.to(torch.float32)  # sum_k w_k (y_k - x): weights sum to 1
-    if copies_delta_into_m(rule, t, bias_correction):
-        m.copy_(delta)
-    else:
-        m.mul_(beta1).add_(delta, alpha=1 - beta1)
-    m_denom, v_denom = bias_denominators(rule, t, beta1, beta2, bias_correction)
-    if rule == "fedavgm":
-        return x + m / m_denom
-    m2 = m * m
+def _second_moment(rule, v, m, beta2, m2, scratch) -> None:
+    """v <- v + m^2 (fedadagrad) | v - (1-beta2) m^2 sign(v - m^2) (fedyogi) | beta2 v + (1-beta2) m^2 (fedadam),
+    in place; m2 and scratch are work buffers of v's size."""
     if rule == "fedadagrad":
-        v.add_(m2)
+        v.addcmul_(m, m)
     elif rule == "fedyogi":
-        v.sub_((1 - beta2) * m2 * torch.sign(v - m2))
+        torch.mul(m, m, out=m2)
+        torch.sub(v, m2, out=scratch).sign_()
+        v.addcmul_(m2, scratch, value=-(1 - beta2))
     else:
-        v.mul_(beta2).add_(m2, alpha=1 - beta2)
-    return x + eta * (m / m_denom) / (torch.sqrt(v / v_denom) + tau)
+        v.mul_(beta2).addcmul_(m, m, value=1 - beta2)
 
 
 def check_rule(rule: str) -> None:
@@ -96,9 +118,17 @@ def bias_denominators(rule: str, t: int, beta1: float, beta2: float, bias_correc
     return 1 - beta1 ** (t + 1), (1 - beta2 ** (t + 1)) if rule == "fedadam" else 1.0
 
 
-def scaffold_control_update(c: torch.Tensor, control_deltas: torch.Tensor, num_clients: int) -> torch.Tensor:
-    """SCAFFOLD server control: c <- c + sum_k dc_k / num_clients (num_clients = all clients, not |S|)."""
-    return c + control_deltas.to(torch.float32).sum(dim=0) / num_clients
+def scaffold_control_update(c: torch.Tensor, control_deltas: torch.Tensor, num_clients: int,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """SCAFFOLD server control: c <- c + sum_k dc_k / num_clients (num_clients = all clients, not |S|).
+
+    The result goes to `out` if given (fp32 [N]; it may be c itself, which updates the control in place).
+    """
+    weights = torch.full((control_deltas.shape[0],), 1.0 / num_clients, dtype=torch.float32, device=c.device)
+    out = _new_out(c, out)
+    for part in _slices(out.numel()):  # one pass over memory: gemv onto c, slice by slice (casting bf16/fp16)
+        torch.addmv(c[part].to(torch.float32), control_deltas[:, part].to(torch.float32).t(), weights, out=out[part])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -182,11 +182,12 @@ def weighted_sum(client_vectors: torch.Tensor, weights: torch.Tensor, out: torch
     return out
 
 
-def scaffold_control_update(c: torch.Tensor, control_deltas: torch.Tensor, num_clients: int) -> torch.Tensor:
-    """Triton twin of reference.scaffold_control_update."""
+def scaffold_control_update(c: torch.Tensor, control_deltas: torch.Tensor, num_clients: int,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton twin of reference.scaffold_control_update (out may be c itself: each element is read, then written)."""
     rows = _rows(control_deltas)
     k, n = rows.shape
-    out = torch.empty(n, dtype=torch.float32, device=rows.device)
+    out = _output(out, n, rows.device)
     ones = torch.ones(k, dtype=torch.float32, device=rows.device)
     _launch(_accumulate_kernel, n, _fp32(c, rows.device), rows, ones, out, n, k, rows.stride(0),
             float(num_clients), HAS_BASE=True)

@@ -25,6 +25,7 @@ import torch
 
 import kernels
 from kernels import reference
+from kernels.reference import SERVER_RULES
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -90,6 +91,23 @@ def test_scaffold_twin_divides_by_all_clients():
     c = torch.ones(4)
     dc = torch.tensor([[1.0, 2, 3, 4], [3.0, 2, 1, 0]])
     torch.testing.assert_close(reference.scaffold_control_update(c, dc, 8), torch.tensor([1.5, 1.5, 1.5, 1.5]))
+    assert c.tolist() == [1.0, 1.0, 1.0, 1.0]  # out of place unless asked
+    assert reference.scaffold_control_update(c, dc, 8, out=c) is c  # in place, as SCAFFOLD's server state is
+    assert c.tolist() == [1.5, 1.5, 1.5, 1.5]
+
+
+def test_slicing_matches_one_pass_over_the_whole_vector(monkeypatch):
+    """server_update and the SCAFFOLD update work slice by slice; slice edges must not change any element."""
+    n, k = 1000, 3
+    x, y, w = make_round(n, k)
+    c, m, v = torch.randn(n), torch.randn(n) * 1e-2, torch.rand(n) * 1e-4
+    whole = [reference.scaffold_control_update(c, y, 7)]
+    whole += [reference.server_update(rule, x, y, w, m.clone(), v.clone(), 1) for rule in SERVER_RULES[1:]]
+    monkeypatch.setattr(reference, "SLICE", 97)  # 1000 = 10 x 97 + 30: ragged last slice
+    sliced = [reference.scaffold_control_update(c, y, 7)]
+    sliced += [reference.server_update(rule, x, y, w, m.clone(), v.clone(), 1) for rule in SERVER_RULES[1:]]
+    for a, b in zip(whole, sliced):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_clip_factors():

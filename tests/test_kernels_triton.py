@@ -64,8 +64,10 @@ def test_server_update_over_rounds(rule, bias_correction, dtype, k):
 @pytest.mark.parametrize("k", (1, 2, 7))
 def test_scaffold_control_update(dtype, k):
     c, dc, _ = make_round(ODD_LENGTH, k, dtype)
-    torch.testing.assert_close(kernels.scaffold_control_update(c, dc, 747),
-                               reference.scaffold_control_update(c, dc, 747), rtol=1e-5, atol=1e-6)
+    expected = reference.scaffold_control_update(c, dc, 747)
+    torch.testing.assert_close(kernels.scaffold_control_update(c, dc, 747), expected, rtol=1e-5, atol=1e-6)
+    kernels.scaffold_control_update(c, dc, 747, out=c)  # in place, as federated/ calls it
+    torch.testing.assert_close(c, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
