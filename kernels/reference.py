@@ -18,23 +18,10 @@ SERVER_RULES = ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam")
 AGGREGATE_NOISE_CLIENT = 2**32 - 1
 
 
-def weighted_sum(client_vectors: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_k weights[k] * client_vectors[k], accumulated in fp32 (into `out`, an fp32 [N] tensor, if given).
-
-    Reusing `out` across rounds matters on the CPU: a fresh [N] result costs page faults comparable to the sum.
-    """
-    weights = weights.to(client_vectors.device, torch.float32)
-    if client_vectors.dtype == torch.float32:
-        return torch.mv(client_vectors.t(), weights, out=out)
-    out = _new_out(client_vectors, out)
-    for part in _slices(out.numel()):  # cast slice by slice: never a [K, N] fp32 copy of a bf16/fp16 stack
-        torch.mv(client_vectors[:, part].to(torch.float32).t(), weights, out=out[part])
-    return out
-
-
-# Elements per slice in server_update: one slice's inputs and temporaries stay in cache, so the step reads every
-# input from memory once instead of once per elementwise op (5x faster on the CPU for FedAdam, docs/BENCHMARKS.md).
-SLICE = 1 << 17
+# The twins work slice by slice: one slice of every input and temporary stays in cache, so a step reads each input
+# from memory once instead of once per elementwise op, and every op runs on all cores (torch.mv would not).
+# 512K elements measured fastest on a 2-core VM (docs/BENCHMARKS.md).
+SLICE = 1 << 19
 
 
 def _slices(n: int):
@@ -43,6 +30,39 @@ def _slices(n: int):
 
 def _new_out(like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return torch.empty(like.shape[-1], dtype=torch.float32, device=like.device) if out is None else out
+
+
+def _accumulate(out: torch.Tensor, rows: torch.Tensor, weights: list[float], base: torch.Tensor | None = None):
+    """out = [base +] sum_k weights[k] rows[k] on one slice, in fp32, adding the rows in order k = 0, 1, ..."""
+    if base is None:
+        torch.mul(rows[0].to(torch.float32), weights[0], out=out)  # cast first: a bf16 product would round
+    else:
+        torch.add(base, rows[0], alpha=weights[0], out=out)
+    for row, weight in zip(rows[1:], weights[1:]):
+        out.add_(row, alpha=weight)  # computed in out's fp32
+    return out
+
+
+def _accumulate_deltas(out: torch.Tensor, rows: torch.Tensor, weights: list[float], x: torch.Tensor,
+                       scratch: torch.Tensor) -> torch.Tensor:
+    """out = sum_k weights[k] (rows[k] - x) on one slice, in fp32. Each y_k - x is exact or nearly (y_k is close
+    to x), so D keeps its own precision instead of the ulp of x that sum_k w_k y_k - x would leave it."""
+    torch.sub(rows[0], x, out=out).mul_(weights[0])
+    for row, weight in zip(rows[1:], weights[1:]):
+        out.add_(torch.sub(row, x, out=scratch), alpha=weight)
+    return out
+
+
+def weighted_sum(client_vectors: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k weights[k] * client_vectors[k], accumulated in fp32 (into `out`, an fp32 [N] tensor, if given).
+
+    Reusing `out` across rounds matters on the CPU: a fresh [N] result costs page faults comparable to the sum.
+    """
+    out = _new_out(client_vectors, out)
+    weights = weights.to(torch.float32).tolist()
+    for part in _slices(out.numel()):
+        _accumulate(out[part], client_vectors[:, part], weights)
+    return out
 
 
 def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weights: torch.Tensor,
@@ -65,15 +85,14 @@ def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weig
     if rule == "fedavg":
         return weighted_sum(client_vectors, weights, out=out)
     out = _new_out(x, out)
-    weights = weights.to(x.device, torch.float32)
+    weights = weights.to(torch.float32).tolist()
     copy_m = copies_delta_into_m(rule, t, bias_correction)
     m_denom, v_denom = bias_denominators(rule, t, beta1, beta2, bias_correction)
     scratch = torch.empty((2, min(SLICE, x.numel())), dtype=torch.float32, device=x.device)
     for part in _slices(x.numel()):
         x_part, m_part, out_part = x[part].to(torch.float32), m[part], out[part]
         delta, tmp = scratch[0, :out_part.numel()], scratch[1, :out_part.numel()]
-        # D = sum_k w_k y_k - x, summed in the kernels' order (so FedYogi's sign(v - m^2) agrees with them)
-        torch.mv(client_vectors[:, part].to(torch.float32).t(), weights, out=delta).sub_(x_part)
+        _accumulate_deltas(delta, client_vectors[:, part], weights, x_part, tmp)  # D = sum_k w_k (y_k - x)
         if copy_m:
             m_part.copy_(delta)
         else:
@@ -124,10 +143,10 @@ def scaffold_control_update(c: torch.Tensor, control_deltas: torch.Tensor, num_c
 
     The result goes to `out` if given (fp32 [N]; it may be c itself, which updates the control in place).
     """
-    weights = torch.full((control_deltas.shape[0],), 1.0 / num_clients, dtype=torch.float32, device=c.device)
     out = _new_out(c, out)
-    for part in _slices(out.numel()):  # one pass over memory: gemv onto c, slice by slice (casting bf16/fp16)
-        torch.addmv(c[part].to(torch.float32), control_deltas[:, part].to(torch.float32).t(), weights, out=out[part])
+    weights = [1.0 / num_clients] * control_deltas.shape[0]
+    for part in _slices(out.numel()):
+        _accumulate(out[part], control_deltas[:, part], weights, base=c[part].to(torch.float32))
     return out
 
 

@@ -57,14 +57,17 @@ def _server_update_kernel(X, Y, W, M, V, OUT, N, K, stride_k,
     mask = offs < N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     y_ptrs = Y + offs
-    for k in range(K):
-        acc += tl.load(W + k) * tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-        y_ptrs += stride_k
     if RULE == _RULE_FEDAVG:
+        for k in range(K):
+            acc += tl.load(W + k) * tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+            y_ptrs += stride_k
         tl.store(OUT + offs, acc, mask=mask)
     else:
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        delta = acc - x
+        for k in range(K):  # D = sum_k w_k (y_k - x): the small differences first, as the twin does
+            acc += tl.load(W + k) * (tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) - x)
+            y_ptrs += stride_k
+        delta = acc
         if COPY_M:
             m = delta
         else:

@@ -96,6 +96,29 @@ def test_scaffold_twin_divides_by_all_clients():
     assert c.tolist() == [1.5, 1.5, 1.5, 1.5]
 
 
+def lora_scale_round(n: int = 200_000, k: int = 10):
+    """x at LoRA scale and clients that moved it by ~1e-4: D = sum_k w_k (y_k - x) is 200x smaller than x."""
+    g = torch.Generator().manual_seed(3)
+    x = 0.02 * torch.randn(n, generator=g)
+    y = x + 1e-4 * torch.randn(k, n, generator=g)
+    w = torch.rand(k, generator=g)
+    return x, y, w / w.sum(), (w / w.sum()).double()[:, None].mul(y.double() - x.double()).sum(0)
+
+
+def assert_delta_keeps_its_precision(server_update):
+    """m after a FedAvgM step at t=0 is D; summed as sum w y - x it would keep only x's precision (median
+    relative error ~2e-5 here), summed as sum w (y - x) its own (~5e-8)."""
+    x, y, w, exact = lora_scale_round()
+    m = torch.zeros_like(x)
+    server_update("fedavgm", x, y, w, m, None, 0)
+    relative_error = (m.double() - exact).abs() / exact.abs()
+    assert relative_error.median() < 1e-6, relative_error.median()
+
+
+def test_server_delta_keeps_its_precision():
+    assert_delta_keeps_its_precision(reference.server_update)
+
+
 def test_slicing_matches_one_pass_over_the_whole_vector(monkeypatch):
     """server_update and the SCAFFOLD update work slice by slice; slice edges must not change any element."""
     n, k = 1000, 3

@@ -19,8 +19,8 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
-from test_kernels import (ABOVE_1M, DTYPES, ODD_LENGTH, assert_uncorrelated, init_state,  # noqa: E402
-                          make_round, noise_stats)
+from test_kernels import (ABOVE_1M, DTYPES, ODD_LENGTH, assert_delta_keeps_its_precision,  # noqa: E402
+                          assert_uncorrelated, init_state, make_round, noise_stats)
 
 pytestmark = pytest.mark.triton
 
@@ -58,6 +58,10 @@ def test_server_update_over_rounds(rule, bias_correction, dtype, k):
         torch.testing.assert_close(x_tri, x_ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(m_tri, m_ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(v_tri, v_ref, rtol=1e-4, atol=1e-12)
+
+
+def test_server_delta_keeps_its_precision():
+    assert_delta_keeps_its_precision(kernels.server_update)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
