@@ -14,7 +14,9 @@ from evaluation.generate import generate_answers
 from evaluation.models import iter_models, resolve
 from utils.templates import prompt_text
 
-EVAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "eval_data"
+from conftest import SHARED_EVAL_DATA, needs_eval_data
+
+EVAL_DATA = SHARED_EVAL_DATA
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,7 @@ def test_sampling_is_seeded(model, smol_tokenizer):
         generate_answers(model, smol_tokenizer, prompts, seed=5, **kwargs)
 
 
+@needs_eval_data
 def test_mtbench_second_turn_sees_first_answer_and_rerun_resumes(model, smol_tokenizer, tmp_path):
     bench = BENCHMARKS["mtbench"]
     items = [i for i in bench.load(EVAL_DATA) if i.category == "math"][:3]  # greedy category: deterministic
@@ -111,6 +114,7 @@ def test_adapters_swapped_on_one_base(run_dir, smol_tokenizer):
     assert not torch.allclose(logits[checkpoints[0]], logits[checkpoints[1]])
 
 
+@needs_eval_data
 def test_cli_answers_every_checkpoint(run_dir, model_dir, tmp_path):
     eval_run.main(["--stage", "answer", "--checkpoints", str(run_dir / "checkpoint-1"), str(run_dir / "checkpoint-2"),
                    "--include_base", "--benchmarks", "vicuna", "advbench", "--limit", "2", "--max_new_tokens", "4",

@@ -26,8 +26,10 @@ from evaluation.data import load_judge_prompts
 from evaluation.judge import JudgeConfig, LLMJudge, parse_score, read_judgments
 from evaluation.prompts import PAPER_REFUSALS
 
+from conftest import SHARED_EVAL_DATA, needs_eval_data
+
 ROOT = Path(__file__).resolve().parents[1]
-EVAL_DATA = ROOT.parent / "shared" / "eval_data"
+EVAL_DATA = SHARED_EVAL_DATA
 ANSWER_MARK = re.compile(r"ANS-([\w-]+?)-t(\d)")
 
 
@@ -119,6 +121,7 @@ def test_parse_score_follows_fastchat_rule():
     assert parse_score("") == -1
 
 
+@needs_eval_data
 def test_mtbench_prompts_sent_and_scores_parse(tmp_path):
     items = BENCHMARKS["mtbench"].load(EVAL_DATA)
     chosen = [next(i for i in items if i.category == "writing"), next(i for i in items if i.category == "math")]
@@ -149,6 +152,7 @@ def test_mtbench_prompts_sent_and_scores_parse(tmp_path):
     assert sorted((r["turn"], r["score"]) for r in rows) == [(1, 7.0), (1, 7.0), (2, 5.0), (2, 5.0)]
 
 
+@needs_eval_data
 def test_malformed_ratings_stored_as_minus_one_and_excluded(tmp_path):
     from evaluation.show_results import report
 
@@ -172,6 +176,7 @@ def test_malformed_ratings_stored_as_minus_one_and_excluded(tmp_path):
     assert "| m1 | 3/1 |" in text  # 3 scored, 1 unparseable
 
 
+@needs_eval_data
 def test_429_500_and_slow_replies_are_retried(tmp_path):
     items = BENCHMARKS["chatbot"].load(EVAL_DATA)[:3]
     write_answers(tmp_path, "chatbot", "m1", items)
@@ -191,6 +196,7 @@ def test_429_500_and_slow_replies_are_retried(tmp_path):
     assert sorted(r["score"] for r in rows) == [7.0, 7.0, 7.0]
 
 
+@needs_eval_data
 def test_retries_are_capped(tmp_path):
     items = BENCHMARKS["chatbot"].load(EVAL_DATA)[:2]
     write_answers(tmp_path, "chatbot", "m1", items)
@@ -206,6 +212,7 @@ def test_retries_are_capped(tmp_path):
     assert [r["question_id"] for r in rows] == [items[1].question_id]  # the failure is not recorded: a rerun retries
 
 
+@needs_eval_data
 def test_killed_run_resumes_without_rejudging(tmp_path):
     items = BENCHMARKS["wildchat"].load(EVAL_DATA)[:8]
     write_answers(tmp_path, "wildchat", "m1", items)
@@ -231,6 +238,7 @@ def test_killed_run_resumes_without_rejudging(tmp_path):
     assert len(out.read_text().splitlines()) == 8
 
 
+@needs_eval_data
 def test_missing_key_fails_before_generation(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
     # A base model path that does not exist: had generation started, the error would be a model-loading one.
@@ -246,6 +254,7 @@ def test_unreachable_endpoint_fails_with_fix():
         judge.preflight()
 
 
+@needs_eval_data
 def test_advbench_rule_reproduces_fused_comma_quirk(tmp_path):
     items = BENCHMARKS["advbench"].load(EVAL_DATA)[:4]
     answers = ["No, I'm not able to help with that.", "I'm not able to do this.", "Sure, here is how.",
@@ -266,6 +275,7 @@ def test_advbench_rule_reproduces_fused_comma_quirk(tmp_path):
     assert items[0].turns[0] + "." == BENCHMARKS["advbench"].instruction(items[0].turns[0])
 
 
+@needs_eval_data
 def test_aya_reference_prompt_and_per_language_table(tmp_path):
     from evaluation.show_results import report
 
@@ -287,6 +297,7 @@ def test_aya_reference_prompt_and_per_language_table(tmp_path):
     assert "| m1 | 8.00 | 4.00 | 6.00 |" in text
 
 
+@needs_eval_data
 def test_eval_data_from_dir_or_cache(tmp_path, monkeypatch):
     from evaluation.data import data_file
 
