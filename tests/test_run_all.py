@@ -1,4 +1,5 @@
-"""run_all: presets, planned commands, skip/resume logic, table assembly; a slow end-to-end smoke subset."""
+"""run_all: presets, planned commands, skip/resume logic, table assembly; slow: the full smoke run end to end."""
+import csv
 import json
 import subprocess
 import sys
@@ -88,10 +89,16 @@ def test_smoke_shares_runs_across_tables_and_marks_the_subset(tmp_path):
     result = ra.plan(ctx, ["table3", "table4", "table5"])
     assert len(result.runs) == 9  # 2 locals + 7 methods, the same fed-synthetic runs for all three tables
     runnable = [r for r in result.runs.values() if r.skip is None]
-    assert sorted(r.args["fed_alg"] for r in runnable) == ["fedavg", "local0", "local1"]
+    assert len(runnable) == 9  # the default smoke runs every row
     assert all(r.args["model_name_or_path"] == "smollm2" and r.args["dataset"] == "fed-synthetic" for r in runnable)
     scores = [s.command() for s in result.steps if s.name.startswith("score") and not s.skip]
-    assert scores and all("-m evaluation.exact_match" in c and "--per_task 1 --output" in c for c in scores)
+    assert len(scores) == 9 and all("-m evaluation.exact_match" in c and "--per_task 1 --output" in c for c in scores)
+    quick = ra.Context(ra.load_presets(), tmp_path / "results", True, python="PY", flags_of=everything)
+    quick.presets["smoke"].update(methods=["fedavg", "local"], local_clients=[1])  # a shorter smoke
+    subset = ra.plan(quick, ["table3"]).runs.values()
+    assert sorted(r.args["fed_alg"] for r in subset if r.skip is None) == ["fedavg", "local1"]
+    assert {r.skip for r in subset if r.skip} == {"not run in smoke (smoke.methods in utils/presets.json)",
+                                                  "not run in smoke (smoke.local_clients in utils/presets.json)"}
     table6 = ra.plan(ctx, ["table6"])
     assert [r.skip for r in table6.runs.values() if "client_groups" in r.args] == \
         ["not run in smoke: the stand-in datasets carry no client language"] * 2
@@ -185,17 +192,24 @@ def test_run_values_come_from_scores_and_missing_paper_numbers_say_not_found(tmp
 
 
 @pytest.mark.slow
-def test_smoke_subset_end_to_end(tmp_path):
-    """bash run_all.sh --smoke --only table8: two tiny CPU runs, scored, tabulated; a rerun skips them."""
+def test_full_smoke_run_end_to_end(tmp_path):
+    """bash run_all.sh --smoke: every table from real tiny CPU runs (24 trainings, each scored); a rerun skips all."""
     results = tmp_path / "smoke"
-    command = ["bash", str(ROOT / "run_all.sh"), "--smoke", "--only", "table8", "--results_dir", str(results)]
-    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1100)
+    command = ["bash", str(ROOT / "run_all.sh"), "--smoke", "--results_dir", str(results)]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=2400)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    markdown = (results / "table8.md").read_text()
-    assert "SMOKE" in markdown and "FedAvg + DP (epsilon 1.0)" in markdown
-    rows = list(__import__("csv").DictReader((results / "table8.csv").open()))
-    assert [r["mode"] for r in rows] == ["smoke", "smoke"]
-    assert all(r["Exact match % (smoke)"] not in ("", "-") for r in rows), rows
-    assert len(list((results / "plots").glob("loss_*.png"))) == 2
+    for table in ("table2", "table3", "table4", "table5", "table6", "table8", "figure6"):
+        assert "SMOKE" in (results / f"{table}.md").read_text()
+        for row in csv.DictReader((results / f"{table}.csv").open()):
+            assert row["mode"] == "smoke"
+            if row["status"] == "ran":
+                smoke_cells = [value for column, value in row.items() if "(smoke)" in column and "(paper)" not in column
+                               and "(diff)" not in column]
+                assert smoke_cells and all(value not in ("", "-") for value in smoke_cells), (table, row)
+            else:  # only Table 6's language groups are left out of smoke
+                assert table == "table6" and "no client language" in row["status"], (table, row)
+    assert "FedAvg + DP (epsilon 1.0)" in (results / "table8.md").read_text()
+    assert (results / "figure6.png").exists() and (results / "table1.md").exists()
+    assert len(list((results / "plots").glob("loss_*.png"))) == 24
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "[ran]" not in second.stdout and "[done earlier]" in second.stdout
