@@ -100,10 +100,10 @@ class ClippedDP:
 
     def privatize(self, x, client_vectors, counts, round_idx, clients):
         k = client_vectors.shape[0]
-        norms = kernels.client_delta_norms(x, client_vectors)  # diagnostics only (not privatised)
+        norms = kernels.client_delta_norms(x, client_vectors)  # for clipping, and as (non-private) diagnostics
         weights = torch.full((k,), 1.0 / k)
         noise_std = self.noise_multiplier * self.clip / k
-        y = kernels.dp_aggregate(x, client_vectors, weights, self.clip, noise_std, self.seed, round_idx)
+        y = kernels.dp_aggregate(x, client_vectors, weights, self.clip, noise_std, self.seed, round_idx, norms=norms)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.last_round = {"dp_noise_std": noise_std, "dp_clipped_clients": int((norms > self.clip).sum()),
                            "dp_delta_norm_mean": float(norms.mean()), "dp_delta_norm_max": float(norms.max())}

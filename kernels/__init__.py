@@ -72,7 +72,9 @@ def clip_factors(norms: torch.Tensor, clip_norm: float | None) -> torch.Tensor:
 
 def dp_aggregate(x: torch.Tensor, client_vectors: torch.Tensor, weights: torch.Tensor, clip_norm: float | None,
                  noise_std: float, seed: int, round_idx: int, noise_per_client: bool = False,
-                 client_ids: list[int] | torch.Tensor | None = None) -> torch.Tensor:
-    """Clipped, noised weighted aggregate x + mean delta (user-level DP); see reference.dp_aggregate."""
+                 client_ids: list[int] | torch.Tensor | None = None, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Clipped, noised weighted aggregate x + mean delta (user-level DP); norms: the clients' delta norms if already
+    computed; see reference.dp_aggregate."""
     return _backend(client_vectors).dp_aggregate(x, client_vectors, weights, clip_norm, noise_std, seed, round_idx,
-                                                 noise_per_client=noise_per_client, client_ids=client_ids)
+                                                 noise_per_client=noise_per_client, client_ids=client_ids,
+                                                 norms=norms)

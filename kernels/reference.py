@@ -172,7 +172,7 @@ def clip_factors(norms: torch.Tensor, clip_norm: float | None) -> torch.Tensor:
 
 def dp_aggregate(x: torch.Tensor, client_vectors: torch.Tensor, weights: torch.Tensor, clip_norm: float | None,
                  noise_std: float, seed: int, round_idx: int, noise_per_client: bool = False,
-                 client_ids: list[int] | torch.Tensor | None = None) -> torch.Tensor:
+                 client_ids: list[int] | torch.Tensor | None = None, norms: torch.Tensor | None = None) -> torch.Tensor:
     """The new aggregate x + sum_k w_k (f_k (y_k - x) [+ n_k]) [+ n], fp32 [N].
 
     x: [N] global vector before the round; client_vectors: [K, N] (fp32/bf16/fp16); weights: [K], summing to 1.
@@ -186,13 +186,16 @@ def dp_aggregate(x: torch.Tensor, client_vectors: torch.Tensor, weights: torch.T
     0 <= client id < 2^32 - 1.
     For a server optimizer on top (FedAvgM, FedAdam...), pass the result as a one-row stack with weight 1 to
     server_update.
+    norms: client_delta_norms(x, client_vectors) if the caller has them already (used only when clipping).
 
     The twin's noise comes from torch's generator (mt19937 on the CPU, seeded with 32 bits mixed from the triple);
     it is statistically equivalent to, not bit-identical with, the Triton kernel's Philox noise.
     """
     ids = noise_client_ids(client_ids, client_vectors.shape[0], seed, round_idx)
     x32 = x.to(torch.float32)
-    factors = clip_factors(client_delta_norms(x32, client_vectors), clip_norm)
+    if clip_norm is not None and norms is None:
+        norms = client_delta_norms(x32, client_vectors)
+    factors = torch.ones(len(ids)) if clip_norm is None else clip_factors(norms, clip_norm)
     weights = weights.to(x32.device, torch.float32)
     mean_delta = torch.zeros_like(x32)
     for k, row in enumerate(client_vectors):

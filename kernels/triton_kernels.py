@@ -235,14 +235,19 @@ def clip_factors(norms: torch.Tensor, clip_norm: float | None) -> torch.Tensor:
 
 def dp_aggregate(x: torch.Tensor, client_vectors: torch.Tensor, weights: torch.Tensor, clip_norm: float | None,
                  noise_std: float, seed: int, round_idx: int, noise_per_client: bool = False,
-                 client_ids: list[int] | torch.Tensor | None = None) -> torch.Tensor:
+                 client_ids: list[int] | torch.Tensor | None = None, norms: torch.Tensor | None = None) -> torch.Tensor:
     """Triton twin of reference.dp_aggregate: a norm pass (when clipping), then one fused aggregation pass."""
     rows = _rows(client_vectors)
     k, n = rows.shape
     ids = reference.noise_client_ids(client_ids, k, seed, round_idx)
     x32 = _fp32(x, rows.device)
     clip = clip_norm is not None
-    norms = client_delta_norms(x32, rows) if clip else torch.ones(k, dtype=torch.float32, device=rows.device)
+    if not clip:
+        norms = torch.ones(k, dtype=torch.float32, device=rows.device)
+    elif norms is None:
+        norms = client_delta_norms(x32, rows)
+    else:
+        norms = _fp32(norms, rows.device)
     out = torch.empty(n, dtype=torch.float32, device=rows.device)
     _launch(_dp_aggregate_kernel, n, x32, rows, _fp32(weights, rows.device), norms,
             torch.tensor(ids, dtype=torch.int64, device=rows.device), out, n, k, rows.stride(0),

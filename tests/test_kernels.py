@@ -147,6 +147,8 @@ def test_dp_twin_clips_every_delta():
     new_x = reference.dp_aggregate(x, y, w, clip_norm=0.1, noise_std=0.0, seed=0, round_idx=0)
     clipped = (y - x) * torch.clamp(0.1 / norms, max=1.0)[:, None]
     torch.testing.assert_close(new_x, x + w @ clipped, rtol=1e-5, atol=1e-6)
+    given = reference.dp_aggregate(x, y, w, clip_norm=0.1, noise_std=0.0, seed=0, round_idx=0, norms=norms)
+    torch.testing.assert_close(given, new_x, rtol=0, atol=0)  # norms handed in are the ones it would compute
 
 
 def test_dp_rejects_out_of_range_keys():

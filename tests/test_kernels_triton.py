@@ -88,7 +88,10 @@ def test_client_delta_norms(dtype, k):
 def test_dp_aggregate_without_noise(dtype, k, clip_norm):
     x, y, w = make_round(ODD_LENGTH, k, dtype)
     args = (x, y, w, clip_norm, 0.0, 7, 3)
-    torch.testing.assert_close(kernels.dp_aggregate(*args), reference.dp_aggregate(*args), rtol=1e-5, atol=1e-6)
+    expected = reference.dp_aggregate(*args)
+    torch.testing.assert_close(kernels.dp_aggregate(*args), expected, rtol=1e-5, atol=1e-6)
+    norms = reference.client_delta_norms(x, y)  # handed in, as federated/privacy.py does, instead of recomputed
+    torch.testing.assert_close(kernels.dp_aggregate(*args, norms=norms), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("per_client", (False, True), ids=("on_mean", "per_client"))
