@@ -44,10 +44,10 @@ def main():
 
     dataset = load_dataset_for(script_args, kinds=("sft", "multiturn"), entry="main_sft.py")
     clients = select_clients(dataset, fed_args)
-    runs = group_runs(dataset, script_args, fed_args)  # one federation, or one per language group
-    for _, members, run_args, run_fed in runs:  # fail fast on bad --fed_alg or DP flags, before any loading
-        make_algorithm(run_fed, len(members))
-        make_privacy(run_fed, run_args, [len(clients[i]) for i in members])
+    # One federation, or one per language group; algorithm and DP are built before any loading, to fail fast.
+    runs = [(name, members, run_args, run_fed, make_algorithm(run_fed, len(members)),
+             make_privacy(run_fed, run_args, [len(clients[i]) for i in members]))
+            for name, members, run_args, run_fed in group_runs(dataset, script_args, fed_args)]
 
     tokenizer, model = load_model_with_lora(script_args)
     client_data = tokenize_clients(clients, tokenizer, script_args.template, script_args.seq_length)
@@ -55,14 +55,13 @@ def main():
     local_trainer = LocalTrainer(trainer, FlatParams(model))
     initial = local_trainer.flat.get()
 
-    for name, members, run_args, run_fed in runs:
+    for name, members, run_args, run_fed, algorithm, privacy in runs:
         output_dir = Path(run_args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_args(output_dir, run_args, run_fed)
         local_trainer.flat.set(initial)  # every federation starts from the same LoRA initialisation
         run_federated(run_args, run_fed, model, local_trainer, [client_data[i] for i in members], lr_min=LR_MIN,
-                      algorithm=make_algorithm(run_fed, len(members)),
-                      privacy=make_privacy(run_fed, run_args, [len(clients[i]) for i in members]))
+                      algorithm=algorithm, privacy=privacy)
         if script_args.eval_after and dataset.test:
             from data.synthetic import balanced_subset
             from evaluation.exact_match import score_exact_match
