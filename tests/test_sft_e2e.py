@@ -170,3 +170,29 @@ def test_smollm2_fed_synthetic_end_to_end(tmp_path):
     assert last < first
     scores = json.loads((out / "eval_exact_match.json").read_text())
     assert scores["n"] == 240 and 0.0 <= scores["accuracy"] <= 1.0
+
+
+def test_client_groups_train_one_federation_per_language_family(tiny_model_dir, tmp_path, monkeypatch):
+    """--client_groups similar_language on a Fed-Aya built from a source the test writes: English and Spanish
+    federate together, Telugu alone, each in its own output folder with its own client count."""
+    import datasets
+    monkeypatch.setenv("FEDLLM_CACHE", str(tmp_path / "cache"))
+    speakers = {"English": "eng", "Spanish": "spa", "Telugu": "tel"}
+    rows = [{"inputs": f"{language} question {j}", "targets": f"answer {j}", "language": language,
+             "language_code": code, "annotation_type": "original-annotations", "user_id": f"annotator-{code}"}
+            for language, code in speakers.items() for j in range(100)]  # 100: Fed-Aya's client threshold
+    source = tmp_path / "aya.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(source))
+    (tmp_path / "eval" / "ref_gpt4").mkdir(parents=True)
+    (tmp_path / "eval" / "ref_gpt4" / "aya_testset.json").write_text("{}")  # nothing to remove as leakage
+    out = tmp_path / "groups"
+    run_entry(main_sft, tiny_args(tiny_model_dir, out, "--dataset", "fed-aya", "--source_path", source,
+                                  "--eval_data_dir", tmp_path / "eval", "--client_groups", "similar_language",
+                                  "--num_rounds", 1, "--max_steps", 1))
+    groups = {p.name: json.loads((p / "args.json").read_text()) for p in out.glob("group-*")}
+    assert {name: args["num_clients"] for name, args in groups.items()} == \
+        {"group-Germanic-Romance": 2, "group-Dravidian": 1}
+    for name in groups:
+        rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 1 and (out / name / "checkpoint-1" / "adapter_model.safetensors").exists()
+        assert np.load(out / name / "training_loss.npy").shape == (groups[name]["num_clients"], 1)
