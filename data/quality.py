@@ -8,7 +8,8 @@ Both compare the response's mean token loss with and without its instruction, un
   IRA                    direct - cond                 (FedDQC: how much the instruction helps)
 Both passes score exactly the same response token ids, so the ratios compare like with like.
 
-`apply_quality_filter` and `order_by_quality` are what the training loop calls for FedDQC-style runs.
+`filter_with_scores` (`apply_quality_filter` with the kept scores) and `order_by_quality` are what the training
+loop calls for FedDQC-style runs.
 
     python -m data.quality --dataset fed-aya --model smollm2 --max_per_client 50
 """
@@ -180,23 +181,30 @@ def apply_quality_filter(dataset: FederatedDataset, scores, threshold: float) ->
 
     `scores`: a QualityScores or per-client lists of IRA values aligned with dataset.clients.
     """
+    return filter_with_scores(dataset, scores, threshold)[0]
+
+
+def filter_with_scores(dataset: FederatedDataset, scores, threshold: float) -> tuple[FederatedDataset, list]:
+    """apply_quality_filter, and the IRA values of the kept samples aligned with the result (for ordering it
+    without scoring it again)."""
     ira = _ira_per_client(dataset, scores)
     metadata = dataset.client_metadata or [{} for _ in dataset.clients]
-    survivors, dropped_clients = [], []  # (client id, kept samples, metadata)
+    survivors, dropped_clients = [], []  # (client id, kept samples, their IRA, metadata)
     for cid, samples, values, meta in zip(dataset.client_ids, dataset.clients, ira, metadata):
-        kept = [s for s, v in zip(samples, values) if v >= threshold]
+        kept = [(s, v) for s, v in zip(samples, values) if v >= threshold]
         if kept:
-            survivors.append((cid, kept, meta))
+            survivors.append((cid, [s for s, _ in kept], [v for _, v in kept], meta))
         else:
             dropped_clients.append(cid)
     if not survivors:
         raise SystemExit(f"--quality_threshold {threshold} drops every sample of {dataset.name}; lower it.")
-    kept_ids, kept_clients, kept_meta = (list(column) for column in zip(*survivors))
+    kept_ids, kept_clients, kept_ira, kept_meta = (list(column) for column in zip(*survivors))
     info = {**dataset.info, "quality_filter": {
         "metric": "ira", "threshold": threshold, "samples_before": sum(dataset.sample_counts),
         "samples_after": sum(map(len, kept_clients)), "dropped_clients": dropped_clients}}
-    return replace(dataset, client_ids=kept_ids, clients=kept_clients,
-                   client_metadata=kept_meta if dataset.client_metadata else [], info=info)
+    filtered = replace(dataset, client_ids=kept_ids, clients=kept_clients,
+                       client_metadata=kept_meta if dataset.client_metadata else [], info=info)
+    return filtered, kept_ira
 
 
 def order_by_quality(dataset: FederatedDataset, scores) -> FederatedDataset:

@@ -30,13 +30,11 @@ def apply_quality(dataset, script_args):
         return dataset
     if script_args.quality_filter not in (None, "ira"):
         raise SystemExit(f"Unknown --quality_filter {script_args.quality_filter!r}: the supported score is 'ira'.")
-    from data.quality import apply_quality_filter, order_by_quality, score_dataset
-    scorer = script_args.quality_model or script_args.model_name_or_path
-    scores = score_dataset(dataset, model_name_or_path=scorer, max_length=script_args.seq_length)
-    if script_args.quality_filter:
-        dataset = apply_quality_filter(dataset, scores, script_args.quality_threshold)
-        scores = score_dataset(dataset, model_name_or_path=scorer,
-                               max_length=script_args.seq_length)  # cached: aligned with the kept samples
+    from data.quality import filter_with_scores, order_by_quality, score_dataset
+    scores = score_dataset(dataset, model_name_or_path=script_args.quality_model or script_args.model_name_or_path,
+                           max_length=script_args.seq_length)
+    if script_args.quality_filter:  # the kept samples' scores come along: no second scoring pass for the order
+        dataset, scores = filter_with_scores(dataset, scores, script_args.quality_threshold)
     if script_args.quality_order:
         dataset = order_by_quality(dataset, scores)
     return dataset

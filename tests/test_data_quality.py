@@ -80,6 +80,32 @@ def test_quality_filter_and_order():
         q.apply_quality_filter(ds, [[0.1]], 0.0)
     with pytest.raises(SystemExit, match="lower it"):
         q.apply_quality_filter(ds, ira, threshold=5.0)
+    again, kept_ira = q.filter_with_scores(ds, ira, threshold=0.0)
+    assert again == filtered and kept_ira == [[0.5, 0.9]]  # aligned with the kept samples: ready for ordering
+    assert [s["instruction"] for s in q.order_by_quality(again, kept_ira).clients[0]] == ["c0 q2", "c0 q0"]
+
+
+def test_filter_then_order_scores_the_data_once(tiny_model_dir, tmp_path, monkeypatch):
+    """--quality_filter ira --quality_order: the dataset is scored once (here: from the cache); the order uses
+    the kept samples' scores instead of scoring the filtered dataset again."""
+    from types import SimpleNamespace
+
+    from federated.setup import apply_quality
+    monkeypatch.setenv("FEDLLM_CACHE", str(tmp_path / "cache"))
+    ds = sft_dataset(counts=(5, 4))
+    ira = q.score_dataset(ds, tiny_model_dir, max_length=64, progress=False).metrics["ira"]
+    threshold = float(np.median([v for client in ira for v in client]))  # drops about half of the samples
+    passes = []
+    real_losses = q.response_losses
+    monkeypatch.setattr(q, "response_losses", lambda *a, **k: passes.append(1) or real_losses(*a, **k))
+    args = SimpleNamespace(quality_filter="ira", quality_order=True, quality_threshold=threshold,
+                           quality_model=tiny_model_dir, model_name_or_path=tiny_model_dir, seq_length=64)
+    result = apply_quality(ds, args)
+    assert passes == []  # the full dataset's scores came from the cache, and nothing was scored again
+    expected = [sorted([(v, s["instruction"]) for s, v in zip(samples, values) if v >= threshold], reverse=True)
+                for samples, values in zip(ds.clients, ira)]
+    assert [[s["instruction"] for s in client] for client in result.clients] == \
+        [[name for _, name in client] for client in expected if client]
 
 
 def test_client_groups_same_and_similar_language():
