@@ -15,18 +15,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from evaluation.benchmarks import Benchmark, Decoding
-from evaluation.data import Item
+from evaluation.data import Item, read_jsonl
 from evaluation.generate import generate_answers
 from utils.templates import prompt_text
 
 
 def read_answers(path: Path) -> dict[str, dict]:
     """Answer rows by question_id (a row is written only once all its turns are answered)."""
-    if not path.exists():
-        return {}
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return {r["question_id"]: r for r in rows}
+    return {r["question_id"]: r for r in read_jsonl(path)} if path.exists() else {}
 
 
 def _answer_batch(model, tokenizer, template: str, bench: Benchmark, items: list[Item], decoding: Decoding,

@@ -23,7 +23,7 @@ def score_exact_match(model, tokenizer, template: str, test: list[dict], batch_s
     per_task = defaultdict(list)
     for sample, answer in zip(test, answers):
         # Models often continue after the answer; the first line is the answer.
-        first_line = answer.strip().split("\n")[0] if answer.strip() else ""
+        first_line = answer.strip().split("\n")[0]
         per_task[sample.get("task", "all")].append(exact_match(first_line, sample["response"]))
     hits = [h for v in per_task.values() for h in v]
     return {"accuracy": sum(hits) / len(hits), "n": len(hits),

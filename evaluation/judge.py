@@ -54,7 +54,6 @@ class JudgeConfig:
     model: str = "gpt-4-1106-preview"  # the paper's MT-Bench judge ("GPT-4-Turbo")
     base_url: str | None = None  # None: the openai client's default (OPENAI_BASE_URL or api.openai.com)
     max_tokens: int = 2048
-    concurrency: int = 4
     max_retries: int = 6
     backoff_s: float = 1.0
     max_backoff_s: float = 60.0
@@ -97,10 +96,6 @@ class LLMJudge:
         self.client = openai.OpenAI(api_key=key, base_url=config.base_url, max_retries=0, timeout=config.timeout_s)
         self.retries = 0  # counted across worker threads, for the final log line
         self._lock = threading.Lock()
-
-    @property
-    def name(self) -> str:
-        return self.config.model
 
     def _once(self, system: str, user: str, temperature: float, max_tokens: int) -> str:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]

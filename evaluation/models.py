@@ -50,7 +50,6 @@ def scoring_target(checkpoint: str | None, base_model: str | None, template: str
     samples (the first `per_task` of each task), and the base model with the checkpoint's adapter."""
     from data import load_federated_dataset
     from data.synthetic import balanced_subset
-    from utils.model import load_base_model, load_tokenizer
 
     run = run_args(checkpoint) if checkpoint else {}
     name = dataset or run.get("dataset", default_dataset)

@@ -13,7 +13,6 @@ Log-probabilities are summed over the answer tokens, tokenised as in training (u
 from __future__ import annotations
 
 import argparse
-import contextlib
 from collections import defaultdict
 
 import torch
@@ -55,9 +54,13 @@ def answer_log_probs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return (token_logps * in_answer).sum(dim=-1).chunk(2)
 
 
-def _reference_context(model):
-    """The base model: the adapter disabled (a model without one is its own reference)."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+def _reference_log_probs(model, batch, policy: tuple[torch.Tensor, torch.Tensor]):
+    """log ref of chosen and rejected: the base model, i.e. the adapter disabled. A model without an adapter is its
+    own reference, so its policy log-probs are reused instead of running the same forward pass again."""
+    if not hasattr(model, "disable_adapter"):
+        return policy
+    with model.disable_adapter():
+        return answer_log_probs(model, batch)
 
 
 def pair_log_probs(model, tokenizer, template: str, pairs: list[dict], max_length: int | None,
@@ -70,11 +73,10 @@ def pair_log_probs(model, tokenizer, template: str, pairs: list[dict], max_lengt
     for start in range(0, len(pairs), batch_size):
         examples = [tokenize_pair(tokenizer, template, p) for p in pairs[start:start + batch_size]]
         batch = {k: v.to(device) for k, v in left_padded(examples, tokenizer.pad_token_id, max_length).items()}
-        for key, value in zip(("chosen", "rejected"), answer_log_probs(model, batch)):
+        policy = answer_log_probs(model, batch)
+        reference = _reference_log_probs(model, batch, policy)
+        for key, value in zip(("chosen", "rejected", "ref_chosen", "ref_rejected"), (*policy, *reference)):
             out[key].append(value.cpu())
-        with _reference_context(model):
-            for key, value in zip(("ref_chosen", "ref_rejected"), answer_log_probs(model, batch)):
-                out[key].append(value.cpu())
     model.train(was_training)
     return {k: torch.cat(v) for k, v in out.items()}
 

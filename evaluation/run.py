@@ -136,7 +136,7 @@ def main(argv=None) -> None:
     judge = None
     if judging and needs_llm:
         judge = LLMJudge(JudgeConfig(model=args.judge_model, base_url=args.judge_base_url,
-                                     concurrency=args.judge_concurrency, max_retries=args.judge_max_retries,
+                                     max_retries=args.judge_max_retries,
                                      timeout_s=args.judge_timeout, backoff_s=args.judge_backoff))
         judge.preflight()
     model_ids = None

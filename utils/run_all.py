@@ -408,7 +408,8 @@ def _cell_value(cells: dict, title: str) -> float | None:
 
 def metric_value(metric: str, run_dir: Path, judged: tuple[dict, dict]) -> float | None:
     kind, _, key = metric.partition(":")
-    model_id = f"{run_dir.name}_{latest_checkpoint_name(run_dir)}"
+    from evaluation.models import model_id_for  # the evaluation's own naming of a checkpoint's results
+    model_id = model_id_for(str(run_dir / latest_checkpoint_name(run_dir)), "")
     if kind == "smoke":
         scores = run_dir / "smoke_eval.json"
         return json.loads(scores.read_text()).get(key) if scores.exists() else None
