@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then
-  echo "No .venv here: create it first (python -m venv .venv && .venv/bin/pip install -r requirements.txt)." >&2
+  echo "No .venv here: create it first with: bash setup.sh" >&2
   exit 1
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -9,14 +9,17 @@ questions in the model's Alpaca prompt, and report answers/s, new tokens/s and w
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from evaluation.data import load_vicuna
-from evaluation.generate import generate_answers
-from utils.model import load_base_model, load_tokenizer
-from utils.templates import prompt_text
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from evaluation.data import load_vicuna  # noqa: E402
+from evaluation.generate import generate_answers  # noqa: E402
+from utils.model import load_base_model, load_tokenizer  # noqa: E402
+from utils.templates import prompt_text  # noqa: E402
 
 
 def timed(model, tokenizer, prompts, batch_size: int, max_new_tokens: int) -> tuple[list[str], float]:

@@ -113,17 +113,14 @@ def copy_bandwidth(device: torch.device, repeats: int, mib: int = 512) -> float:
     return 2 * src.numel() * 4 / ms / 1e6
 
 
-def case_weights(k: int, chatbotpa: bool, t: int = 0) -> tuple[torch.Tensor, list[int]]:
-    """Sample-count weights of the round; for Fed-ChatbotPA, of the clients sampled as ALGORITHMS.md does."""
+def case_weights(k: int, chatbotpa: bool) -> torch.Tensor:
+    """Sample-count weights of round 0; for Fed-ChatbotPA, of the clients sampled as ALGORITHMS.md does."""
     counts_rng = random.Random(747)
     all_counts = [max(1, int(counts_rng.lognormvariate(2.2, 0.9))) for _ in range(CHATBOTPA_CLIENTS)]
-    if chatbotpa:
-        random.seed(t)
-        sampled = sorted(random.sample(range(CHATBOTPA_CLIENTS), CHATBOTPA_SAMPLED))
-    else:
-        sampled = list(range(k))
+    sampled = sorted(random.Random(0).sample(range(CHATBOTPA_CLIENTS), CHATBOTPA_SAMPLED)) if chatbotpa \
+        else list(range(k))
     counts = torch.tensor([all_counts[i] for i in sampled], dtype=torch.float32)
-    return counts / counts.sum(), sampled
+    return counts / counts.sum()
 
 
 def run_case(name, rank, k, rule, dtype, device, repeats, copy_gbps, triton_module):
@@ -131,7 +128,7 @@ def run_case(name, rank, k, rule, dtype, device, repeats, copy_gbps, triton_modu
     shapes = lora_shapes(rank)
     n = sum(a * b for a, b in shapes.values())
     chatbotpa = name == "chatbotpa"
-    weights, _ = case_weights(k, chatbotpa)
+    weights = case_weights(k, chatbotpa)
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(n, generator=gen, device=device)
     y = (x + 1e-2 * torch.randn(k, n, generator=gen, device=device)).to(dtype)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -25,14 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from evaluation.show_results import COLUMNS  # standard library only: cheap to import
+
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ROOT / "utils" / "presets.json"
 PAPER_RESULTS = ROOT / "evaluation" / "paper_results.json"
 DONE = "run_all.done"
-# Benchmarks behind each show_results column title (evaluation/show_results.py COLUMNS); only these need a judge.
-BENCHMARK_OF = {"MT-Bench-1": "mtbench", "MT-Bench-2": "mtbench", "MT-Bench": "mtbench", "Vicuna": "vicuna",
-                "Ref-GPT4 Aya": "aya", "Ref-GPT4 ChatbotIT": "chatbot", "Ref-GPT4 WildChat": "wildchat",
-                "AdvBench harmless %": "advbench", "MMLU %": "mmlu", "HumanEval pass@1 %": "humaneval"}
+# The benchmark behind each show_results column title.
+BENCHMARK_OF = {column.title: column.benchmark for column in COLUMNS}
 JUDGED = {"mtbench", "vicuna", "aya", "chatbot", "wildchat"}
 NEEDS_DOWNLOAD = {"mmlu"}  # not part of the offline eval data copy
 NO_PAPER = "n/a"  # a column with no published counterpart (the smoke metrics)
@@ -231,11 +232,17 @@ def train_step(ctx: Context, run: Run) -> Step:
     return step
 
 
-def resolve_local_client(step: Step, run: Run) -> str | None:
-    """Paper scale: the local baseline trains the client with the paper's local file size (local<k>)."""
+@functools.cache
+def client_sizes(dataset: str) -> list[int]:
+    """Sample count of every client, loaded once per dataset however many local rows ask."""
     from data import load_federated_dataset
 
-    counts = load_federated_dataset(run.args["dataset"]).sample_counts
+    return load_federated_dataset(dataset).sample_counts
+
+
+def resolve_local_client(step: Step, run: Run) -> str | None:
+    """Paper scale: the local baseline trains the client with the paper's local file size (local<k>)."""
+    counts = client_sizes(run.args["dataset"])
     if run.local_client_size not in counts:
         return (f"no client of {run.args['dataset']} has {run.local_client_size} samples (the paper's local file "
                 "is not one of the federated clients)")
@@ -408,11 +415,11 @@ def _cell_value(cells: dict, title: str) -> float | None:
 
 def metric_value(metric: str, run_dir: Path, judged: tuple[dict, dict]) -> float | None:
     kind, _, key = metric.partition(":")
-    from evaluation.models import model_id_for  # the evaluation's own naming of a checkpoint's results
-    model_id = model_id_for(str(run_dir / latest_checkpoint_name(run_dir)), "")
     if kind == "smoke":
         scores = run_dir / "smoke_eval.json"
         return json.loads(scores.read_text()).get(key) if scores.exists() else None
+    from evaluation.models import model_id_for  # the evaluation's own naming of a checkpoint's results
+    model_id = model_id_for(str(run_dir / latest_checkpoint_name(run_dir)), "")
     if kind == "judged":
         return _cell_value(judged[0].get(model_id, {}), key)
     if kind == "aya":
