@@ -15,23 +15,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_kernels import timed  # noqa: E402  (this script's folder is on sys.path)
 from kernels import reference  # noqa: E402
 
 
-def best_ms(fn, repeats: int = 7) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return 1e3 * min(samples)
+def best_ms(fn) -> float:
+    return timed(fn, repeats=7, device=torch.device("cpu"))
 
 
 def sliced(n: int, size: int):
