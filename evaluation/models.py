@@ -92,7 +92,10 @@ def model_id_for(checkpoint: str | None, base_model: str) -> str:
     if checkpoint is None:
         return "base_" + Path(base_model.rstrip("/")).name
     path = Path(checkpoint.rstrip("/")).resolve()
-    return f"{path.parent.name}_{path.name}"
+    run = path.parent
+    # A --client_groups run keeps one adapter per group in RUN/group-<name>/: the run's name keeps ids unique.
+    prefix = f"{run.parent.name}_" if run.name.startswith("group-") else ""
+    return f"{prefix}{run.name}_{path.name}"
 
 
 def resolve(base_model: str | None, checkpoints: list[str], template: str | None,
