@@ -178,12 +178,17 @@ def stats_step(ctx: Context, dataset: str, task: str) -> Step:
 # The local baselines' clients
 # ------------------------------------------------------------------------------------------------------------
 
+def run_clients(run: Run) -> tuple[tuple[str, int, str | None], ...]:
+    options = tuple(sorted((k, v) for k, v in run.args.items() if k.startswith("synthetic_")))
+    return client_table(run.args["dataset"], run.args.get("num_clients"), options)
+
+
 @functools.cache
-def client_table(dataset: str, num_clients: int | None) -> tuple[tuple[str, int, str | None], ...]:
+def client_table(dataset: str, num_clients: int | None = None, options: tuple = ()) -> tuple[tuple[str, int, str | None], ...]:
     """(client id, samples, language) of the run's clients (the first num_clients), loaded once per dataset."""
     from data import load_federated_dataset
 
-    data = load_federated_dataset(dataset)
+    data = load_federated_dataset(dataset, **dict(options))
     metadata = data.client_metadata or [{}] * data.num_clients
     rows = tuple((cid, n, meta.get("language")) for cid, n, meta in zip(data.client_ids, data.sample_counts, metadata))
     return rows[:num_clients] if num_clients else rows
@@ -209,7 +214,7 @@ def pick_client(choice: LocalChoice, clients: tuple[tuple[str, int, str | None],
 
 def choose_local_client(step: Step, run: Run, out: Path) -> str | None:
     """Put local<k> into the command and record the chosen client beside the run (the tables' notes cite it)."""
-    clients = client_table(run.args["dataset"], run.args.get("num_clients"))
+    clients = run_clients(run)
     index, how = pick_client(run.local, clients)
     if index is None:
         return how
