@@ -66,7 +66,6 @@ class Run:
     args: dict
     task: str  # "sft" or "preference"
     local: LocalChoice | None = None
-    skip: str | None = None
 
     @property
     def num_rounds(self) -> int:

@@ -86,7 +86,7 @@ def steps_for(ctx: Context, result: Plan) -> list[Step]:
 def train_step(ctx: Context, run: Run) -> Step:
     out = ctx.runs_dir / run.name
     argv = [ctx.python, run.entry, *to_argv(run.args), "--output_dir", str(out)]
-    step = Step(f"train {run.name}", argv, out / DONE, skip=run.skip or missing_piece(run, ctx.flags_of),
+    step = Step(f"train {run.name}", argv, out / DONE, skip=missing_piece(run, ctx.flags_of),
                 run=run.name)
 
     def before(s: Step) -> str | None:
@@ -134,7 +134,7 @@ def smoke_score_step(ctx: Context, run: Run) -> Step:
     module = "evaluation.preference" if run.task == "preference" else "evaluation.exact_match"
     argv = [ctx.python, "-m", module, *target_args(ctx, run, Model(run.name), "--checkpoint"),
             "--per_task", str(ctx.presets["smoke"]["args"]["eval_per_task"]), "--output", str(output)]
-    return Step(f"score {run.name} (smoke)", argv, output, skip=run.skip)
+    return Step(f"score {run.name} (smoke)", argv, output)
 
 
 def target_args(ctx: Context, run: Run, model: Model, flag: str) -> list[str]:
@@ -147,9 +147,9 @@ def target_args(ctx: Context, run: Run, model: Model, flag: str) -> list[str]:
 
 def benchmark_step(ctx: Context, run: Run, model: Model, benchmarks: set[str]) -> Step:
     needs_judge = benchmarks & JUDGED
-    skip = run.skip
+    skip = None
     if needs_judge and not ctx.judge_configured():
-        skip = skip or f"no judge configured for {', '.join(sorted(needs_judge))} (set OPENAI_API_KEY or --judge_base_url)"
+        skip = f"no judge configured for {', '.join(sorted(needs_judge))} (set OPENAI_API_KEY or --judge_base_url)"
     argv = [ctx.python, "-m", "evaluation.run", *target_args(ctx, run, model, "--checkpoints"),
             "--benchmarks", *sorted(benchmarks), "--output_dir", str(ctx.eval_dir), "--judge_model", ctx.judge_model]
     if ctx.judge_base_url:
