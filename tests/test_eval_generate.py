@@ -128,3 +128,16 @@ def test_cli_answers_every_checkpoint(run_dir, model_dir, tmp_path):
         rows = read_answers(tmp_path / benchmark / "answers" / f"{run}_checkpoint-2.jsonl")
         assert len(rows) == 2 and all(r["template"] == "vicuna_v1.1" for r in rows.values())
         assert all(r["decoding"]["temperature"] == 0.7 for r in rows.values())
+
+
+def test_training_seq_length_is_no_limit_when_evaluating(model):
+    """A tokenizer from training has model_max_length = seq_length; evaluating with it must neither warn that
+    prompts are "longer than the specified maximum" nor change the tokenizer for the training that follows."""
+    from utils.model import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2", seq_length=8)
+    long_prompt = "Explain, step by step and with examples, how a federated learning round works."
+    answer = generate_answers(model, tokenizer, [long_prompt], max_new_tokens=3)
+    assert not tokenizer.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")
+    assert tokenizer.model_max_length == 8
+    assert answer == generate_answers(model, load_tokenizer("smollm2"), [long_prompt], max_new_tokens=3)
