@@ -275,6 +275,9 @@ class LLMJudge:
                 fix = f"check --judge_model ({self.config.model!r}) and that --judge_base_url ends in /v1"
             elif isinstance(cause, openai.APIConnectionError):
                 fix = "start the judge server or fix --judge_base_url (e.g. http://127.0.0.1:8000/v1)"
+            elif isinstance(cause, openai.BadRequestError) and self.config.response_format != "text":
+                fix = ("the endpoint may not accept structured output: drop --judge_response_format (or try "
+                       "--judge_parser lenient)")
             else:
                 fix = "check --judge_base_url, --judge_model and the server's log"
             raise SystemExit(f"The judge endpoint {where} is not usable ({err}); {fix}. No answers were generated."
