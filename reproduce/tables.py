@@ -128,22 +128,28 @@ def row_status(runs: set[str], statuses: dict[str, str]) -> str:
 
 
 def local_notes(ctx: Context, plan: Plan, table: TablePlan) -> list[str]:
-    """Which client each local baseline trained: ids and sizes, as chosen on the built dataset."""
+    """Which client each local baseline trained: ids and sizes, as chosen on the built dataset; one note per row
+    when its cells share the local models (Tables 2-5), else one per cell (Table 6's Local row, Table 8)."""
     notes = []
     for label, cells in table.rows:
-        models = list(dict.fromkeys(m for c in cells.values() for m in c.models if plan.runs[m.run].local))
-        chosen = []
-        for model in models:
-            path = ctx.runs_dir / model.run / LOCAL_CLIENT
-            record = json.loads(path.read_text()) if path.exists() else None
-            chosen.append(f"client {record['client']} (id {record['client_id']}, {record['samples']} samples; "
-                          f"{record['chosen']})" if record else f"{plan.runs[model.run].local.label()} (not chosen yet)")
-        if chosen:
-            what = "mean of " if len(chosen) > 1 and all(plan.runs[m.run].local.how == "random" for m in models) \
-                else ""
-            notes.append(f"{label}: {what}{', '.join(chosen)}; {plan.runs[models[0].run].args['local_epochs']} "
-                         f"local epochs.")
+        local = {column: tuple(c.models) for column, c in cells.items()
+                 if any(plan.runs[m.run].local for m in c.models)}
+        if len(set(local.values())) == 1:
+            notes.append(f"{label}: {describe_local(ctx, plan, next(iter(local.values())))}")
+        else:
+            notes += [f"{label}, {column}: {describe_local(ctx, plan, models)}" for column, models in local.items()]
     return notes
+
+
+def describe_local(ctx: Context, plan: Plan, models: tuple[Model, ...]) -> str:
+    chosen = []
+    for model in models:
+        path = ctx.runs_dir / model.run / LOCAL_CLIENT
+        record = json.loads(path.read_text()) if path.exists() else None
+        chosen.append(f"client {record['client']} (id {record['client_id']}, {record['samples']} samples; "
+                      f"{record['chosen']})" if record else f"{plan.runs[model.run].local.label()} (not chosen yet)")
+    mean = "mean of " if len(chosen) > 1 else ""
+    return f"{mean}{', '.join(chosen)}; local epochs: {plan.runs[models[0].run].args['local_epochs']}."
 
 
 def formula_notes(spec: dict) -> list[str]:
