@@ -108,15 +108,20 @@ def test_filter_then_order_scores_the_data_once(tiny_model_dir, tmp_path, monkey
         [[name for _, name in client] for client in expected if client]
 
 
-def test_client_groups_same_and_similar_language():
+def test_client_groups_same_and_similar_language(caplog):
     languages = ["English", "Spanish", "Telugu", "English", "Simplified Chinese", "French", "Russian",
-                 "Standard Arabic", "Portuguese"]
+                 "Standard Arabic", "Portuguese", "German", "Korean", "Telugu"]
     ds = sft_dataset(counts=[1] * len(languages), languages=languages)
     same = client_groups(ds, "same_language")
-    assert same["English"] == [0, 3] and same["Telugu"] == [2] and len(same) == 8
-    similar = client_groups(ds, "similar_language")
-    assert len(LANGUAGE_FAMILIES) == 5 and set(similar) == set(LANGUAGE_FAMILIES)
-    assert similar["Germanic-Romance"] == [0, 1, 3, 5, 8] and similar["Dravidian"] == [2]
+    assert same["English"] == [0, 3] and same["Telugu"] == [2, 11] and len(same) == 10
+    with caplog.at_level("INFO", logger="data.groups"):
+        similar = client_groups(ds, "similar_language")
+    assert similar == {"english-german": [0, 3, 9], "romance": [1, 5, 8], "cjk": [4, 10], "slavic": [6],
+                       "arabic-urdu-persian": [7]}
+    assert "Telugu (2)" in caplog.text and all(" " not in name for name in LANGUAGE_FAMILIES)
+    assert client_groups(ds, "similar_language", families={"only-english": ("English",)}) == {"only-english": [0, 3]}
+    with pytest.raises(SystemExit, match="no client of toy speaks a language of the groups"):
+        client_groups(sft_dataset(counts=[1], languages=["Telugu"]), "similar_language")
     with pytest.raises(SystemExit, match="language"):
         client_groups(sft_dataset(), "same_language")
     with pytest.raises(SystemExit, match="Unknown"):
