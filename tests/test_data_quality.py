@@ -1,5 +1,5 @@
-"""IFD / IRA on a tiny random Llama against losses computed by hand, the FedDQC hooks, language groups,
-and the Table 1 statistics."""
+"""IFD / IRA on a tiny random Llama against losses computed by hand, the FedDQC hooks, and the Table 1
+statistics."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from data import quality as q
-from data.groups import LANGUAGE_FAMILIES, client_groups
 from data.registry import FederatedDataset
 from data.stats import aggregate, main as stats_main, table1_row
 
@@ -106,26 +105,6 @@ def test_filter_then_order_scores_the_data_once(tiny_model_dir, tmp_path, monkey
                 for samples, values in zip(ds.clients, ira)]
     assert [[s["instruction"] for s in client] for client in result.clients] == \
         [[name for _, name in client] for client in expected if client]
-
-
-def test_client_groups_same_and_similar_language(caplog):
-    languages = ["English", "Spanish", "Telugu", "English", "Simplified Chinese", "French", "Russian",
-                 "Standard Arabic", "Portuguese", "German", "Korean", "Telugu"]
-    ds = sft_dataset(counts=[1] * len(languages), languages=languages)
-    same = client_groups(ds, "same_language")
-    assert same["English"] == [0, 3] and same["Telugu"] == [2, 11] and len(same) == 10
-    with caplog.at_level("INFO", logger="data.groups"):
-        similar = client_groups(ds, "similar_language")
-    assert similar == {"english-german": [0, 3, 9], "romance": [1, 5, 8], "cjk": [4, 10], "slavic": [6],
-                       "arabic-urdu-persian": [7]}
-    assert "Telugu (2)" in caplog.text and all(" " not in name for name in LANGUAGE_FAMILIES)
-    assert client_groups(ds, "similar_language", families={"only-english": ("English",)}) == {"only-english": [0, 3]}
-    with pytest.raises(SystemExit, match="no client of toy speaks a language of the groups"):
-        client_groups(sft_dataset(counts=[1], languages=["Telugu"]), "similar_language")
-    with pytest.raises(SystemExit, match="language"):
-        client_groups(sft_dataset(), "same_language")
-    with pytest.raises(SystemExit, match="Unknown"):
-        client_groups(ds, "by_country")
 
 
 def test_aggregations_use_population_std():
