@@ -79,6 +79,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
     from huggingface_hub import constants
 
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return True  # only the proxy knows; let the hub client try
     host = urlparse(constants.ENDPOINT).hostname
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
