@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from data.registry import FederatedDataset, register_dataset
+from data.registry import FederatedDataset, read_utf8, register_dataset
 
 # ---------------------------------------------------------------------------------------------------------
 # Known facts used as acceptance checks
@@ -316,7 +316,7 @@ def sample_instruction(sample: dict) -> str:
 
 def read_test_instructions(path: Path) -> set[str]:
     """Instructions of a Ref-GPT4 test file: a list of {"instruction"} or {language: [{"instruction"}]}."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = json.loads(read_utf8(path, "Test set file"))
     rows = [r for group in data.values() for r in group] if isinstance(data, dict) else data
     return {_text(r.get("instruction")) for r in rows if _text(r.get("instruction"))}
 

@@ -166,8 +166,13 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
     subsampled Gaussian steps is at most target_epsilon."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                steps=num_rounds, accountant="rdp", epsilon_tolerance=CALIBRATION_TOLERANCE)
+    try:
+        return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                    steps=num_rounds, accountant="rdp", epsilon_tolerance=CALIBRATION_TOLERANCE)
+    except ValueError as err:  # Opacus: "The privacy budget is too low."
+        raise SystemExit(f"--dp_target_epsilon {target_epsilon:g} cannot be met at delta={delta:g} over {num_rounds} "
+                         f"rounds at sampling rate {sample_rate:.4g} ({err}): raise the epsilon, or lower "
+                         f"--num_rounds or --sample_clients.") from None
 
 
 def make_paper(fed_args, script_args, sample_counts: list[int], sample_rate: float) -> PaperDP:
@@ -207,6 +212,23 @@ def make_clip(fed_args, script_args, sample_counts: list[int], sample_rate: floa
 
 
 MAKERS = {"paper": make_paper, "clip": make_clip}
+
+
+def check_privacy_arguments(fed_args) -> None:
+    """The DP flags' values, checked before any loading (the mode's consistency is checked by make_privacy)."""
+    resolve_mode(fed_args)
+    positive = [("--dp_epsilon", fed_args.dp_epsilon), ("--dp_target_epsilon", fed_args.dp_target_epsilon),
+                ("--dp_clip", fed_args.dp_clip), ("--dp_max_grad_norm", fed_args.dp_max_grad_norm)]
+    non_negative = [("--dp_sigma", fed_args.dp_sigma), ("--dp_noise_multiplier", fed_args.dp_noise_multiplier)]
+    for flag, value in positive + non_negative:
+        if value is None:
+            continue
+        strict = (flag, value) in positive
+        if not math.isfinite(value) or value < 0 or (strict and value == 0):
+            raise SystemExit(f"{flag} {value!r} is invalid: it must be a finite number {'> 0' if strict else '>= 0'};"
+                             f" pass such a value or omit {flag}.")
+    if not 0 < fed_args.dp_delta < 1:
+        raise SystemExit(f"--dp_delta must be in (0, 1), got {fed_args.dp_delta}.")
 
 
 def make_privacy(fed_args, script_args, sample_counts: list[int]) -> PaperDP | ClippedDP | None:
