@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 MODES = ("paper", "clip")
 DEFAULT_CLIP = 1.0  # C when neither --dp_clip nor --dp_max_grad_norm is given
 CALIBRATION_TOLERANCE = 0.01  # --dp_target_epsilon: the calibrated epsilon lies in [target - tol, target]
+MAX_NOISE_MULTIPLIER = 1e3  # a target epsilon that needs more noise than this is refused as impossible
 
 
 def paper_sigma(epsilon: float, delta: float, lr: float, clip: float, total_samples: int, num_clients: int,
@@ -164,15 +165,21 @@ def clip_norm(fed_args) -> float:
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, num_rounds: int) -> float:
     """The smallest noise multiplier (to Opacus' binary-search tolerance) whose RDP epsilon after num_rounds
     subsampled Gaussian steps is at most target_epsilon."""
+    from opacus.accountants import RDPAccountant
     from opacus.accountants.utils import get_noise_multiplier
 
-    try:
-        return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                    steps=num_rounds, accountant="rdp", epsilon_tolerance=CALIBRATION_TOLERANCE)
-    except ValueError as err:  # Opacus: "The privacy budget is too low."
+    # Opacus searches up to a noise multiplier of 1e6 before it gives up, which takes minutes; no useful run has
+    # z above 1000, so the budget is checked there first, in one accountant call.
+    floor = RDPAccountant()
+    floor.history = [(MAX_NOISE_MULTIPLIER, sample_rate, num_rounds)]
+    lowest = floor.get_epsilon(delta=delta)
+    if lowest > target_epsilon:
         raise SystemExit(f"--dp_target_epsilon {target_epsilon:g} cannot be met at delta={delta:g} over {num_rounds} "
-                         f"rounds at sampling rate {sample_rate:.4g} ({err}): raise the epsilon, or lower "
-                         f"--num_rounds or --sample_clients.") from None
+                         f"rounds at sampling rate {sample_rate:.4g}: even noise multiplier {MAX_NOISE_MULTIPLIER:g} "
+                         f"gives epsilon {lowest:.3g}; raise the epsilon or delta, or lower --num_rounds or "
+                         f"--sample_clients.")
+    return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                steps=num_rounds, accountant="rdp", epsilon_tolerance=CALIBRATION_TOLERANCE)
 
 
 def make_paper(fed_args, script_args, sample_counts: list[int], sample_rate: float) -> PaperDP:
