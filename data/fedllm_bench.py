@@ -11,8 +11,8 @@ one pipeline:
   -> cache      released-format JSON + client metadata + manifest; a second run reads them back
 
 Rules the paper states are fixed in code. Rules it leaves unknown are Recipe parameters with a documented
-default, recorded in the manifest and overridable as builder options (../shared/docs/DATASETS.md, section 2,
-gives the evidence behind every default).
+default, recorded in the manifest and overridable as builder options (docs/DATASETS_REPORT.md lists them and how sure each
+default is).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from data.registry import FederatedDataset, read_utf8, register_dataset
 # Known facts used as acceptance checks
 # ---------------------------------------------------------------------------------------------------------
 
-# Per-client sizes of the released Fed-Aya file, in its dict order (DATASETS.md section 0.1, confirmed).
+# Per-client sizes of the released Fed-Aya file, in its dict order (confirmed from the released file).
 FED_AYA_COUNTS = (421, 1576, 5016, 418, 1555, 365, 783, 935, 1223, 795, 516, 476, 447, 614, 361, 1363, 298,
                   1418, 809, 192, 493, 289, 194, 139, 235, 209, 347, 713, 533, 417, 175, 492, 271, 418, 293, 223,
                   270, 221)
@@ -57,7 +57,7 @@ def check_fed_aya_counts(counts: list[int], expected: tuple[int, ...] = FED_AYA_
 
 
 def population_mean_std(values) -> tuple[float, float]:
-    """Mean and population standard deviation (ddof=0), the convention of Table 1 (DATASETS.md 0.1)."""
+    """Mean and population standard deviation (ddof=0), the convention of Table 1 (checked on the released Fed-Aya sizes)."""
     arr = np.asarray(list(values), dtype=float)
     if arr.size == 0:
         return float("nan"), float("nan")
@@ -227,7 +227,7 @@ CHATBOTPA = Recipe(
 
 
 # WildChat: allenai/WildChat-1M is the only family with `hashed_ip` [C]; today's revision lacks the toxic
-# conversations the paper's copy had, so exact counts are not expected (DATASETS.md section 0.2).
+# conversations the paper's copy had, so exact counts are not expected (docs/DATASETS_REPORT.md).
 def _wildchat_single_item(row: dict, params: dict) -> Item | None:
     if params["single_turn"] == "turn1_only" and row.get("turn") != 1:
         return None

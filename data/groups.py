@@ -2,7 +2,7 @@
 
 `same_language` puts clients of one language together; `similar_language` puts clients of one language
 family together. The paper speaks of five families for Fed-Aya's eight languages without listing them in
-any source we have (DATASETS.md is silent). Our assumption, stated here and overridable with `families`:
+any source we have (the paper's documents are silent). Our assumption, stated here and overridable with `families`:
   Latin-script Indo-European (Germanic and Romance): English, Spanish, French, Portuguese
   Slavic: Russian;  Sino-Tibetan: Simplified Chinese;  Semitic: Standard Arabic;  Dravidian: Telugu
 Merging English with the Romance languages is what makes five; they share script and much vocabulary.

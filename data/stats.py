@@ -5,7 +5,7 @@ in tokens, and data quality (IFD), each as mean ± population std, beside the pa
 
 Lengths use the Llama-2 tokenizer when it is available (the paper's unit), else the one given by
 --tokenizer, else the embedded SmolLM2 tokenizer; the output says which. Tokens are counted without special
-tokens. How the paper aggregates lengths and quality over clients is unknown (DATASETS.md 2.6), so all
+tokens. How the paper aggregates lengths and quality over clients is unknown (docs/DATASETS_REPORT.md), so all
 three candidates are computed; --aggregation picks the one printed beside the paper's value:
   pooled          mean ± std over all samples together
   across_clients  mean ± std over clients of each client's mean

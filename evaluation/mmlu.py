@@ -1,7 +1,7 @@
 """MMLU, 5-shot, InstructEval-style: the answer letter the model generates, by exact match.
 
-The FedLLM-Bench authors' closed-ended code was never released; InstructEval (the likely harness, DATASETS.md
-§4.5) prompts with k dev examples per subject and counts an answer correct when the model's greedy
+The FedLLM-Bench authors' closed-ended code was never released; InstructEval (the likely harness, see
+docs/EVALUATION.md) prompts with k dev examples per subject and counts an answer correct when the model's greedy
 continuation starts with the right letter. The data is the original Hendrycks et al. release (CSV files
 without header: question, A, B, C, D, answer), from `--mmlu_dir` or downloaded once into the cache.
 """
