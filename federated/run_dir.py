@@ -33,6 +33,7 @@ RESUMABLE_CHANGES = {
     "overwrite_output_dir": "refused together with --resume anyway", "log_level": "logging",
     "eval_after": "evaluation after training", "eval_per_task": "evaluation after training",
     "hf_token": "credentials", "gradient_checkpointing": "memory only: the same gradients",
+    "dataset_name": "an alias: its value is compared as `dataset`",
 }
 # Files a run writes into its folder; --overwrite_output_dir removes exactly these (and checkpoint-* folders).
 RUN_FILES = ("args.json", "metrics.jsonl", "training_loss.npy", "eval_exact_match.json", "eval_preference.json")

@@ -165,3 +165,14 @@ def test_an_interrupted_run_prints_one_line_with_the_resume_command(tmp_path):
                          f"--output_dir {tmp_path} --resume true")
     assert not any("Traceback" in line for line in lines)
     assert (tmp_path / ".run.lock").read_text() == ""  # released
+
+
+def test_model_conversion_orphans_of_dead_processes_are_removed(tmp_path):
+    from utils.model import _remove_orphaned_conversions
+    target = tmp_path / "SmolLM2-135M-Instruct"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name in (f"{target.name}.tmp-{dead.pid}", f"{target.name}.tmp-{os.getpid()}", f"{target.name}.tmp"):
+        (tmp_path / name).mkdir()
+    _remove_orphaned_conversions(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{target.name}.tmp-{os.getpid()}"]  # alive: kept
