@@ -11,8 +11,8 @@ one pipeline:
   -> cache      released-format JSON + client metadata + manifest; a second run reads them back
 
 Rules the paper states are fixed in code. Rules it leaves unknown are Recipe parameters with a documented
-default, recorded in the manifest and overridable as builder options (docs/DATASETS_REPORT.md lists them and how sure each
-default is).
+default, recorded in the manifest and overridable as builder options (docs/DATASETS_REPORT.md lists them and
+how sure each default is).
 """
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def check_fed_aya_counts(counts: list[int], expected: tuple[int, ...] = FED_AYA_
 
 
 def population_mean_std(values) -> tuple[float, float]:
-    """Mean and population standard deviation (ddof=0), the convention of Table 1 (checked on the released Fed-Aya sizes)."""
+    """Mean and population standard deviation (ddof=0), the convention of Table 1 (checked on the released Fed-Aya
+    sizes)."""
     arr = np.asarray(list(values), dtype=float)
     if arr.size == 0:
         return float("nan"), float("nan")

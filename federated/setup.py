@@ -50,7 +50,8 @@ def select_clients(dataset, fed_args) -> list[list[dict]]:
     if fed_args.num_clients is None:
         fed_args.num_clients = available
     if fed_args.num_clients > available:
-        raise SystemExit(f"--num_clients {fed_args.num_clients} exceeds the {available} clients of {dataset.described}; "
+        raise SystemExit(f"--num_clients {fed_args.num_clients} exceeds the {available} clients of "
+                         f"{dataset.described}; "
                          f"pass --num_clients {available} or fewer.")
     if fed_args.sample_clients > fed_args.num_clients:
         warnings.warn(f"--sample_clients {fed_args.sample_clients} > --num_clients {fed_args.num_clients}: "

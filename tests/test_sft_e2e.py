@@ -142,7 +142,8 @@ def test_bad_dataset_files(payload, message, tiny_model_dir, tmp_path, capsys):
     (["--fedopt_beta2", 1], "--fedopt_beta2 1.0 is invalid: it must be a finite number >= 0 and < 1"),
     (["--load_in_8bit", "true", "--load_in_4bit", "true"], "exclude each other"),
     (["--dp_epsilon", 0], "--dp_epsilon 0.0 is invalid"),
-    (["--dp_mode", "clip", "--dp_target_epsilon", 1e-6, "--num_rounds", 100], "--dp_target_epsilon 1e-06 cannot be met"),
+    (["--dp_mode", "clip", "--dp_target_epsilon", 1e-6, "--num_rounds", 100],
+     "--dp_target_epsilon 1e-06 cannot be met"),
     (["--fed_alg", "fedavg", "--fedopt_variant", "reddi"], "no adaptive server step"),
     (["--resume", "true", "--overwrite_output_dir", "true"], "contradict each other"),
 ])
