@@ -85,7 +85,7 @@ def load_federated_dataset(name: str | None = None, local_data_dir: str | None =
     _import_builders()
     if local_data_dir:
         from data.released import load_released_file
-        return load_released_file(local_data_dir, kind=kind)
+        return load_released_file(local_data_dir, kind=kind, name=name)
     if name not in DATASETS:
         raise SystemExit(f"Unknown --dataset {name!r}: choose one of {', '.join(sorted(DATASETS))}, "
                          "or pass --local_data_dir FILE with a released-format JSON file.")

@@ -21,7 +21,6 @@ import torch
 from tqdm.auto import tqdm
 
 from federated.algorithms import make_algorithm, parse_local, server_step
-import kernels
 from federated.checkpoint import RunState, latest_good_checkpoint, save_checkpoint
 from federated.client import LocalTrainer, client_seed, is_finite, local_steps, round_subset
 
@@ -102,7 +101,7 @@ def outlier_clients(x: torch.Tensor, vectors: list[torch.Tensor], clients: list[
     (finite but absurd: a near-divergence the NaN check misses). Needs at least two updates."""
     if len(vectors) < 2:
         return []
-    norms = kernels.client_delta_norms(x, torch.stack(vectors)).tolist()
+    norms = [float(torch.linalg.vector_norm(y - x)) for y in vectors]  # one [N] temporary at a time, no [K, N]
     flagged = []
     for i, k in enumerate(clients):
         others = norms[:i] + norms[i + 1:]
