@@ -7,6 +7,7 @@ The reference model of DPO is the base model: the LoRA adapter disabled, so no s
 """
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,13 +17,14 @@ from trl import DPOConfig, DPOTrainer
 
 from federated.algorithms import make_algorithm
 from federated.client import LocalTrainer, with_client_hooks
-from federated.config import FedArguments, ScriptArguments
+from federated.config import FedArguments, ScriptArguments, check_arguments
 from federated.flat import FlatParams
-from federated.loop import run_federated, write_args
+from federated.loop import run_federated
 from federated.privacy import make_privacy
-from federated.setup import load_dataset_for, load_model_with_lora, select_clients, trainer_arguments
-from utils.preference import pair_texts, tokenize_pairs
-from utils.templates import check_template
+from federated.run_dir import RunGuard, prepare_run_dir, settings_of
+from federated.setup import drop_untrainable, load_dataset_for, load_lora_model, select_clients, trainer_arguments
+from utils.model import load_tokenizer
+from utils.preference import pair_texts, tokenize_pair
 
 LR_MIN = 1e-5  # the floor of the per-round cosine schedule for DPO
 DEFAULT_DATASET = "fed-synthetic-pref"
@@ -34,9 +36,12 @@ class DPOArguments:
                                                           "reference (the base model)"})
 
 
-def tokenize_clients(clients, tokenizer, template):
-    """Tokenise every client's pairs once for the whole run (never per round)."""
-    return [tokenize_pairs(tokenizer, template, samples) for samples in clients]
+def tokenize_clients(clients, tokenizer, template, seq_length, client_ids):
+    """Tokenise every client's pairs once for the whole run (never per round); pairs whose prompt fills
+    seq_length (the collator would cut every answer token) are dropped."""
+    tokenized = [[tokenize_pair(tokenizer, template, s) for s in samples] for samples in clients]
+    kept = drop_untrainable(tokenized, lambda pair: len(pair["prompt_ids"]) < seq_length, client_ids, seq_length)
+    return [Dataset.from_list(pairs) for pairs in kept]
 
 
 def use_base_as_reference(model) -> None:
@@ -63,18 +68,26 @@ def main():
     parser.set_defaults(dataset=DEFAULT_DATASET)
     script_args, fed_args, dpo_args = parser.parse_args_into_dataclasses()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    check_template(script_args.template)
-    output_dir = Path(script_args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_arguments(script_args, fed_args)
+    if not (math.isfinite(dpo_args.dpo_beta) and dpo_args.dpo_beta > 0):
+        raise SystemExit(f"--dpo_beta {dpo_args.dpo_beta!r} is invalid: it must be a finite number > 0.")
+    with RunGuard(script_args.output_dir):
+        train(script_args, fed_args, dpo_args)
 
+
+def train(script_args, fed_args, dpo_args):
+    output_dir = Path(script_args.output_dir)
     dataset = load_dataset_for(script_args, kinds=("preference",), entry="main_dpo.py")
     clients = select_clients(dataset, fed_args)
     algorithm = make_algorithm(fed_args, len(clients))  # fails fast on a bad --fed_alg, before any loading
     privacy = make_privacy(fed_args, script_args, [len(c) for c in clients])  # None unless DP flags are given
-    write_args(output_dir, script_args, fed_args, dpo_args)
+    prepare_run_dir(output_dir, settings_of(script_args, fed_args, dpo_args), resume=script_args.resume,
+                    overwrite=script_args.overwrite_output_dir)
 
-    tokenizer, model = load_model_with_lora(script_args)
-    client_data = tokenize_clients(clients, tokenizer, script_args.template)
+    tokenizer = load_tokenizer(script_args.model_name_or_path, script_args.seq_length)
+    client_data = tokenize_clients(clients, tokenizer, script_args.template, script_args.seq_length,
+                                   dataset.client_ids[:len(clients)])
+    model = load_lora_model(script_args)
 
     first_pair = pair_texts(script_args.template, tokenizer, clients[0][0])
     trainer = build_dpo_trainer(model, tokenizer, script_args, dpo_args, first_pair)

@@ -13,20 +13,30 @@ from trl import SFTConfig, SFTTrainer
 
 from federated.algorithms import make_algorithm
 from federated.client import LocalTrainer, with_client_hooks
-from federated.config import FedArguments, ScriptArguments
+from federated.config import FedArguments, ScriptArguments, check_arguments
 from federated.flat import FlatParams
-from federated.loop import run_federated, write_args
+from federated.loop import run_federated
 from federated.privacy import make_privacy
-from federated.setup import group_runs, load_dataset_for, load_model_with_lora, select_clients, trainer_arguments
-from utils.templates import check_template, tokenize_sft_sample
+from federated.run_dir import RunGuard, prepare_run_dir, settings_of
+from federated.setup import (drop_untrainable, group_runs, load_dataset_for, load_lora_model, select_clients,
+                             trainer_arguments)
+from utils.model import load_tokenizer
+from utils.templates import tokenize_sft_sample
 
 LR_MIN = 1e-6  # the floor of the per-round cosine schedule for SFT
 
 
-def tokenize_clients(clients, tokenizer, template, seq_length):
-    """Tokenise every client's samples once for the whole run (never per round)."""
-    return [Dataset.from_list([tokenize_sft_sample(tokenizer, template, s, seq_length) for s in samples])
-            for samples in clients]
+def has_response_token(sample: dict) -> bool:
+    return any(label != -100 for label in sample["labels"])
+
+
+def tokenize_clients(clients, tokenizer, template, seq_length, client_ids=None):
+    """Tokenise every client's samples once for the whole run (never per round); samples whose prompt fills
+    seq_length (nothing left to learn) are dropped."""
+    tokenized = [[tokenize_sft_sample(tokenizer, template, s, seq_length) for s in samples] for samples in clients]
+    client_ids = client_ids or [str(k) for k in range(len(clients))]
+    kept = drop_untrainable(tokenized, has_response_token, client_ids, seq_length)
+    return [Dataset.from_list(samples) for samples in kept]
 
 
 def build_sft_trainer(model, tokenizer, script_args, first_client_data):
@@ -40,25 +50,33 @@ def build_sft_trainer(model, tokenizer, script_args, first_client_data):
 def main():
     script_args, fed_args = HfArgumentParser((ScriptArguments, FedArguments)).parse_args_into_dataclasses()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    check_template(script_args.template)
+    check_arguments(script_args, fed_args)
+    with RunGuard(script_args.output_dir):
+        train(script_args, fed_args)
 
+
+def train(script_args, fed_args):
     dataset = load_dataset_for(script_args, kinds=("sft", "multiturn"), entry="main_sft.py")
     clients = select_clients(dataset, fed_args)
-    # One federation, or one per language group; algorithm and DP are built before any loading, to fail fast.
+    # One federation, or one per language group; algorithm, DP and the output folders are settled before any
+    # model loading, to fail fast.
     runs = [(name, members, run_args, run_fed, make_algorithm(run_fed, len(members)),
              make_privacy(run_fed, run_args, [len(clients[i]) for i in members]))
             for name, members, run_args, run_fed in group_runs(dataset, script_args, fed_args)]
+    for _, _, run_args, run_fed, _, _ in runs:
+        prepare_run_dir(run_args.output_dir, settings_of(run_args, run_fed), resume=script_args.resume,
+                        overwrite=script_args.overwrite_output_dir)
 
-    tokenizer, model = load_model_with_lora(script_args)
-    client_data = tokenize_clients(clients, tokenizer, script_args.template, script_args.seq_length)
+    tokenizer = load_tokenizer(script_args.model_name_or_path, script_args.seq_length)
+    client_data = tokenize_clients(clients, tokenizer, script_args.template, script_args.seq_length,
+                                   dataset.client_ids[:len(clients)])
+    model = load_lora_model(script_args)
     trainer = build_sft_trainer(model, tokenizer, script_args, client_data[0])
     local_trainer = LocalTrainer(trainer, FlatParams(model))
     initial = local_trainer.flat.get()
 
     for name, members, run_args, run_fed, algorithm, privacy in runs:
         output_dir = Path(run_args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_args(output_dir, run_args, run_fed)
         local_trainer.flat.set(initial)  # every federation starts from the same LoRA initialisation
         run_federated(run_args, run_fed, model, local_trainer, [client_data[i] for i in members], lr_min=LR_MIN,
                       algorithm=algorithm, privacy=privacy)

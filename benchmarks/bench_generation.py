@@ -1,6 +1,6 @@
 """Batched versus one-prompt-at-a-time answer generation: same model, prompts and decoding settings.
 
-    python benchmarks/bench_generation.py --eval_data_dir ../shared/eval_data --num_prompts 16 --batch_size 16
+    python benchmarks/bench_generation.py --eval_data_dir /path/to/eval_data --num_prompts 16 --batch_size 16
 
 The reference answer scripts call generate() once per question; evaluation.generate batches left-padded
 prompts. Both sides here run the same function (batch_size 1 versus N), greedy, on the first N Vicuna

@@ -11,8 +11,8 @@ fed-aya-similar (Fed-Aya's rules over the 17 languages of the paper's FedSimLang
   -> cache      released-format JSON + client metadata + manifest; a second run reads them back
 
 Rules the paper states are fixed in code. Rules it leaves unknown are Recipe parameters with a documented
-default, recorded in the manifest and overridable as builder options (../shared/docs/DATASETS.md, section 2,
-gives the evidence behind every default).
+default, recorded in the manifest and overridable as builder options (docs/DATASETS_REPORT.md lists them and
+how sure each default is).
 """
 from __future__ import annotations
 
@@ -29,13 +29,13 @@ from typing import Callable
 import numpy as np
 
 from data.groups import LANGUAGE_FAMILIES
-from data.registry import FederatedDataset, register_dataset
+from data.registry import FederatedDataset, read_utf8, register_dataset
 
 # ---------------------------------------------------------------------------------------------------------
 # Known facts used as acceptance checks
 # ---------------------------------------------------------------------------------------------------------
 
-# Per-client sizes of the released Fed-Aya file, in its dict order (DATASETS.md section 0.1, confirmed).
+# Per-client sizes of the released Fed-Aya file, in its dict order (confirmed from the released file).
 FED_AYA_COUNTS = (421, 1576, 5016, 418, 1555, 365, 783, 935, 1223, 795, 516, 476, 447, 614, 361, 1363, 298,
                   1418, 809, 192, 493, 289, 194, 139, 235, 209, 347, 713, 533, 417, 175, 492, 271, 418, 293, 223,
                   270, 221)
@@ -58,7 +58,8 @@ def check_fed_aya_counts(counts: list[int], expected: tuple[int, ...] = FED_AYA_
 
 
 def population_mean_std(values) -> tuple[float, float]:
-    """Mean and population standard deviation (ddof=0), the convention of Table 1 (DATASETS.md 0.1)."""
+    """Mean and population standard deviation (ddof=0), the convention of Table 1 (checked on the released Fed-Aya
+    sizes)."""
     arr = np.asarray(list(values), dtype=float)
     if arr.size == 0:
         return float("nan"), float("nan")
@@ -257,7 +258,7 @@ CHATBOTPA = Recipe(
 
 
 # WildChat: allenai/WildChat-1M is the only family with `hashed_ip` [C]; today's revision lacks the toxic
-# conversations the paper's copy had, so exact counts are not expected (DATASETS.md section 0.2).
+# conversations the paper's copy had, so exact counts are not expected (docs/DATASETS_REPORT.md).
 def _wildchat_single_item(row: dict, params: dict) -> Item | None:
     if params["single_turn"] == "turn1_only" and row.get("turn") != 1:
         return None
@@ -346,7 +347,7 @@ def sample_instruction(sample: dict) -> str:
 
 def read_test_instructions(path: Path) -> set[str]:
     """Instructions of a Ref-GPT4 test file: a list of {"instruction"} or {language: [{"instruction"}]}."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = json.loads(read_utf8(path, "Test set file"))
     rows = [r for group in data.values() for r in group] if isinstance(data, dict) else data
     return {_text(r.get("instruction")) for r in rows if _text(r.get("instruction"))}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 KINDS = ("sft", "multiturn", "preference")
@@ -27,12 +28,29 @@ class FederatedDataset:
     info: dict = field(default_factory=dict)  # provenance: source, revision, rule parameters
 
     @property
+    def described(self) -> str:
+        """How messages name it: a local file as the file it is, a built dataset by its name."""
+        if self.info.get("local_file"):
+            return f"Local file {self.info['local_file']}"
+        return f"Dataset {self.name}"
+
+    @property
     def num_clients(self) -> int:
         return len(self.clients)
 
     @property
     def sample_counts(self) -> list[int]:
         return [len(c) for c in self.clients]
+
+
+def read_utf8(path, what: str) -> str:
+    """The text of a UTF-8 file, or a one-line error naming the file and the byte offset of the first bad byte."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SystemExit(f"{what} {path} is not UTF-8: byte offset {err.start} (0x{raw[err.start]:02x}) "
+                         f"{err.reason}; re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
 
 
 DATASETS: dict[str, Callable[..., FederatedDataset]] = {}
@@ -77,19 +95,19 @@ def load_federated_dataset(name: str | None = None, local_data_dir: str | None =
 def validate(ds: FederatedDataset) -> FederatedDataset:
     """Clear errors naming the client for every malformed input the training loop would otherwise trip on."""
     if ds.kind not in KINDS:
-        raise SystemExit(f"Dataset {ds.name}: kind {ds.kind!r} is not one of {KINDS}.")
+        raise SystemExit(f"{ds.described}: kind {ds.kind!r} is not one of {KINDS}.")
     if not ds.clients:
-        raise SystemExit(f"Dataset {ds.name} has no clients: check the source or the file.")
+        raise SystemExit(f"{ds.described} has no clients: check the source or the file.")
     for cid, samples in zip(ds.client_ids, ds.clients):
         if not samples:
-            raise SystemExit(f"Dataset {ds.name}: client {cid!r} has no samples; remove it from the file.")
+            raise SystemExit(f"{ds.described}: client {cid!r} has no samples; remove it from the file.")
         for j, sample in enumerate(samples):
             _check_sample(ds, cid, j, sample)
     return ds
 
 
 def _check_sample(ds: FederatedDataset, cid: str, j: int, sample) -> None:
-    where = f"Dataset {ds.name}: client {cid!r}, sample {j}"
+    where = f"{ds.described}: client {cid!r}, sample {j}"
     if not isinstance(sample, dict):
         raise SystemExit(f"{where} is a {type(sample).__name__}, not an object with the keys of a {ds.kind} sample.")
     if ds.kind == "multiturn":

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data.registry import FederatedDataset, register_dataset, validate
+from data.registry import FederatedDataset, read_utf8, register_dataset, validate
 
 
 def infer_kind(sample: dict) -> str:
@@ -26,7 +26,7 @@ def load_released_file(path: str, kind: str | None = None, name: str | None = No
     if not file.exists():
         raise SystemExit(f"Dataset file {path} does not exist: check --local_data_dir (the released JSON file).")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(file, "Local data file"))
     except json.JSONDecodeError as err:
         raise SystemExit(f"Dataset file {file} is not valid JSON ({err}); it must be one JSON object mapping "
                          "client id to a list of samples.") from err
@@ -36,7 +36,7 @@ def load_released_file(path: str, kind: str | None = None, name: str | None = No
     first = next((s for v in data.values() for s in v if isinstance(s, dict)), {})
     ds = FederatedDataset(name=name or file.stem, kind=kind or infer_kind(first),
                           client_ids=[str(k) for k in data], clients=list(data.values()),
-                          info={"source": str(file)})
+                          info={"source": str(file), "local_file": str(file)})
     return validate(ds)
 
 

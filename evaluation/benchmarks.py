@@ -1,4 +1,4 @@
-"""The open-ended benchmarks as data: questions, decoding settings and judge requests (DATASETS.md §4).
+"""The open-ended benchmarks as data: questions, decoding settings and judge requests (docs/EVALUATION.md).
 
 Each Benchmark says how to load its questions, how the paper decoded answers to them, and how to turn a
 question plus the model's answers into judge requests. Code elsewhere never branches on a benchmark's name.

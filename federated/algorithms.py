@@ -4,8 +4,9 @@ An algorithm has a server part and a client part:
   init_state(x, num_clients)          -> server state, a dict of tensors (checkpointed generically)
   client_hooks(k, x, state, store)    -> ClientHooks for client k's local training this round
   step(x, Y, counts, state, t, ups)   -> the new global vector, from the sampled clients' vectors Y [K, N]
-Server math runs through kernels/ (Triton on CUDA, PyTorch twin otherwise). The reference math is in
-../shared/docs/ALGORITHMS.md; options beyond the paper are explicit flags in FedArguments.
+Server math runs through kernels/ (Triton on CUDA, PyTorch twin otherwise). The math of each method, and where
+it follows the paper's code or the original papers, is in docs/ALGORITHMS.md; options beyond the paper are
+explicit flags in FedArguments.
 """
 from __future__ import annotations
 
@@ -58,7 +59,12 @@ class Algorithm:
         return kernels.server_update(self.server_rule, x, client_vectors, self.weights(sample_counts),
                                      state.get("m"), state.get("v"), t, eta=a.fedopt_eta, tau=a.fedopt_tau,
                                      beta1=a.fedopt_beta1, beta2=a.fedopt_beta2,
-                                     bias_correction=a.fedopt_bias_correction)
+                                     bias_correction=a.fedopt_bias_correction, reddi=self.reddi)
+
+    @property
+    def reddi(self) -> bool:
+        """Whether the server step is Reddi et al.'s Algorithm 2 (FedOpt rules only)."""
+        return False
 
 
 class FedAvgM(Algorithm):
@@ -70,12 +76,18 @@ class FedAvgM(Algorithm):
 
 
 class FedOpt(Algorithm):
-    """FedAdagrad/FedYogi/FedAdam (Reddi et al.) as FedLLM-Bench runs them: unweighted mean delta, no bias
-    correction, v initialised to tau^2. --fedopt_weighted and --fedopt_bias_correction give Reddi's variant."""
+    """FedAdagrad/FedYogi/FedAdam. By default as FedLLM-Bench's code runs them: unweighted mean delta D, m <- D in
+    round 0 (always for FedAdagrad), v from m^2, v initialised to tau^2. --fedopt_variant reddi is Reddi et al.
+    2021, Algorithm 2: m from 0 by m <- beta1 m + (1-beta1) D (FedAdagrad too), v from D^2. The other options
+    are named for what they are: --fedopt_bias_correction (Adam's), --fedopt_weighted (Flower's weighting)."""
 
     @property
     def weighting(self):
         return "samples" if self.fed_args.fedopt_weighted else "uniform"
+
+    @property
+    def reddi(self) -> bool:
+        return self.fed_args.fedopt_variant == "reddi"
 
     def init_state(self, x, num_clients):
         return {"m": torch.zeros_like(x), "v": torch.full_like(x, self.fed_args.fedopt_tau ** 2)}
@@ -166,8 +178,23 @@ def parse_local(fed_alg: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def check_algorithm_arguments(fed_args) -> None:
+    """--fed_alg names a method, and the FedOpt options fit it (checked before any loading)."""
+    name = fed_args.fed_alg
+    if parse_local(name) is None and name not in ALGORITHMS:
+        raise SystemExit(f"Unknown --fed_alg {name!r}: choose one of {algorithm_names()}.")
+    if fed_args.fedopt_variant == "reddi":
+        if not issubclass(ALGORITHMS.get(name, Algorithm), FedOpt):
+            raise SystemExit(f"--fedopt_variant reddi is a FedAdagrad/FedYogi/FedAdam rule; --fed_alg {name} has no "
+                             f"adaptive server step: drop the flag or pick one of those methods.")
+        if fed_args.fedopt_bias_correction or fed_args.fedopt_weighted:
+            raise SystemExit("--fedopt_variant reddi is Algorithm 2 exactly (unweighted, no bias correction): drop "
+                             "--fedopt_bias_correction/--fedopt_weighted, or use --fedopt_variant fedllm-bench.")
+
+
 def make_algorithm(fed_args, num_clients: int) -> Algorithm:
     """The algorithm named by --fed_alg; local<k> trains client k alone and keeps its model (FedAvg of one)."""
+    check_algorithm_arguments(fed_args)
     name = fed_args.fed_alg
     local = parse_local(name)
     if local is not None:
@@ -175,10 +202,8 @@ def make_algorithm(fed_args, num_clients: int) -> Algorithm:
             raise SystemExit(f"--fed_alg {name}: client index {local} is out of range; this run has "
                              f"{num_clients} clients (local0 ... local{num_clients - 1}).")
         algorithm = Algorithm(fed_args)
-    elif name in ALGORITHMS:
-        algorithm = ALGORITHMS[name](fed_args)
     else:
-        raise SystemExit(f"Unknown --fed_alg {name!r}: choose one of {algorithm_names()}.")
+        algorithm = ALGORITHMS[name](fed_args)
     algorithm.num_clients = num_clients
     return algorithm
 

@@ -2,12 +2,15 @@
 
 checkpoint-<r>/ holds the PEFT adapter (loadable with PeftModel.from_pretrained) and the run state:
 run_state.safetensors (global vector, server state, per-client state, torch RNG) and run_state.json (round,
-Python and NumPy RNG states, loss history). A checkpoint is written to a temporary folder and renamed, so a
-crash never leaves a half-written one.
+Python and NumPy RNG states, loss history), and checksums.json: the SHA-256 of every other file, written last.
+A checkpoint is written to a temporary folder and renamed, so a crash never leaves a half-written one under its
+final name; a resume verifies the checksums and falls back to the previous good checkpoint when one fails.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -16,6 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+CHECKSUMS = "checksums.json"
+REQUIRED = ("run_state.json", "run_state.safetensors", "adapter_model.safetensors")
 
 
 @dataclass
@@ -48,15 +56,70 @@ def save_checkpoint(output_dir: str | Path, run: RunState, model) -> Path:
             "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
             "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
     (tmp / "run_state.json").write_text(json.dumps(meta))
+    write_checksums(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
 
 
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    sums = {str(p.relative_to(folder)): sha256(p) for p in files}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from (a missing file, a checksum mismatch), or None when it is whole.
+    Checkpoints from before checksums were recorded are accepted with a warning."""
+    missing = [name for name in REQUIRED if not (folder / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    if not (folder / CHECKSUMS).is_file():
+        logger.warning("%s has no %s (written by an older version): loading it unverified", folder, CHECKSUMS)
+        return None
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{CHECKSUMS} is unreadable"
+    for name, digest in sums.items():
+        if not (folder / name).is_file():
+            return f"{name} missing"
+        if sha256(folder / name) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def checkpoint_round(path: Path) -> int:
+    return int(path.name.split("-")[-1])
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The folder's checkpoint-<r> folders, latest first (temporary .tmp folders excluded)."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=checkpoint_round, reverse=True)
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    done = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "run_state.json").exists()
-            and p.name.split("-")[-1].isdigit()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    """The latest checkpoint folder, unverified (cheap: for messages)."""
+    return next(iter(checkpoints(output_dir)), None)
+
+
+def latest_good_checkpoint(output_dir: str | Path) -> tuple[Path, RunState] | tuple[None, None]:
+    """The latest checkpoint that verifies and loads, with its state; corrupt ones are reported and skipped."""
+    for path in checkpoints(output_dir):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            try:
+                return path, load_checkpoint(path)
+            except Exception as err:  # a checkpoint without checksums can still be torn
+                problem = f"it does not load ({type(err).__name__}: {err})"
+        logger.warning("Skipping %s: %s; falling back to the previous checkpoint", path, problem)
+    return None, None
 
 
 def load_checkpoint(path: Path) -> RunState:

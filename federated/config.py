@@ -1,6 +1,7 @@
 """Run configuration as dataclasses, parsed once in each entry script's main() (flag names as OpenFedLLM)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -18,10 +19,19 @@ class FedArguments:
     fedopt_tau: float = field(default=1e-3, metadata={"help": "adaptivity (FedAdagrad/Yogi/Adam)"})
     fedopt_beta1: float = field(default=0.5, metadata={"help": "server momentum (FedAvgM, FedOpt)"})
     fedopt_beta2: float = field(default=0.99, metadata={"help": "second moment decay (FedYogi/FedAdam)"})
-    fedopt_bias_correction: bool = field(default=False, metadata={"help": "Reddi et al.'s bias correction "
-                                                                           "(not in the paper)"})
-    fedopt_weighted: bool = field(default=False, metadata={"help": "sample-weighted mean delta for FedOpt "
-                                                                    "(the paper uses the unweighted mean)"})
+    fedopt_variant: str = field(default="fedllm-bench", metadata={
+        "help": "fedllm-bench (the paper's code: m <- mean delta in round 0, v from m^2) or reddi (Reddi et al. "
+                "2021, Algorithm 2 exactly: m from 0, v from the squared mean delta); FedAdagrad/Yogi/Adam only"})
+    fedopt_bias_correction: bool = field(default=False, metadata={
+        "help": "Adam-style (Kingma & Ba) bias correction of the server moments: in neither the paper's code nor "
+                "Reddi et al.; with --fedopt_variant fedllm-bench only"})
+    fedopt_weighted: bool = field(default=False, metadata={
+        "help": "sample-weighted mean delta for FedOpt, the weighting Flower's FedOpt strategies inherit from "
+                "FedAvg (the paper's code and Reddi et al. use the unweighted mean)"})
+    outlier_ratio: float = field(default=1e3, metadata={"help": "log a client update whose delta norm exceeds this "
+                                                                "times the median of the round's other updates"})
+    drop_outliers: bool = field(default=False, metadata={"help": "drop such updates from aggregation, as NaN "
+                                                                 "updates are"})
     save_model_freq: int | None = field(default=None, metadata={"help": "alias of --checkpoint_step"})
     local_epochs: int | None = field(default=None, metadata={"help": "local<k> only: train client k for this many "
                                                                         "epochs, one round per epoch (the paper's "
@@ -76,8 +86,10 @@ class ScriptArguments:
     output_dir: str = field(default="output")
     checkpoint_step: int = field(default=50, metadata={"help": "save a checkpoint every N rounds (and the last)"})
     seed: int = field(default=2023)
-    resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its last "
-                                                         "checkpoint"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its last good "
+                                                         "checkpoint (the run-defining settings must match)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "delete an earlier run's checkpoints and "
+                                                                       "files in --output_dir and start anew"})
     synthetic_num_clients: int = field(default=20, metadata={"help": "fed-synthetic: number of clients"})
     synthetic_alpha: float = field(default=0.3, metadata={"help": "fed-synthetic: Dirichlet skew of task mixtures"})
     synthetic_seed: int = field(default=0)
@@ -108,3 +120,71 @@ def dataset_options(script_args: ScriptArguments) -> dict:
     options.update({k: getattr(script_args, k) for k in ("eval_data_dir", "source_path", "hf_token")
                     if getattr(script_args, k)})
     return options
+
+
+FEDOPT_VARIANTS = ("fedllm-bench", "reddi")
+QUALITY_FILTERS = ("ira",)
+
+
+def _fail(flag: str, value, requirement: str, fix: str):
+    raise SystemExit(f"{flag} {value!r} is invalid: it must be {requirement}; {fix}.")
+
+
+def _check_number(flag: str, value, *, integer=False, low=None, low_open=True, high=None, optional=False):
+    """value is a finite number (an integer if asked) above `low` (or at least it) and below `high`."""
+    if value is None and optional:
+        return
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if integer:
+        finite = finite and float(value).is_integer()
+    bound = "" if low is None else (f" > {low:g}" if low_open else f" >= {low:g}")
+    bound += "" if high is None else f" and < {high:g}"
+    kind = "an integer" if integer else "a finite number"
+    if not finite or (low is not None and (value <= low if low_open else value < low)) \
+            or (high is not None and value >= high):
+        raise SystemExit(f"{flag} {value!r} is invalid: it must be {kind}{bound}; pass such a value, or omit {flag} "
+                         f"for its default.")
+
+
+def check_arguments(script_args: ScriptArguments, fed_args: FedArguments) -> None:
+    """Every flag checked before any data or model is loaded: each failure one line naming the flag and the fix."""
+    from federated.algorithms import check_algorithm_arguments
+    from federated.privacy import check_privacy_arguments
+    from utils.model import check_quantization
+    from utils.templates import check_template
+
+    for flag, value in [("--num_rounds", fed_args.num_rounds), ("--sample_clients", fed_args.sample_clients),
+                        ("--max_steps", script_args.max_steps), ("--batch_size", script_args.batch_size),
+                        ("--gradient_accumulation_steps", script_args.gradient_accumulation_steps),
+                        ("--seq_length", script_args.seq_length), ("--checkpoint_step", script_args.checkpoint_step),
+                        ("--peft_lora_r", script_args.peft_lora_r), ("--peft_lora_alpha", script_args.peft_lora_alpha),
+                        ("--synthetic_num_clients", script_args.synthetic_num_clients),
+                        ("--synthetic_mean_samples", script_args.synthetic_mean_samples)]:
+        _check_number(flag, value, integer=True, low=0)
+    for flag, value in [("--num_clients", fed_args.num_clients), ("--save_model_freq", fed_args.save_model_freq),
+                        ("--eval_per_task", script_args.eval_per_task)]:
+        _check_number(flag, value, integer=True, low=0, optional=True)
+    _check_number("--learning_rate", script_args.learning_rate, low=0)
+    _check_number("--prox_mu", fed_args.prox_mu, low=0, low_open=False)
+    _check_number("--fedopt_eta", fed_args.fedopt_eta, low=0)
+    _check_number("--fedopt_tau", fed_args.fedopt_tau, low=0)
+    _check_number("--fedopt_beta1", fed_args.fedopt_beta1, low=0, low_open=False, high=1)
+    _check_number("--fedopt_beta2", fed_args.fedopt_beta2, low=0, low_open=False, high=1)
+    _check_number("--outlier_ratio", fed_args.outlier_ratio, low=1)
+    _check_number("--synthetic_alpha", script_args.synthetic_alpha, low=0)
+    if fed_args.fedopt_variant not in FEDOPT_VARIANTS:
+        _fail("--fedopt_variant", fed_args.fedopt_variant, f"one of {', '.join(FEDOPT_VARIANTS)}",
+              "pass --fedopt_variant reddi for Reddi et al.'s Algorithm 2")
+    if script_args.quality_filter is not None and script_args.quality_filter not in QUALITY_FILTERS:
+        _fail("--quality_filter", script_args.quality_filter, "'ira'", "pass --quality_filter ira or omit it")
+    if script_args.client_groups is not None:
+        from data.groups import GROUP_MODES
+        if script_args.client_groups not in GROUP_MODES:
+            _fail("--client_groups", script_args.client_groups, f"one of {', '.join(GROUP_MODES)}",
+                  "or omit it for one federation")
+    if script_args.resume and script_args.overwrite_output_dir:
+        raise SystemExit("--resume and --overwrite_output_dir contradict each other: pass one of them.")
+    check_template(script_args.template)
+    check_algorithm_arguments(fed_args)
+    check_privacy_arguments(fed_args)
+    check_quantization(script_args.load_in_8bit, script_args.load_in_4bit)

@@ -14,7 +14,6 @@ import random
 import resource
 import time
 from collections import defaultdict
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from federated.algorithms import make_algorithm, parse_local, server_step
-from federated.checkpoint import RunState, latest_checkpoint, load_checkpoint, save_checkpoint
+from federated.checkpoint import RunState, latest_good_checkpoint, save_checkpoint
 from federated.client import LocalTrainer, client_seed, is_finite, local_steps, round_subset
 
 logger = logging.getLogger(__name__)
@@ -49,27 +48,70 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def write_args(output_dir: Path, *configs) -> None:
-    merged = {}
-    for config in configs:
-        merged.update(asdict(config))
-    (output_dir / "args.json").write_text(json.dumps(merged, indent=2, default=str))
+def rebuilt_row(run: RunState, fed_args, num_clients: int, round_number: int) -> dict:
+    """A metrics row rebuilt from a checkpoint: the sampled clients (a function of the round) and their losses
+    (the loss history; -1 marks a dropped client). Timings and memory were not checkpointed and stay absent."""
+    t = round_number - 1
+    clients = sample_clients(fed_args, num_clients, t)
+    losses = {k: run.loss_history[k][t] for k in clients}
+    return {"round": round_number, "clients": clients,
+            "client_loss": {str(k): v for k, v in losses.items() if v != -1.0},
+            "dropped_clients": [k for k, v in losses.items() if v == -1.0], "rebuilt_from_checkpoint": True}
 
 
-def _start(output_dir: Path, resume: bool, x0: torch.Tensor, algorithm, num_clients: int) -> RunState:
-    checkpoint = latest_checkpoint(output_dir) if resume else None
+def restore_metrics(path: Path, run: RunState, rebuild) -> None:
+    """metrics.jsonl as of the checkpoint: rows of later rounds dropped (they are redone), torn lines skipped, and
+    rows that are missing rebuilt with `rebuild(round_number)`; written atomically."""
+    rows, torn = {}, 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
+    for line in filter(None, lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("round"), int) and 1 <= row["round"] <= run.round:
+            rows[row["round"]] = row
+    missing = [r for r in range(1, run.round + 1) if r not in rows]
+    if missing or torn:
+        logger.warning("%s: %d torn line(s) skipped; rounds %s rebuilt from the checkpoint", path, torn,
+                       missing or "none")
+    rows.update({r: rebuild(r) for r in missing})
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(rows[r]) + "\n" for r in sorted(rows)))
+    tmp.replace(path)
+
+
+def _start(output_dir: Path, resume: bool, x0: torch.Tensor, algorithm, num_clients: int, fed_args) -> RunState:
+    checkpoint, run = latest_good_checkpoint(output_dir) if resume else (None, None)
     if resume and checkpoint is None:
-        logger.warning("--resume: no checkpoint in %s yet, starting from round 0", output_dir)
+        logger.warning("--resume: no usable checkpoint in %s yet, starting from round 0", output_dir)
     if checkpoint is None:
         (output_dir / "metrics.jsonl").write_text("")
         return RunState(x=x0, server_state=algorithm.init_state(x0, num_clients),
                         loss_history=[[] for _ in range(num_clients)])
-    run = load_checkpoint(checkpoint)
     logger.info("Resuming from %s (round %d)", checkpoint, run.round)
-    metrics = output_dir / "metrics.jsonl"  # drop rows of rounds after the checkpoint: they are redone
-    rows = [r for r in metrics.read_text().splitlines() if r and json.loads(r)["round"] <= run.round]
-    metrics.write_text("".join(r + "\n" for r in rows))
+    restore_metrics(output_dir / "metrics.jsonl", run, lambda r: rebuilt_row(run, fed_args, num_clients, r))
     return run
+
+
+def outlier_clients(x: torch.Tensor, vectors: list[torch.Tensor], clients: list[int], ratio: float,
+                    round_number: int) -> list[int]:
+    """Clients whose update norm ||y_k - x|| exceeds `ratio` times the median norm of the round's other updates
+    (finite but absurd: a near-divergence the NaN check misses). Needs at least two updates."""
+    if len(vectors) < 2:
+        return []
+    norms = [float(torch.linalg.vector_norm(y - x)) for y in vectors]  # one [N] temporary at a time, no [K, N]
+    flagged = []
+    for i, k in enumerate(clients):
+        others = norms[:i] + norms[i + 1:]
+        median = float(np.median(others))
+        if norms[i] > ratio * median and norms[i] > 0:
+            logger.warning("Round %d: client %d's update norm %.4g is %.3g times the median %.4g of the round's "
+                           "other updates", round_number, k, norms[i],
+                           norms[i] / median if median > 0 else float("inf"), median)
+            flagged.append(k)
+    return flagged
 
 
 def run_federated(script_args, fed_args, model, local_trainer: LocalTrainer, client_data: list, lr_min: float,
@@ -79,7 +121,7 @@ def run_federated(script_args, fed_args, model, local_trainer: LocalTrainer, cli
     num_clients, flat = len(client_data), local_trainer.flat
     sample_counts = [len(d) for d in client_data]
     algorithm = algorithm or make_algorithm(fed_args, num_clients)
-    run = _start(output_dir, script_args.resume, flat.get(), algorithm, num_clients)
+    run = _start(output_dir, script_args.resume, flat.get(), algorithm, num_clients, fed_args)
     if privacy is not None and "privacy" in run.extra:
         privacy.load_state_dict(run.extra["privacy"])
     checkpoint_step = fed_args.save_model_freq or script_args.checkpoint_step
@@ -94,6 +136,7 @@ def run_federated(script_args, fed_args, model, local_trainer: LocalTrainer, cli
         clients = sample_clients(fed_args, num_clients, t)
         lr = round_learning_rate(script_args.learning_rate, lr_min, t, fed_args.num_rounds)
         vectors, counts, uploads, losses, dropped, steps_done = [], [], defaultdict(list), {}, [], {}
+        finished = {}  # client -> (vector, uploads, client state), for the clients that did not diverge
         train_time = 0.0
         for k in clients:
             steps = local_steps(script_args, fed_args, sample_counts[k], num_clients)
@@ -110,7 +153,14 @@ def run_federated(script_args, fed_args, model, local_trainer: LocalTrainer, cli
                 dropped.append(k)  # a diverged client must not poison the global model
                 logger.warning("Round %d: client %d produced NaN/inf; dropped from aggregation", t + 1, k)
                 continue
-            client_uploads, client_state = hooks.finish(y, steps_done[k], lr)
+            finished[k] = (y, *hooks.finish(y, steps_done[k], lr))
+        outliers = outlier_clients(run.x, [f[0] for f in finished.values()], list(finished), fed_args.outlier_ratio,
+                                   t + 1)
+        if fed_args.drop_outliers:
+            dropped.extend(outliers)  # treated as a NaN update: not aggregated, its client state not kept
+        for k, (y, client_uploads, client_state) in finished.items():
+            if k in dropped:
+                continue
             vectors.append(y)
             counts.append(sample_counts[k])
             for key, value in client_uploads.items():
@@ -134,7 +184,7 @@ def run_federated(script_args, fed_args, model, local_trainer: LocalTrainer, cli
                "local_steps": {str(k): v for k, v in steps_done.items()}, "learning_rate": lr,
                "round_time_s": round(round_time, 4), "train_time_s": round(train_time, 4),
                "peak_memory_mb": round(peak_memory_mb(), 1), "bytes_uploaded": transfer,
-               "bytes_downloaded": transfer, "dropped_clients": dropped}
+               "bytes_downloaded": transfer, "dropped_clients": dropped, "outlier_clients": outliers}
         if privacy is not None:
             row.update(privacy.metrics(run))
         with open(output_dir / "metrics.jsonl", "a") as f:

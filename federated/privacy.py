@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 MODES = ("paper", "clip")
 DEFAULT_CLIP = 1.0  # C when neither --dp_clip nor --dp_max_grad_norm is given
 CALIBRATION_TOLERANCE = 0.01  # --dp_target_epsilon: the calibrated epsilon lies in [target - tol, target]
+MAX_NOISE_MULTIPLIER = 1e3  # a target epsilon that needs more noise than this is refused as impossible
 
 
 def paper_sigma(epsilon: float, delta: float, lr: float, clip: float, total_samples: int, num_clients: int,
@@ -164,8 +165,19 @@ def clip_norm(fed_args) -> float:
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, num_rounds: int) -> float:
     """The smallest noise multiplier (to Opacus' binary-search tolerance) whose RDP epsilon after num_rounds
     subsampled Gaussian steps is at most target_epsilon."""
+    from opacus.accountants import RDPAccountant
     from opacus.accountants.utils import get_noise_multiplier
 
+    # Opacus searches up to a noise multiplier of 1e6 before it gives up, which takes minutes; no useful run has
+    # z above 1000, so the budget is checked there first, in one accountant call.
+    floor = RDPAccountant()
+    floor.history = [(MAX_NOISE_MULTIPLIER, sample_rate, num_rounds)]
+    lowest = floor.get_epsilon(delta=delta)
+    if lowest > target_epsilon:
+        raise SystemExit(f"--dp_target_epsilon {target_epsilon:g} cannot be met at delta={delta:g} over {num_rounds} "
+                         f"rounds at sampling rate {sample_rate:.4g}: even noise multiplier {MAX_NOISE_MULTIPLIER:g} "
+                         f"gives epsilon {lowest:.3g}; raise the epsilon or delta, or lower --num_rounds or "
+                         f"--sample_clients.")
     return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                 steps=num_rounds, accountant="rdp", epsilon_tolerance=CALIBRATION_TOLERANCE)
 
@@ -207,6 +219,23 @@ def make_clip(fed_args, script_args, sample_counts: list[int], sample_rate: floa
 
 
 MAKERS = {"paper": make_paper, "clip": make_clip}
+
+
+def check_privacy_arguments(fed_args) -> None:
+    """The DP flags' values, checked before any loading (the mode's consistency is checked by make_privacy)."""
+    resolve_mode(fed_args)
+    positive = [("--dp_epsilon", fed_args.dp_epsilon), ("--dp_target_epsilon", fed_args.dp_target_epsilon),
+                ("--dp_clip", fed_args.dp_clip), ("--dp_max_grad_norm", fed_args.dp_max_grad_norm)]
+    non_negative = [("--dp_sigma", fed_args.dp_sigma), ("--dp_noise_multiplier", fed_args.dp_noise_multiplier)]
+    for flag, value in positive + non_negative:
+        if value is None:
+            continue
+        strict = (flag, value) in positive
+        if not math.isfinite(value) or value < 0 or (strict and value == 0):
+            raise SystemExit(f"{flag} {value!r} is invalid: it must be a finite number {'> 0' if strict else '>= 0'};"
+                             f" pass such a value or omit {flag}.")
+    if not 0 < fed_args.dp_delta < 1:
+        raise SystemExit(f"--dp_delta must be in (0, 1), got {fed_args.dp_delta}.")
 
 
 def make_privacy(fed_args, script_args, sample_counts: list[int]) -> PaperDP | ClippedDP | None:

@@ -2,8 +2,10 @@
 the local trainer (load and choose clients, quality filtering, language groups, the model with LoRA)."""
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import replace
+from typing import Callable
 
 import torch
 from transformers import set_seed
@@ -12,6 +14,8 @@ from data import load_federated_dataset
 from federated.config import dataset_options
 from utils.model import load_base_model, load_tokenizer, wrap_with_lora
 
+logger = logging.getLogger(__name__)
+
 
 def load_dataset_for(script_args, kinds: tuple[str, ...], entry: str):
     """The run's dataset, checked to hold `kinds` of samples, after the optional IRA filter and ordering."""
@@ -19,7 +23,7 @@ def load_dataset_for(script_args, kinds: tuple[str, ...], entry: str):
     dataset = load_federated_dataset(script_args.dataset, local_data_dir=script_args.local_data_dir, kind=kind,
                                      **dataset_options(script_args))
     if dataset.kind not in kinds:
-        raise SystemExit(f"Dataset {dataset.name} holds {dataset.kind} samples, which {entry} does not train: "
+        raise SystemExit(f"{dataset.described} holds {dataset.kind} samples, which {entry} does not train: "
                          f"use {'main_dpo.py' if dataset.kind == 'preference' else 'main_sft.py'}.")
     return apply_quality(dataset, script_args)
 
@@ -46,7 +50,8 @@ def select_clients(dataset, fed_args) -> list[list[dict]]:
     if fed_args.num_clients is None:
         fed_args.num_clients = available
     if fed_args.num_clients > available:
-        raise SystemExit(f"--num_clients {fed_args.num_clients} exceeds the {available} clients of {dataset.name}; "
+        raise SystemExit(f"--num_clients {fed_args.num_clients} exceeds the {available} clients of "
+                         f"{dataset.described}; "
                          f"pass --num_clients {available} or fewer.")
     if fed_args.sample_clients > fed_args.num_clients:
         warnings.warn(f"--sample_clients {fed_args.sample_clients} > --num_clients {fed_args.num_clients}: "
@@ -72,12 +77,38 @@ def group_runs(dataset, script_args, fed_args) -> list[tuple[str, list[int], obj
     return runs
 
 
-def load_model_with_lora(script_args):
-    """Tokenizer and LoRA-wrapped base model, seeded so that LoRA's initial A matrices are reproducible."""
+def drop_untrainable(tokenized: list[list[dict]], trainable: Callable[[dict], bool], client_ids: list[str],
+                     seq_length: int) -> list[list[dict]]:
+    """Each client's tokenised samples without those whose prompt fills --seq_length (no response token is left
+    to learn from: they would train on nothing and report a loss of 0). One warning with the count; a client left
+    with no sample is refused."""
+    kept = [[sample for sample in samples if trainable(sample)] for samples in tokenized]
+    dropped = {cid: len(before) - len(after) for cid, before, after in zip(client_ids, tokenized, kept)
+               if len(before) > len(after)}
+    if dropped:
+        logger.warning("%d samples of %d clients have a prompt that fills --seq_length %d and leave no response token "
+                       "to learn from; they are dropped (a larger --seq_length keeps them). Per client: %s",
+                       sum(dropped.values()), len(dropped), seq_length,
+                       ", ".join(f"{cid}: {n}" for cid, n in list(dropped.items())[:20])
+                       + (", ..." if len(dropped) > 20 else ""))
+    empty = [cid for cid, samples in zip(client_ids, kept) if not samples]
+    if empty:
+        raise SystemExit(f"Client {empty[0]!r} (and {len(empty) - 1} more) has no sample whose response fits in "
+                         f"--seq_length {seq_length}: raise --seq_length, or leave the client out (--num_clients).")
+    return kept
+
+
+def load_lora_model(script_args):
+    """The LoRA-wrapped base model, seeded so that LoRA's initial A matrices are reproducible."""
     set_seed(script_args.seed)
-    tokenizer = load_tokenizer(script_args.model_name_or_path, script_args.seq_length)
     model = load_base_model(script_args.model_name_or_path, script_args.load_in_8bit, script_args.load_in_4bit)
-    return tokenizer, wrap_with_lora(model, r=script_args.peft_lora_r, alpha=script_args.peft_lora_alpha)
+    return wrap_with_lora(model, r=script_args.peft_lora_r, alpha=script_args.peft_lora_alpha)
+
+
+def load_model_with_lora(script_args):
+    """Tokenizer and LoRA-wrapped base model."""
+    tokenizer = load_tokenizer(script_args.model_name_or_path, script_args.seq_length)
+    return tokenizer, load_lora_model(script_args)
 
 
 def trainer_arguments(script_args, output_dir: str) -> dict:

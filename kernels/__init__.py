@@ -45,13 +45,13 @@ def weighted_sum(client_vectors: torch.Tensor, weights: torch.Tensor, out: torch
 
 def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weights: torch.Tensor,
                   m: torch.Tensor | None, v: torch.Tensor | None, t: int, eta: float = 1e-3, tau: float = 1e-3,
-                  beta1: float = 0.5, beta2: float = 0.99, bias_correction: bool = False,
+                  beta1: float = 0.5, beta2: float = 0.99, bias_correction: bool = False, reddi: bool = False,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """One server step (fedavg/fedavgm/fedadagrad/fedyogi/fedadam), new x into out if given (reusing a buffer
     saves page faults on the CPU); see reference.server_update."""
     return _backend(client_vectors).server_update(rule, x, client_vectors, weights, m, v, t, eta=eta, tau=tau,
                                                   beta1=beta1, beta2=beta2, bias_correction=bias_correction,
-                                                  out=out)
+                                                  reddi=reddi, out=out)
 
 
 def scaffold_control_update(c: torch.Tensor, control_deltas: torch.Tensor, num_clients: int,

@@ -1,4 +1,4 @@
-"""Plain PyTorch twins of the server-step kernels: the reference semantics (../docs/ALGORITHMS.md).
+"""Plain PyTorch twins of the server-step kernels: the reference semantics (docs/ALGORITHMS.md).
 
 All operate on one flat fp32 vector of the trainable parameters. `client_vectors` is [K, N] (fp32, bf16 or
 fp16); accumulation is always fp32. `weights` is [K] fp32 and sums to 1 (sample-count or uniform weights).
@@ -67,7 +67,7 @@ def weighted_sum(client_vectors: torch.Tensor, weights: torch.Tensor, out: torch
 
 def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weights: torch.Tensor,
                   m: torch.Tensor | None, v: torch.Tensor | None, t: int, eta: float = 1e-3, tau: float = 1e-3,
-                  beta1: float = 0.5, beta2: float = 0.99, bias_correction: bool = False,
+                  beta1: float = 0.5, beta2: float = 0.99, bias_correction: bool = False, reddi: bool = False,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """One server step; returns the new global vector (in `out` if given, fp32 [N], not x) and updates m and v in
     place.
@@ -80,15 +80,17 @@ def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weig
               x <- x + eta m / (sqrt(v) + tau)
     bias_correction (an option, Reddi et al. style): m is an EMA from zero at every round, and the update uses
     m / (1 - beta1^(t+1)) (fedavgm, fedyogi, fedadam) and, for fedadam, v / (1 - beta2^(t+1)).
+    reddi (Reddi et al. 2021, Algorithm 2; fedadagrad/fedyogi/fedadam): m <- beta1 m + (1-beta1) D in every round
+    and for every rule (m starts at 0), and v is updated from D^2 instead of m^2.
     """
     check_rule(rule)
     if rule == "fedavg":
         return weighted_sum(client_vectors, weights, out=out)
     out = _new_out(x, out)
     weights = weights.to(torch.float32).tolist()
-    copy_m = copies_delta_into_m(rule, t, bias_correction)
+    copy_m = copies_delta_into_m(rule, t, bias_correction, reddi)
     m_denom, v_denom = bias_denominators(rule, t, beta1, beta2, bias_correction)
-    scratch = torch.empty((2, min(SLICE, x.numel())), dtype=torch.float32, device=x.device)
+    scratch = torch.empty((3, min(SLICE, x.numel())), dtype=torch.float32, device=x.device)
     for part in _slices(x.numel()):
         x_part, m_part, out_part = x[part].to(torch.float32), m[part], out[part]
         delta, tmp = scratch[0, :out_part.numel()], scratch[1, :out_part.numel()]
@@ -100,7 +102,10 @@ def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weig
         if rule == "fedavgm":
             torch.add(x_part, m_part, alpha=1 / m_denom, out=out_part)
             continue
-        _second_moment(rule, v[part], m_part, beta2, tmp, delta)
+        if reddi:  # v from D^2; D is still needed, so the third buffer is the scratch
+            _second_moment(rule, v[part], delta, beta2, tmp, scratch[2, :out_part.numel()])
+        else:
+            _second_moment(rule, v[part], m_part, beta2, tmp, delta)
         v_hat = v[part] if v_denom == 1.0 else torch.div(v[part], v_denom, out=tmp)
         torch.sqrt(v_hat, out=tmp).add_(tau)  # sqrt(v^) + tau
         torch.addcdiv(x_part, m_part, tmp, value=eta / m_denom, out=out_part)  # x + eta m^ / (sqrt(v^) + tau)
@@ -125,8 +130,11 @@ def check_rule(rule: str) -> None:
         raise ValueError(f"unknown server rule {rule!r}; expected one of {SERVER_RULES}")
 
 
-def copies_delta_into_m(rule: str, t: int, bias_correction: bool) -> bool:
-    """Whether m <- D this round (FedAdagrad always; the others at t=0 unless m is a bias-corrected EMA)."""
+def copies_delta_into_m(rule: str, t: int, bias_correction: bool, reddi: bool = False) -> bool:
+    """Whether m <- D this round (FedAdagrad always; the others at t=0 unless m is a bias-corrected EMA); never
+    in Reddi et al.'s Algorithm 2, where m is an EMA from 0 for every rule."""
+    if reddi:
+        return False
     return rule == "fedadagrad" or (t == 0 and not bias_correction)
 
 

@@ -51,7 +51,8 @@ def _accumulate_kernel(BASE, Y, W, OUT, N, K, stride_k, divisor,
 @triton.jit
 def _server_update_kernel(X, Y, W, M, V, OUT, N, K, stride_k,
                           beta1, one_minus_beta1, beta2, one_minus_beta2, eta, tau, m_denom, v_denom,
-                          RULE: tl.constexpr, COPY_M: tl.constexpr, BLOCK: tl.constexpr):
+                          RULE: tl.constexpr, COPY_M: tl.constexpr, SQUARE_DELTA: tl.constexpr,
+                          BLOCK: tl.constexpr):
     """One pass of reference.server_update: reads x, the K rows, m and v; writes the new x, m and v."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -77,7 +78,10 @@ def _server_update_kernel(X, Y, W, M, V, OUT, N, K, stride_k,
             tl.store(OUT + offs, x + tl.div_rn(m, m_denom), mask=mask)
         else:
             v = tl.load(V + offs, mask=mask, other=1.0)
-            m2 = m * m
+            if SQUARE_DELTA:  # Reddi et al.'s Algorithm 2
+                m2 = delta * delta
+            else:
+                m2 = m * m
             if RULE == _RULE_FEDADAGRAD:
                 v = v + m2
             elif RULE == _RULE_FEDYOGI:
@@ -199,7 +203,7 @@ def scaffold_control_update(c: torch.Tensor, control_deltas: torch.Tensor, num_c
 
 def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weights: torch.Tensor,
                   m: torch.Tensor | None, v: torch.Tensor | None, t: int, eta: float = 1e-3, tau: float = 1e-3,
-                  beta1: float = 0.5, beta2: float = 0.99, bias_correction: bool = False,
+                  beta1: float = 0.5, beta2: float = 0.99, bias_correction: bool = False, reddi: bool = False,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton twin of reference.server_update: one fused pass; returns the new x, updates m and v in place."""
     reference.check_rule(rule)
@@ -215,7 +219,7 @@ def server_update(rule: str, x: torch.Tensor, client_vectors: torch.Tensor, weig
     _launch(_server_update_kernel, n, x32, rows, _fp32(weights, rows.device), x32 if m is None else m,
             x32 if v is None else v, out, n, k, rows.stride(0), beta1, 1 - beta1, beta2, 1 - beta2, eta, tau,
             m_denom, v_denom, RULE=SERVER_RULES.index(rule),
-            COPY_M=reference.copies_delta_into_m(rule, t, bias_correction))
+            COPY_M=reference.copies_delta_into_m(rule, t, bias_correction, reddi), SQUARE_DELTA=reddi)
     return out
 
 

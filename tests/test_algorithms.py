@@ -1,5 +1,5 @@
 """Server algorithms, client hooks, sampling, schedules and dynamic steps against the formulas of
-../shared/docs/ALGORITHMS.md, checked by an independent NumPy oracle and literal hand-computed values."""
+docs/ALGORITHMS.md, checked by an independent NumPy oracle and literal hand-computed values."""
 import math
 import random
 
@@ -91,10 +91,50 @@ def test_bias_correction_is_an_option_not_the_default():
     corrected = make_algorithm(fed(fed_alg="fedadam", fedopt_bias_correction=True), 2)
     a = server_step(plain, x0, ys, [1, 3], plain.init_state(x0, 2), 0)
     b = server_step(corrected, x0, ys, [1, 3], corrected.init_state(x0, 2), 0)
-    # Reddi et al.: m = (1 - beta1) D = 0.5 D, corrected back to D; v = 0.01 m^2 + 0.99 tau^2, corrected by 0.01.
+    # Adam's (Kingma & Ba) correction: m = (1 - beta1) D = 0.5 D, corrected back to D; v = 0.01 m^2 + 0.99 tau^2,
+    # corrected by 0.01.
     m, v = 0.5 * 2.0, 0.99 * 1e-6 + 0.01 * 1.0
     assert b[0].item() == pytest.approx(1e-3 * (m / 0.5) / (math.sqrt(v / 0.01) + 1e-3), rel=1e-6)
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("rule,expected", [
+    # Two rounds of Reddi et al. 2021, Algorithm 2, worked by hand with eta = tau = 1e-3, beta1 = 0.5, beta2 = 0.99,
+    # v_-1 = tau^2, m_-1 = 0. Round 0: D = mean of (1, 2), (3, 4) = (2, 3) (unweighted: the counts 1, 3 do not
+    # matter); m = 0.5 D = (1, 1.5). Round 1: D = (0, 2); m = 0.5 (1, 1.5) + 0.5 (0, 2) = (0.5, 1.75).
+    # FedAdagrad: v = tau^2 + D^2 = (4.000001, 9.000001), x1_0 = 1e-3 * 1 / (2.00000025 + 1e-3) = 4.9975006e-4;
+    #   round 1: v_0 stays 4.000001, x2_0 = x1_0 + 1e-3 * 0.5 / 2.00100025 = 7.4962509e-4.
+    ("fedadagrad", [[4.997500625e-4, 4.998333611e-4], [7.496250937e-4, 9.850614361e-4]]),
+    # FedYogi: v = tau^2 - 0.01 D^2 sign(tau^2 - D^2) = tau^2 + 0.01 D^2 = (0.040001, 0.090001);
+    #   x1_0 = 1e-3 / (0.2000025 + 1e-3) = 4.9750625e-3; round 1: D_0 = 0 leaves v_0, x2_0 = x1_0 + 5e-4 / 0.2010025.
+    ("fedyogi", [[4.9750625e-3, 4.983361111e-3], [7.462593749e-3, 9.823544957e-3]]),
+    # FedAdam: v = 0.99 tau^2 + 0.01 D^2 = (0.04000099, 0.09000099); x1_0 = 1e-3 / (0.20000247 + 1e-3);
+    #   round 1: v_0 = 0.99 * 0.04000099 = 0.03960098, x2_0 = x1_0 + 5e-4 / (0.19900000 + 1e-3).
+    ("fedadam", [[4.975063118e-3, 4.983361387e-3], [7.475063743e-3, 9.840340715e-3]]),
+])
+def test_reddi_algorithm2_against_hand_values(rule, expected):
+    algorithm = make_algorithm(fed(fed_alg=rule, fedopt_variant="reddi"), 2)
+    x0 = torch.zeros(2)
+    state = algorithm.init_state(x0, 2)
+    x1 = server_step(algorithm, x0, torch.tensor([[1.0, 2.0], [3.0, 4.0]]), [1, 3], state, 0)
+    assert x1.tolist() == pytest.approx(expected[0], rel=1e-6)
+    x2 = server_step(algorithm, x1, x1 + torch.tensor([[1.0, 1.0], [-1.0, 3.0]]), [1, 3], state, 1)
+    assert x2.tolist() == pytest.approx(expected[1], rel=1e-6)
+    assert state["m"].tolist() == pytest.approx([0.5, 1.75])
+    # The paper's code (the default) differs from round 0: m <- D, so the first step is about twice as long.
+    paper = make_algorithm(fed(fed_alg=rule), 2)
+    x1_paper = server_step(paper, x0, torch.tensor([[1.0, 2.0], [3.0, 4.0]]), [1, 3], paper.init_state(x0, 2), 0)
+    assert x1_paper[0].item() > 1.9 * x1[0].item()
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"fed_alg": "fedavgm", "fedopt_variant": "reddi"}, "no adaptive server step"),
+    ({"fed_alg": "fedadam", "fedopt_variant": "reddi", "fedopt_weighted": True}, "Algorithm 2 exactly"),
+    ({"fed_alg": "fedadam", "fedopt_variant": "reddi", "fedopt_bias_correction": True}, "Algorithm 2 exactly"),
+])
+def test_reddi_variant_refuses_what_algorithm2_does_not_have(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        make_algorithm(fed(**flags), 2)
 
 
 def test_scaffold_control_update_and_client_correction():

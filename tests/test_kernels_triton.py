@@ -44,19 +44,31 @@ def test_weighted_sum_above_1m_and_strided_rows():
 
 
 @pytest.mark.parametrize("rule", reference.SERVER_RULES)
-@pytest.mark.parametrize("bias_correction", (False, True), ids=("plain", "bias_corrected"))
+@pytest.mark.parametrize("bias_correction,reddi", [(False, False), (True, False), (False, True)],
+                         ids=("plain", "bias_corrected", "reddi"))
 @pytest.mark.parametrize("dtype,k", [(torch.float32, 1), (torch.bfloat16, 2), (torch.float16, 7),
                                      (torch.float32, 7)], ids=("fp32-K1", "bf16-K2", "fp16-K7", "fp32-K7"))
-def test_server_update_over_rounds(rule, bias_correction, dtype, k):
+def test_server_update_over_rounds(rule, bias_correction, reddi, dtype, k):
+    if reddi and rule in ("fedavg", "fedavgm"):
+        pytest.skip("Reddi et al.'s Algorithm 2 is a FedAdagrad/FedYogi/FedAdam rule")
     n = 70_001
     x_tri = x_ref = make_round(n, 1)[0]
     (m_tri, v_tri), (m_ref, v_ref) = init_state(n), init_state(n)
     for t in range(3):
         _, y, w = make_round(n, k, dtype, seed=t, x=x_ref)
-        x_tri = kernels.server_update(rule, x_tri, y, w, m_tri, v_tri, t, bias_correction=bias_correction)
-        x_ref = reference.server_update(rule, x_ref, y, w, m_ref, v_ref, t, bias_correction=bias_correction)
+        x_tri = kernels.server_update(rule, x_tri, y, w, m_tri, v_tri, t, bias_correction=bias_correction,
+                                      reddi=reddi)
+        x_ref = reference.server_update(rule, x_ref, y, w, m_ref, v_ref, t, bias_correction=bias_correction,
+                                        reddi=reddi)
         torch.testing.assert_close(x_tri, x_ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(m_tri, m_ref, rtol=1e-5, atol=1e-6)
+        if rule == "fedyogi":
+            # sign(v - s) with s = m^2 or D^2 jumps where v ties s: the twins' D may differ by an ulp, so at such a
+            # rare coordinate they take different sides. Allow those, and restart the next round from one state.
+            far = ~torch.isclose(v_tri, v_ref, rtol=1e-4, atol=1e-12)
+            assert int(far.sum()) <= max(1, n // 10_000)
+            x_tri, v_tri = x_ref.clone(), v_ref.clone()
+            continue
         torch.testing.assert_close(v_tri, v_ref, rtol=1e-4, atol=1e-12)
 
 

@@ -1,6 +1,7 @@
 """main_sft.py end to end on a tiny random Llama (fast) and on the real SmolLM2 (slow): every method, exact
 resume after a kill, and every bad input with its one-line error."""
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -128,12 +129,98 @@ def test_bad_dataset_files(payload, message, tiny_model_dir, tmp_path, capsys):
     (["--dataset", "fed-nothing"], "Unknown --dataset 'fed-nothing'"),
     (["--template", "llama3"], "Unknown --template 'llama3'"),
     (["--num_clients", 9], "--num_clients 9 exceeds the 4 clients"),
+    (["--num_rounds", 0], "--num_rounds 0 is invalid: it must be an integer > 0"),
+    (["--sample_clients", -1], "--sample_clients -1 is invalid"),
+    (["--num_clients", 0], "--num_clients 0 is invalid"),
+    (["--max_steps", 0], "--max_steps 0 is invalid"),
+    (["--batch_size", 0], "--batch_size 0 is invalid"),
+    (["--seq_length", 0], "--seq_length 0 is invalid"),
+    (["--checkpoint_step", 0], "--checkpoint_step 0 is invalid"),
+    (["--learning_rate", "nan"], "--learning_rate nan is invalid: it must be a finite number > 0"),
+    (["--learning_rate", "inf"], "--learning_rate inf is invalid"),
+    (["--learning_rate", 0], "--learning_rate 0.0 is invalid"),
+    (["--fedopt_beta2", 1], "--fedopt_beta2 1.0 is invalid: it must be a finite number >= 0 and < 1"),
+    (["--load_in_8bit", "true", "--load_in_4bit", "true"], "exclude each other"),
+    (["--dp_epsilon", 0], "--dp_epsilon 0.0 is invalid"),
+    (["--dp_mode", "clip", "--dp_target_epsilon", 1e-6, "--num_rounds", 100],
+     "--dp_target_epsilon 1e-06 cannot be met"),
+    (["--fed_alg", "fedavg", "--fedopt_variant", "reddi"], "no adaptive server step"),
+    (["--resume", "true", "--overwrite_output_dir", "true"], "contradict each other"),
 ])
 def test_bad_arguments_fail_before_loading(extra, message, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match=message):
         run_entry(main_sft, tiny_args("/nonexistent/model", out, *extra))
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_non_utf8_file_is_named_with_its_byte_offset(tmp_path):
+    file = tmp_path / "latin1.json"
+    file.write_bytes('{"u1": [{"instruction": "caf'.encode() + b"\xe9" + b'", "response": "b"}]}')
+    with pytest.raises(SystemExit, match=rf"Local data file {file} is not UTF-8: byte offset 28 \(0xe9\)"):
+        run_entry(main_sft, tiny_args("/nonexistent/model", tmp_path / "out", "--local_data_dir", file))
+
+
+def test_a_local_file_is_named_as_a_file_in_messages(tmp_path):
+    file = write_json(tmp_path / "data.json", {"u1": [{"instruction": "a", "response": "b"}], "u2": []})
+    with pytest.raises(SystemExit, match=rf"^Local file {file}: client 'u2' has no samples"):
+        run_entry(main_sft, tiny_args("/nonexistent/model", tmp_path / "out", "--local_data_dir", file))
+
+
+def test_prompts_that_fill_seq_length_are_dropped_and_a_client_left_empty_is_refused(tiny_model_dir, tmp_path, caplog):
+    long = "word " * 80  # far more than --seq_length 64 tokens of prompt
+    ok = [{"instruction": f"Say {i}", "response": str(i)} for i in range(4)]
+    file = write_json(tmp_path / "fed.json", {"a": ok + [{"instruction": long, "response": "x"}] * 2, "b": ok})
+    out = tmp_path / "out"
+    run_entry(main_sft, tiny_args(tiny_model_dir, out, "--local_data_dir", file, "--num_rounds", 1))
+    assert "2 samples of 1 clients have a prompt that fills --seq_length 64" in caplog.text
+    assert "a: 2" in caplog.text and all(v > 0 for v in json.loads(
+        (out / "metrics.jsonl").read_text())["client_loss"].values())
+    file = write_json(tmp_path / "fed2.json", {"a": ok, "b": [{"instruction": long, "response": "x"}]})
+    with pytest.raises(SystemExit, match="Client 'b' \\(and 0 more\\) has no sample whose response fits"):
+        run_entry(main_sft, tiny_args(tiny_model_dir, tmp_path / "out2", "--local_data_dir", file))
+    assert not (tmp_path / "out2" / "metrics.jsonl").exists()
+
+
+def test_output_dir_guards_before_the_model_loads(tiny_model_dir, tmp_path):
+    """Another run's checkpoints refuse a new run; --resume with another method or DP mode is refused with the
+    differences; more rounds are accepted; --overwrite_output_dir starts anew. All before any model loads."""
+    out = tmp_path / "run"
+    run_entry(main_sft, tiny_args(tiny_model_dir, out, "--num_rounds", 1))
+    with pytest.raises(SystemExit, match="holds checkpoints of an earlier run: pass --resume true"):
+        run_entry(main_sft, tiny_args("/nonexistent/model", out, "--fed_alg", "fedprox"))
+    with pytest.raises(SystemExit, match=r'fed_alg: "fedavg" -> "fedprox"'):
+        run_entry(main_sft, tiny_args("/nonexistent/model", out, "--fed_alg", "fedprox", "--resume", "true"))
+    with pytest.raises(SystemExit, match=r'dp_mode: null -> "clip"'):
+        run_entry(main_sft, tiny_args("/nonexistent/model", out, "--dp_mode", "clip", "--dp_noise_multiplier", 1,
+                                      "--resume", "true"))
+    assert json.loads((out / "args.json").read_text())["fed_alg"] == "fedavg"  # nothing overwritten
+    run_entry(main_sft, tiny_args(tiny_model_dir, out, "--num_rounds", 2, "--resume", "true"))
+    assert [json.loads(r)["round"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    run_entry(main_sft, tiny_args(tiny_model_dir, out, "--num_rounds", 1, "--overwrite_output_dir", "true"))
+    assert not (out / "checkpoint-2").exists() and (out / "checkpoint-1").exists()
+
+
+def test_resume_skips_a_corrupt_checkpoint_and_rebuilds_torn_metrics(tiny_model_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    args = ["--fed_alg", "fedavgm", "--num_rounds", 3, "--checkpoint_step", 1]
+    run_entry(main_sft, tiny_args(tiny_model_dir, full, *args))
+    shutil.copytree(full, broken)
+    adapter_file = broken / "checkpoint-3" / "adapter_model.safetensors"
+    adapter_file.write_bytes(adapter_file.read_bytes()[:-7])  # truncated, as by a full disk
+    (broken / "checkpoint-3.tmp").mkdir()  # left by a kill during a checkpoint write
+    lines = (broken / "metrics.jsonl").read_text().splitlines()
+    (broken / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][:20])  # torn in round 2
+    run_entry(main_sft, tiny_args(tiny_model_dir, broken, *args, "--resume", "true"))
+    assert "Skipping" in caplog.text and "adapter_model.safetensors does not match its checksum" in caplog.text
+    assert "Resuming from" in caplog.text and "checkpoint-2 (round 2)" in caplog.text
+    assert not (broken / "checkpoint-3.tmp").exists()
+    rows = [json.loads(r) for r in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3] and rows[1]["rebuilt_from_checkpoint"]
+    assert rows[1]["clients"] == json.loads((full / "metrics.jsonl").read_text().splitlines()[1])["clients"]
+    a, b = adapter(full / "checkpoint-3"), adapter(broken / "checkpoint-3")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # round 3 redone from checkpoint-2: the same result
 
 
 def test_released_file_and_sample_clients_clamp(tiny_model_dir, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -41,17 +42,44 @@ def embedded_smollm2_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    _remove_orphaned_conversions(target)
     logger.info("Converting the packaged GGUF SmolLM2 to safetensors in %s (once, about 20 s)", target)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
     # The dequantised model is still flagged as GGUF-quantised, which Trainer and save_pretrained refuse.
     model.hf_quantizer.remove_quantization_config(model)
-    tmp = target.with_name(target.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if not target.exists():  # another process may have finished first
-        tmp.replace(target)
+    # Each process writes its own temporary folder and renames it into place (atomic): a process that loses the
+    # race to another converting at the same time removes its copy instead of leaving it behind.
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # the target exists: another process finished first
+            if not (target / "model.safetensors").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _remove_orphaned_conversions(target: Path) -> None:
+    """Temporary conversion folders of processes that died before renaming theirs (named .tmp-<pid>)."""
+    for orphan in target.parent.glob(f"{target.name}.tmp*"):
+        pid = orphan.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _process_alive(int(pid))):
+            shutil.rmtree(orphan, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def resolve_model_path(model_name_or_path: str) -> str:
@@ -72,10 +100,10 @@ def load_tokenizer(model_name_or_path: str, seq_length: int | None = None):
     return tokenizer
 
 
-def quantization_config(load_in_8bit: bool, load_in_4bit: bool):
-    """bitsandbytes config: 8-bit, or QLoRA 4-bit (nf4, double quantisation, bf16 compute)."""
+def check_quantization(load_in_8bit: bool, load_in_4bit: bool) -> None:
+    """--load_in_8bit/--load_in_4bit can be served here (checked before any loading), or a one-line error."""
     if not (load_in_8bit or load_in_4bit):
-        return None
+        return
     if load_in_8bit and load_in_4bit:
         raise SystemExit("--load_in_8bit and --load_in_4bit exclude each other: pass one of them.")
     try:
@@ -84,14 +112,23 @@ def quantization_config(load_in_8bit: bool, load_in_4bit: bool):
             import bitsandbytes  # noqa: F401
     except Exception as err:  # ImportError or a broken native library
         raise SystemExit(
-            f"Quantised loading needs a working bitsandbytes ({err}); install it with `pip install bitsandbytes` "
-            "or drop --load_in_8bit/--load_in_4bit."
-        ) from err
+            f"--load_in_{'8' if load_in_8bit else '4'}bit needs a working bitsandbytes ({err}); install it with "
+            "`pip install bitsandbytes` or drop the flag."
+        ) from None
+    if not torch.cuda.is_available():
+        logger.warning("--load_in_%sbit on a CPU: bitsandbytes runs its CPU code, which loads and trains but is "
+                       "slower than the unquantised model here%s.", "8" if load_in_8bit else "4",
+                       "" if load_in_8bit else ", and 4-bit NF4 outputs have been seen degraded")
+
+
+def quantization_config(load_in_8bit: bool, load_in_4bit: bool):
+    """bitsandbytes config: 8-bit, or QLoRA 4-bit (nf4, double quantisation, bf16 compute)."""
+    if not (load_in_8bit or load_in_4bit):
+        return None
+    check_quantization(load_in_8bit, load_in_4bit)
     from transformers import BitsAndBytesConfig
 
     if load_in_4bit:
-        if not torch.cuda.is_available():
-            warnings.warn("4-bit NF4 on the CPU is fragile in bitsandbytes (degraded outputs seen); prefer a GPU.")
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",

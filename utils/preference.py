@@ -6,8 +6,6 @@ DataCollatorForPreference pads and what DPOTrainer trains on), so client data is
 """
 from __future__ import annotations
 
-from datasets import Dataset
-
 from utils.templates import prompt_text, segments
 
 
@@ -40,6 +38,3 @@ def tokenize_pair(tokenizer, template: str, sample: dict) -> dict:
     n = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
     return {"prompt_ids": chosen[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]}
 
-
-def tokenize_pairs(tokenizer, template: str, samples: list[dict]) -> Dataset:
-    return Dataset.from_list([tokenize_pair(tokenizer, template, s) for s in samples])
