@@ -12,12 +12,11 @@ from transformers import HfArgumentParser
 from trl import SFTConfig, SFTTrainer
 
 from federated.algorithms import make_algorithm
-from federated.client import LocalTrainer, with_client_hooks
 from federated.config import FedArguments, ScriptArguments
-from federated.flat import FlatParams
 from federated.loop import run_federated, write_args
 from federated.privacy import make_privacy
-from federated.setup import group_runs, load_dataset_for, load_model_with_lora, select_clients, trainer_arguments
+from federated.setup import (group_runs, load_dataset_for, load_model_with_lora, local_trainer, select_clients,
+                             trainer_arguments)
 from utils.templates import check_template, tokenize_sft_sample
 
 LR_MIN = 1e-6  # the floor of the per-round cosine schedule for SFT
@@ -33,8 +32,7 @@ def build_sft_trainer(model, tokenizer, script_args, first_client_data):
     """One SFTTrainer for the whole run; the samples arrive tokenised with their labels masked."""
     config = SFTConfig(**trainer_arguments(script_args, script_args.output_dir),
                        dataset_kwargs={"skip_prepare_dataset": True})
-    trainer_class = with_client_hooks(SFTTrainer)
-    return trainer_class(model=model, args=config, train_dataset=first_client_data, processing_class=tokenizer)
+    return SFTTrainer(model=model, args=config, train_dataset=first_client_data, processing_class=tokenizer)
 
 
 def main():
@@ -52,15 +50,15 @@ def main():
     tokenizer, model = load_model_with_lora(script_args)
     client_data = tokenize_clients(clients, tokenizer, script_args.template, script_args.seq_length)
     trainer = build_sft_trainer(model, tokenizer, script_args, client_data[0])
-    local_trainer = LocalTrainer(trainer, FlatParams(model))
-    initial = local_trainer.flat.get()
+    local = local_trainer(trainer, model, script_args)
+    initial = local.flat.get()
 
     for name, members, run_args, run_fed, algorithm, privacy in runs:
         output_dir = Path(run_args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_args(output_dir, run_args, run_fed)
-        local_trainer.flat.set(initial)  # every federation starts from the same LoRA initialisation
-        run_federated(run_args, run_fed, model, local_trainer, [client_data[i] for i in members], lr_min=LR_MIN,
+        local.flat.set(initial)  # every federation starts from the same LoRA initialisation
+        run_federated(run_args, run_fed, model, local, [client_data[i] for i in members], lr_min=LR_MIN,
                       algorithm=algorithm, privacy=privacy)
         if script_args.eval_after and dataset.test:
             from data.synthetic import balanced_subset

@@ -77,7 +77,16 @@ def load_model_with_lora(script_args):
     set_seed(script_args.seed)
     tokenizer = load_tokenizer(script_args.model_name_or_path, script_args.seq_length)
     model = load_base_model(script_args.model_name_or_path, script_args.load_in_8bit, script_args.load_in_4bit)
-    return tokenizer, wrap_with_lora(model, r=script_args.peft_lora_r, alpha=script_args.peft_lora_alpha)
+    return tokenizer, wrap_with_lora(model, r=script_args.peft_lora_r, alpha=script_args.peft_lora_alpha,
+                                     dropout=script_args.peft_lora_dropout)
+
+
+def local_trainer(trainer, model, script_args):
+    """The run's LocalTrainer: the trainer's loss in a lean step loop, padded or padding-free, by count or tokens."""
+    from federated.client import LocalTrainer
+    from federated.flat import FlatParams
+    return LocalTrainer(trainer, FlatParams(model), padding_free=script_args.padding_free,
+                        token_budget=script_args.token_budget)
 
 
 def trainer_arguments(script_args, output_dir: str) -> dict:
