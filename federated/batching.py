@@ -5,11 +5,17 @@ of batch_size samples (the trainer's way) or, with --token_budget, filled up to 
 micro-batch is collated padded (the library's collator) or padding-free. Each micro-batch's loss is scaled so that
 the step's loss is exactly the padded trainer's: SFT averages over the step's response tokens, DPO over its pairs.
 
-Padding-free: a micro-batch's sequences are concatenated into one row whose position ids restart at 0 at every
+Padding-free: a micro-batch's sequences are concatenated into rows whose position ids restart at 0 at every
 sequence, with no attention mask. transformers then keeps attention within each sequence (masking_utils detects
-the packed rows from position_ids: a block-diagonal causal mask for sdpa and eager attention, varlen kernels for
-flash attention). The first token of every sequence gets no label, so no sequence is trained to predict the next
-one's first token; the padded path never predicts a first token either, so both paths score the same tokens.
+packed rows from position_ids: a block-diagonal causal mask for sdpa and eager attention; varlen kernels for flash
+attention). The first token of every sequence gets no label, so no sequence is trained to predict the next one's
+first token; the padded path never predicts a first token either, so both paths score the same tokens.
+
+How many rows: with flash attention (varlen: attention costs sum L_i^2) all sequences go into one row. Mask-based
+attention (sdpa, eager: the CPU, or a GPU without flash-attn) computes a whole T x T score block per row, so one
+row of a 16-sample batch would cost more attention than the padded batch; there the sequences are packed
+first-fit-decreasing into rows as long as the longest sequence, which leaves a little padding at row ends (each
+pad a 1-token sequence of its own, without a label) and bounds attention by the padded batch's.
 """
 from __future__ import annotations
 
@@ -42,8 +48,46 @@ def to_device(inputs: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-def _packed_positions(lengths: list[int]) -> torch.Tensor:
-    return torch.cat([torch.arange(n) for n in lengths])[None]
+def varlen_attention(model) -> bool:
+    """Whether the model's attention takes packed rows as variable-length sequences (flash attention)."""
+    return "flash" in str(getattr(model.config, "_attn_implementation", ""))
+
+
+def pack_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:
+    """Sequence indices per row: all in one row when capacity is None, else first-fit decreasing into rows of
+    `capacity` tokens."""
+    if capacity is None:
+        return [list(range(len(lengths)))]
+    rows, free = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, space in enumerate(free) if lengths[i] <= space), None)
+        if row is None:
+            rows.append([]), free.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= lengths[i]
+    return rows
+
+
+def packed_batch(sequences: list[tuple[list[int], list[int]]], pad_token_id: int, one_row: bool) -> dict:
+    """input_ids, labels, position_ids and sequence_index [rows, width] of (ids, labels) sequences packed into rows;
+    each sequence's first label is dropped; padding has position 0, label -100 and sequence index -1."""
+    lengths = [len(ids) for ids, _ in sequences]
+    rows = pack_rows(lengths, None if one_row else max(lengths))
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    shape = (len(rows), width)
+    batch = {"input_ids": torch.full(shape, pad_token_id), "labels": torch.full(shape, -100),
+             "position_ids": torch.zeros(shape, dtype=torch.long), "sequence_index": torch.full(shape, -1)}
+    for r, row in enumerate(rows):
+        offset = 0
+        for i in row:
+            (ids, labels), n = sequences[i], lengths[i]
+            batch["input_ids"][r, offset:offset + n] = torch.tensor(ids)
+            batch["labels"][r, offset + 1:offset + n] = torch.tensor(labels[1:], dtype=torch.long)
+            batch["position_ids"][r, offset:offset + n] = torch.arange(n)
+            batch["sequence_index"][r, offset:offset + n] = i
+            offset += n
+    return batch
 
 
 class SFTBatches:
@@ -51,10 +95,10 @@ class SFTBatches:
     the sum of the response tokens' negative log-likelihoods over their count in the whole step, as transformers'
     Trainer does with num_items_in_batch."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, trainer):
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-        self.padded = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
-        self.packed = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True)
+        self.model, self.pad_token_id = trainer.model, trainer.processing_class.pad_token_id
+        self.padded = DataCollatorForLanguageModeling(pad_token_id=self.pad_token_id)
 
     def length(self, sample: dict) -> int:
         return len(sample["input_ids"])
@@ -67,9 +111,13 @@ class SFTBatches:
         return sum(sum(label != -100 for label in s["labels"][1:]) for s in samples)
 
     def collate(self, samples: list[dict], packed: bool) -> dict:
-        return (self.packed if packed else self.padded)(samples)
+        if not packed:
+            return self.padded(samples)
+        return packed_batch([(s["input_ids"], s["labels"]) for s in samples], self.pad_token_id,
+                            varlen_attention(self.model))
 
     def loss(self, trainer, model, inputs: dict, samples: list[dict], normaliser: int, packed: bool) -> torch.Tensor:
+        inputs = {k: v for k, v in inputs.items() if k != "sequence_index"}  # not a model input
         return trainer.compute_loss(model, inputs, num_items_in_batch=max(normaliser, 1))
 
 
@@ -82,7 +130,8 @@ class PreferenceBatches:
     loss settings make `packable` False and train padded."""
 
     def __init__(self, trainer):
-        self.max_length = trainer.args.max_length
+        self.model, self.max_length = trainer.model, trainer.args.max_length
+        self.pad_token_id = trainer.processing_class.pad_token_id
         self.padded = trainer.data_collator
         self.packable = (list(trainer.loss_types) == ["sigmoid"] and trainer.ld_alpha is None
                          and trainer.f_divergence_type == "reverse_kl" and not trainer.use_weighting
@@ -109,12 +158,8 @@ class PreferenceBatches:
             return self.padded(samples)
         pairs = [self._sequences(s) for s in samples]
         sequences = [pair[0] for pair in pairs] + [pair[1] for pair in pairs]  # all chosen, then all rejected, as trl
-        ids = torch.tensor([t for seq, _ in sequences for t in seq])[None]
-        labels = torch.tensor([t if keep and j else -100 for seq, mask in sequences
-                               for j, (t, keep) in enumerate(zip(seq, mask))])[None]
-        lengths = [len(seq) for seq, _ in sequences]
-        owner = torch.repeat_interleave(torch.arange(len(sequences)), torch.tensor(lengths))[None]
-        return {"input_ids": ids, "labels": labels, "position_ids": _packed_positions(lengths), "sequence_index": owner}
+        labelled = [(ids, [t if keep else -100 for t, keep in zip(ids, mask)]) for ids, mask in sequences]
+        return packed_batch(labelled, self.pad_token_id, varlen_attention(self.model))
 
     def loss(self, trainer, model, inputs: dict, samples: list[dict], normaliser: int, packed: bool) -> torch.Tensor:
         share = len(samples) / normaliser
@@ -128,11 +173,12 @@ class PreferenceBatches:
         from trl.trainer.utils import use_adapter
         forward = {"input_ids": inputs["input_ids"], "position_ids": inputs["position_ids"],
                    "labels": inputs["labels"], "use_cache": False, "fused_lm_head": True}
-        owner = inputs["sequence_index"][0, 1:]  # the sequence of each predicted token
+        owner = inputs["sequence_index"][:, 1:].reshape(-1)  # the sequence of each predicted token, -1 on padding
+        owner = torch.where(owner < 0, num_sequences, owner)  # padding sums into one extra, dropped slot
 
         def sequence_logps(outputs):
-            per_token = outputs.log_probs[0]
-            return per_token.new_zeros(num_sequences).index_add(0, owner, per_token)
+            per_token = outputs.log_probs.reshape(-1)
+            return per_token.new_zeros(num_sequences + 1).index_add(0, owner, per_token)[:num_sequences]
 
         policy = sequence_logps(model(**forward))
         unwrapped = trainer.accelerator.unwrap_model(model)
@@ -147,5 +193,5 @@ def batch_kind(trainer):
     from trl import DPOTrainer
     if isinstance(trainer, DPOTrainer):
         return PreferenceBatches(trainer)
-    return SFTBatches(trainer.processing_class.pad_token_id)
+    return SFTBatches(trainer)
 

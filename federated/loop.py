@@ -66,6 +66,8 @@ def _start(output_dir: Path, resume: bool, x0: torch.Tensor, algorithm, num_clie
                         loss_history=[[] for _ in range(num_clients)])
     run = load_checkpoint(checkpoint)
     logger.info("Resuming from %s (round %d)", checkpoint, run.round)
+    run.x = run.x.to(x0.device)  # the server's device (federated/flat.py); client state stays on the CPU
+    run.server_state = {k: v.to(x0.device) for k, v in run.server_state.items()}
     metrics = output_dir / "metrics.jsonl"  # drop rows of rounds after the checkpoint: they are redone
     rows = [r for r in metrics.read_text().splitlines() if r and json.loads(r)["round"] <= run.round]
     metrics.write_text("".join(r + "\n" for r in rows))
