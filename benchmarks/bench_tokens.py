@@ -9,8 +9,9 @@ lengths follow the paper's datasets (FedLLM-Bench Table 1, tokens, mean +- std):
 Lengths are drawn from a lognormal with the table's mean and standard deviation (sigma^2 = ln(1 + std^2/mean^2),
 mu = ln(mean) - sigma^2/2), at least 1 token, and each sequence (instruction + response) is cut at --seq_length
 from its end, as the tokenisers cut real samples; token ids are random. Both paths train on the same samples with
-the same LocalTrainer step (federated/client.py), each in its own process so that peak memory is its own: on the
-CPU the rise of the peak resident set over the process's size before training, on a GPU torch's peak allocation.
+the same LocalTrainer step (federated/client.py), each in its own process; peak memory is the rise during training
+over the memory in use before it: on the CPU of the resident set (sampled every 5 ms), on a GPU of torch's
+allocations.
 "Useful" tokens are the real (non-padding) tokens. On a GPU the run also reports model-FLOPs utilisation on useful
 tokens, with the usual 6 N + 12 L d T FLOPs per token (N parameters, L layers, d width, T the batch's mean
 sequence length; a LoRA step does less, since frozen weights get no gradient, so this is the convention, not a count).
@@ -25,9 +26,9 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -89,6 +90,32 @@ def build_local_trainer(args, task: str, padding_free: bool):
     return local_trainer(trainer, model, script_args), len(tokenizer), model
 
 
+class PeakRSS:
+    """The peak resident set size while running, sampled from /proc every 5 ms (the CPU has no peak counter that
+    starts at a given moment: ru_maxrss keeps the model loading's peak)."""
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+
 def flops_per_token(config, mean_length: float, params: int) -> float:
     return 6 * params + 12 * config.num_hidden_layers * config.hidden_size * mean_length
 
@@ -110,15 +137,13 @@ def worker(args) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    local.train(data, args.steps, 1e-4, ClientHooks(), seed=0)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    peak_mb = ((torch.cuda.max_memory_allocated() - before) / 2 ** 20 if cuda
-               else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        local.train(data, args.steps, 1e-4, ClientHooks(), seed=0)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    peak_mb = ((torch.cuda.max_memory_allocated() - before) if cuda else (rss.peak - rss.start)) / 2 ** 20
     result = {"shape": args.shape, "path": args.path, "useful_tokens": local.tokens["useful"],
               "computed_tokens": local.tokens["computed"], "seconds": seconds, "peak_mb": peak_mb,
               "device": torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"}
