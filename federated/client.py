@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 class LocalTrainer:
     """Runs one client's local training on a trainer built once for the whole run.
 
-    padding_free concatenates each micro-batch into one row (exact: same loss and gradient as padding);
+    padding_free packs each micro-batch's samples into rows (exact: same loss and gradient as padding);
     token_budget fills micro-batches up to that many tokens instead of batch_size samples. An optimizer step
     takes batch_size x gradient_accumulation_steps samples either way."""
 
@@ -55,24 +55,30 @@ class LocalTrainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _sample_order(self, n: int, generator: torch.Generator):
-        """Endless passes over the round's samples: shuffled, or in stored order with --quality_order."""
+    def _step_indices(self, n: int, steps: int, generator: torch.Generator):
+        """Each step's sample indices: consecutive chunks of passes over the round's samples (shuffled, or in
+        stored order with --quality_order), a pass's last chunk short when n is not a multiple, as a dataloader."""
         shuffle = self.trainer.args.train_sampling_strategy != "sequential"
-        while True:
-            yield from (torch.randperm(n, generator=generator).tolist() if shuffle else range(n))
+        done = 0
+        while n and done < steps:
+            order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+            for start in range(0, n, self.per_step):
+                if done == steps:
+                    return
+                yield order[start:start + self.per_step]
+                done += 1
 
     def train(self, dataset, steps: int, lr: float, hooks: ClientHooks, seed: int) -> tuple[float, int]:
         """Train `steps` optimizer steps at constant `lr`; returns (mean train loss, steps done)."""
         trainer, model, kind = self.trainer, self.trainer.model, self.kind
         set_seed(seed)  # shuffling and dropout depend on (seed, round, client) only: exact resume
         generator = torch.Generator().manual_seed(seed)
-        order = self._sample_order(len(dataset), generator)
         model.train()
         self._reset_optimizer(lr)
         self.step_seconds, self.tokens = [], {"useful": 0, "computed": 0}
         device, total = next(iter(self.params)).device, 0.0
-        for _ in range(steps):
-            samples = [dataset[next(order)] for _ in range(self.per_step)]
+        for indices in self._step_indices(len(dataset), steps, generator):
+            samples = [dataset[i] for i in indices]
             start = time.perf_counter()
             total += self._step(trainer, model, kind, samples, hooks, lr, device)
             self.step_seconds.append(time.perf_counter() - start)
