@@ -19,12 +19,8 @@ pad a 1-token sequence of its own, without a label) and bounds attention by the 
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
-
-logger = logging.getLogger(__name__)
 
 
 def micro_batches(costs: list[int], per_micro: int, token_budget: int | None, packed: bool) -> list[list[int]]:
@@ -34,7 +30,7 @@ def micro_batches(costs: list[int], per_micro: int, token_budget: int | None, pa
     if not token_budget:
         return [list(range(i, min(i + per_micro, len(costs)))) for i in range(0, len(costs), per_micro)]
     groups, current = [], []
-    for i, cost in enumerate(costs):
+    for i in range(len(costs)):
         trial = [*current, i]
         size = sum(costs[j] for j in trial) if packed else len(trial) * max(costs[j] for j in trial)
         if current and size > token_budget:
@@ -62,8 +58,9 @@ def pack_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         row = next((r for r, space in enumerate(free) if lengths[i] <= space), None)
         if row is None:
-            rows.append([]), free.append(capacity)
-            row = len(rows) - 1
+            row = len(rows)
+            rows.append([])
+            free.append(capacity)
         rows[row].append(i)
         free[row] -= lengths[i]
     return rows
