@@ -71,7 +71,6 @@ def draw_samples(shape: str, count: int, seq_length: int, vocab: int, seed: int,
 
 
 def build_local_trainer(args, task: str, padding_free: bool):
-    import torch  # noqa: F401
     from federated.config import ScriptArguments
     from federated.setup import load_model_with_lora, local_trainer
     script_args = ScriptArguments(model_name_or_path=args.model, batch_size=args.batch_size,
@@ -82,7 +81,8 @@ def build_local_trainer(args, task: str, padding_free: bool):
     if task == "sft":
         from datasets import Dataset
         from main_sft import build_sft_trainer
-        trainer = build_sft_trainer(model, tokenizer, script_args, Dataset.from_list([{"input_ids": [1], "labels": [1]}]))
+        placeholder = Dataset.from_list([{"input_ids": [1], "labels": [1]}])  # LocalTrainer brings the data
+        trainer = build_sft_trainer(model, tokenizer, script_args, placeholder)
     else:
         import main_dpo
         first = {"prompt": "Hi", "chosen": " Hello", "rejected": " Bye"}
@@ -210,7 +210,8 @@ def report(results: list[dict], args) -> None:
         if mfu:
             row += f" {r['tflops']:.1f} | " + (f"{100 * r['mfu']:.1f}% |" if r.get("mfu") else "n/a |")
         print(row)
-    print("\n| dataset shape | useful tok/s, padding-free / padded | peak memory, padding-free / padded |\n|---|---|---|")
+    print("\n| dataset shape | useful tok/s, padding-free / padded | peak memory, padding-free / padded |\n"
+          "|---|---|---|")
     for shape in dict.fromkeys(r["shape"] for r in results):
         a, b = by[(shape, "padding-free")], by[(shape, "padded")]
         speed = (a["useful_tokens"] / a["seconds"]) / (b["useful_tokens"] / b["seconds"])

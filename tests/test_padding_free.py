@@ -33,7 +33,8 @@ def sft_samples(kind: str, n: int = 6):
     rng = random.Random(n)
     if kind == "alpaca":
         return [{"instruction": words(rng, 1, 10), "response": words(rng, 1, 70)} for _ in range(n)]
-    turns = lambda: [{"from": f, "value": words(rng, 1, 12)} for _ in range(rng.randint(1, 4)) for f in ("human", "gpt")]
+    def turns():
+        return [{"from": f, "value": words(rng, 1, 12)} for _ in range(rng.randint(1, 4)) for f in ("human", "gpt")]
     return [{"conversations": turns()} for _ in range(n)]
 
 
