@@ -16,13 +16,12 @@ from transformers import HfArgumentParser
 from trl import DPOConfig, DPOTrainer
 
 from federated.algorithms import make_algorithm
-from federated.client import LocalTrainer, with_client_hooks
 from federated.config import FedArguments, ScriptArguments, check_arguments
-from federated.flat import FlatParams
 from federated.loop import run_federated
 from federated.privacy import make_privacy
 from federated.run_dir import RunGuard, prepare_run_dir, settings_of
-from federated.setup import drop_untrainable, load_dataset_for, load_lora_model, select_clients, trainer_arguments
+from federated.setup import (drop_untrainable, load_dataset_for, load_lora_model, local_trainer, select_clients,
+                             trainer_arguments)
 from utils.model import load_tokenizer
 from utils.preference import pair_texts, tokenize_pair
 
@@ -54,11 +53,10 @@ def use_base_as_reference(model) -> None:
 
 def build_dpo_trainer(model, tokenizer, script_args, dpo_args, first_pair: dict):
     config = DPOConfig(**trainer_arguments(script_args, script_args.output_dir), beta=dpo_args.dpo_beta)
-    trainer_class = with_client_hooks(DPOTrainer)
     # DPOTrainer tokenises the dataset it is built with, so it gets one text pair: LocalTrainer swaps in each
     # client's pre-tokenised pairs (prompt_ids/chosen_ids/rejected_ids), which trl trains on as they are.
-    trainer = trainer_class(model=model, ref_model=None, args=config, train_dataset=Dataset.from_list([first_pair]),
-                            processing_class=tokenizer)
+    trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=Dataset.from_list([first_pair]),
+                         processing_class=tokenizer)
     use_base_as_reference(model)
     return trainer
 
@@ -91,9 +89,8 @@ def train(script_args, fed_args, dpo_args):
 
     first_pair = pair_texts(script_args.template, tokenizer, clients[0][0])
     trainer = build_dpo_trainer(model, tokenizer, script_args, dpo_args, first_pair)
-    local_trainer = LocalTrainer(trainer, FlatParams(model))
-    run_federated(script_args, fed_args, model, local_trainer, client_data, lr_min=LR_MIN, algorithm=algorithm,
-                  privacy=privacy)
+    run_federated(script_args, fed_args, model, local_trainer(trainer, model, script_args), client_data,
+                  lr_min=LR_MIN, algorithm=algorithm, privacy=privacy)
 
     if script_args.eval_after and dataset.test:
         from data.synthetic import balanced_subset

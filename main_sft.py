@@ -12,14 +12,12 @@ from transformers import HfArgumentParser
 from trl import SFTConfig, SFTTrainer
 
 from federated.algorithms import make_algorithm
-from federated.client import LocalTrainer, with_client_hooks
 from federated.config import FedArguments, ScriptArguments, check_arguments
-from federated.flat import FlatParams
 from federated.loop import run_federated
 from federated.privacy import make_privacy
 from federated.run_dir import RunGuard, prepare_run_dir, settings_of
-from federated.setup import (drop_untrainable, group_runs, load_dataset_for, load_lora_model, select_clients,
-                             trainer_arguments)
+from federated.setup import (drop_untrainable, group_runs, load_dataset_for, load_lora_model, local_trainer,
+                             select_clients, trainer_arguments)
 from utils.model import load_tokenizer
 from utils.templates import tokenize_sft_sample
 
@@ -43,8 +41,7 @@ def build_sft_trainer(model, tokenizer, script_args, first_client_data):
     """One SFTTrainer for the whole run; the samples arrive tokenised with their labels masked."""
     config = SFTConfig(**trainer_arguments(script_args, script_args.output_dir),
                        dataset_kwargs={"skip_prepare_dataset": True})
-    trainer_class = with_client_hooks(SFTTrainer)
-    return trainer_class(model=model, args=config, train_dataset=first_client_data, processing_class=tokenizer)
+    return SFTTrainer(model=model, args=config, train_dataset=first_client_data, processing_class=tokenizer)
 
 
 def main():
@@ -72,13 +69,13 @@ def train(script_args, fed_args):
                                    dataset.client_ids[:len(clients)])
     model = load_lora_model(script_args)
     trainer = build_sft_trainer(model, tokenizer, script_args, client_data[0])
-    local_trainer = LocalTrainer(trainer, FlatParams(model))
-    initial = local_trainer.flat.get()
+    local = local_trainer(trainer, model, script_args)
+    initial = local.flat.get()
 
     for name, members, run_args, run_fed, algorithm, privacy in runs:
         output_dir = Path(run_args.output_dir)
-        local_trainer.flat.set(initial)  # every federation starts from the same LoRA initialisation
-        run_federated(run_args, run_fed, model, local_trainer, [client_data[i] for i in members], lr_min=LR_MIN,
+        local.flat.set(initial)  # every federation starts from the same LoRA initialisation
+        run_federated(run_args, run_fed, model, local, [client_data[i] for i in members], lr_min=LR_MIN,
                       algorithm=algorithm, privacy=privacy)
         if script_args.eval_after and dataset.test:
             from data.synthetic import balanced_subset

@@ -1,12 +1,16 @@
-"""Round overhead: this project's loop against a reference-style loop, same model, data and settings.
+"""Round overhead and the fixed cost of one client's training call.
 
-Per round, wall time is split into training (forward, backward, optimizer step: timed from each step's start to
-its end by a trainer callback) and everything else. The reference-style loop is written here as OpenFedLLM's does
-it: per client per round a deep copy of the global state dict, re-formatting and re-tokenising the client's data,
-a new trainer, a deep copy of the result, and per-key aggregation over the parameter dict.
+1. Fixed cost per client call (issue #14): a 1-step client call minus its one forward/backward/optimizer step,
+   for (a) a reused trainer's Trainer.train(), what LocalTrainer did before, and (b) LocalTrainer's step loop,
+   both padded, alternating over the same clients in one run.
+2. Round overhead (issue #2): per round, wall time split into training (forward, backward, optimizer step) and
+   everything else, for this project's loop and a reference-style loop written here as OpenFedLLM's does it: per
+   client per round a deep copy of the global state dict, re-formatting and re-tokenising the client's data, a new
+   trainer, a deep copy of the result, and per-key aggregation over the parameter dict.
 
     python benchmarks/bench_round.py                      # SmolLM2, 3 rounds, 2 clients, 2 steps, batch 4
     python benchmarks/bench_round.py --model /path/to/tiny --rounds 2
+    python benchmarks/bench_round.py --fixed_cost_only --calls 4
 """
 from __future__ import annotations
 
@@ -19,12 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import load_federated_dataset  # noqa: E402
 from federated.algorithms import make_algorithm, server_step  # noqa: E402
+from federated.algorithms import ClientHooks  # noqa: E402
 from federated.client import LocalTrainer, client_seed, round_subset  # noqa: E402
 from federated.config import FedArguments, ScriptArguments  # noqa: E402
 from federated.flat import FlatParams  # noqa: E402
@@ -54,6 +59,7 @@ def project_round(t, ctx) -> None:
         local.flat.set(x)
         data = round_subset(ctx["client_data"][k], t, ctx["per_step"] * ctx["steps"])
         local.train(data, ctx["steps"], ctx["lr"], algorithm.client_hooks(k, x, state, {}), client_seed(0, t, k))
+        ctx["timer"].total += sum(local.step_seconds)
         vectors.append(local.flat.get())
         counts.append(len(ctx["client_data"][k]))
     ctx["x"] = server_step(algorithm, x, torch.stack(vectors), counts, state, t)
@@ -84,6 +90,67 @@ def reference_round(t, ctx) -> None:
     set_peft_model_state_dict(model, global_dict)
 
 
+def trainer_train_call(trainer, timer: StepTimer, data, lr: float, seed: int) -> float:
+    """What LocalTrainer.train did before issue #14: one reused trainer, Trainer.train() per client."""
+    from transformers import set_seed
+    trainer.train_dataset, trainer.args.max_steps, trainer.args.learning_rate = data, 1, lr
+    trainer.optimizer, trainer.lr_scheduler = None, None
+    set_seed(seed)
+    timer.total = 0.0
+    trainer.train()
+    return timer.total
+
+
+def task_setup(task: str, ctx) -> tuple:
+    """(a function building a fresh trainer, the clients' tokenised data) for sft or dpo."""
+    model, tokenizer, script_args = ctx["model"], ctx["tokenizer"], ctx["script_args"]
+    if task == "sft":
+        data = ctx["client_data"]
+        return (lambda: build_sft_trainer(model, tokenizer, script_args, data[0])), data
+    import main_dpo
+    from utils.preference import pair_texts
+    clients = load_federated_dataset("fed-synthetic-pref").clients
+    data = main_dpo.tokenize_clients(clients, tokenizer, "alpaca")
+    first = pair_texts("alpaca", tokenizer, clients[0][0])
+    return (lambda: main_dpo.build_dpo_trainer(model, tokenizer, script_args, main_dpo.DPOArguments(), first)), data
+
+
+def fixed_cost(ctx, task: str, calls: int) -> None:
+    """1-step client calls, Trainer.train() and LocalTrainer alternating on the same clients' data."""
+    make_trainer, data = task_setup(task, ctx)
+    old = make_trainer()
+    old.remove_callback(PrinterCallback)
+    timer = StepTimer()
+    old.add_callback(timer)
+    new = LocalTrainer(make_trainer(), FlatParams(ctx["model"]), padding_free=False)
+    x0 = new.flat.get()
+    gc.freeze()  # as run_federated does before its first round
+    names = ["Trainer.train() per client (before)", "LocalTrainer step loop (after)"]
+    wall, cpu, step = ({name: 0.0 for name in names} for _ in range(3))
+    for call in range(calls + 1):  # call 0 warms both up
+        subset = round_subset(data[call % len(data)], call, ctx["per_step"])
+        for name in names:
+            new.flat.set(x0)
+            gc.collect()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            if name == names[0]:
+                step_s = trainer_train_call(old, timer, subset, ctx["lr"], call)
+            else:
+                new.train(subset, 1, ctx["lr"], ClientHooks(), call)
+                step_s = new.step_seconds[0]
+            if call:
+                wall[name] += (time.perf_counter() - start) / calls
+                cpu[name] += (time.process_time() - start_cpu) / calls
+                step[name] += step_s / calls
+    print(f"\n{task}: fixed cost of a 1-step client call, mean of {calls} calls each (alternating, same data), "
+          f"batch {ctx['per_step']}, padded:")
+    print("| training call | call s | CPU s | forward/backward/step s | fixed cost s | call / step |\n"
+          "|---|---|---|---|---|---|")
+    for name in names:
+        print(f"| {name} | {wall[name]:.3f} | {cpu[name]:.3f} | {step[name]:.3f} | {wall[name] - step[name]:.3f} | "
+              f"{wall[name] / step[name]:.2f}x |")
+
+
 def measure(round_fn, ctx, rounds: int, timer: StepTimer) -> dict:
     round_fn(0, ctx)  # warm-up: first-call allocations and lazy imports are not per-round costs
     timer.total = 0.0
@@ -104,6 +171,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seq_length", type=int, default=96)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--calls", type=int, default=4, help="1-step client calls per variant for the fixed cost")
+    parser.add_argument("--tasks", default="sft,dpo", help="fixed cost for these: sft, dpo or both")
+    parser.add_argument("--fixed_cost_only", action="store_true", help="skip the round-overhead comparison")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,10 +189,15 @@ def main() -> None:
     ctx = {"fed_args": fed_args, "script_args": script_args, "clients": clients, "tokenizer": tokenizer,
            "model": model, "timer": timer, "steps": args.steps, "per_step": args.batch_size, "lr": 5e-4}
 
-    results = {"reference-style": measure(reference_round, ctx, args.rounds, timer)}
     ctx["client_data"] = tokenize_clients(clients, tokenizer, "alpaca", args.seq_length)  # once per run
+    print(f"model={args.model} rounds={args.rounds} clients/round={args.clients_per_round} steps={args.steps} "
+          f"batch={args.batch_size} seq={args.seq_length} threads={torch.get_num_threads()}")
+    for task in args.tasks.split(","):
+        fixed_cost(ctx, task, args.calls)
+    if args.fixed_cost_only:
+        return
+    results = {"reference-style": measure(reference_round, ctx, args.rounds, timer)}
     trainer = build_sft_trainer(model, tokenizer, script_args, ctx["client_data"][0])
-    trainer.add_callback(timer)
     ctx["local"] = LocalTrainer(trainer, FlatParams(model))
     ctx["algorithm"] = make_algorithm(fed_args, len(clients))
     ctx["x"] = ctx["local"].flat.get()
@@ -130,9 +205,7 @@ def main() -> None:
     gc.freeze()  # as run_federated does before its first round
     results["this project"] = measure(project_round, ctx, args.rounds, timer)
 
-    print(f"model={args.model} rounds={args.rounds} clients/round={args.clients_per_round} steps={args.steps} "
-          f"batch={args.batch_size} seq={args.seq_length} threads={torch.get_num_threads()}")
-    print("| loop | round s | training s | other s | other % of round |\n|---|---|---|---|---|")
+    print("\nRound overhead:\n| loop | round s | training s | other s | other % of round |\n|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['round_s']:.3f} | {r['train_s']:.3f} | {r['overhead_s']:.3f} | {r['overhead_pct']:.1f}% |")
     ref, ours = results["reference-style"], results["this project"]

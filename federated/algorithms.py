@@ -141,12 +141,20 @@ class ScaffoldHooks(ClientHooks):
     def finish(self, y, steps, lr):
         # Option II: c_i+ = (x - y) / (K lr) - (c - c_i); upload dc_i = c_i+ - c_i.
         c_i_new = (self.x - y) / (steps * lr) - self.correction
-        return {"control_delta": c_i_new - self.c_i}, {"c": c_i_new}
+        return {"control_delta": c_i_new - self.c_i}, {"c": to_host(c_i_new)}
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of a GPU tensor, in pinned memory so that the next upload to the GPU is asynchronous."""
+    if not tensor.is_cuda:
+        return tensor
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
 
 
 class Scaffold(Algorithm):
     """SCAFFOLD (option II as in the reference): FedAvg of the models plus control variates c and c_i.
-    c lives in the server state; every c_i lives on the CPU in the client store, made only when first needed."""
+    c lives in the server state (on the GPU when training runs there); every c_i lives on the CPU in the client
+    store (pinned memory on a GPU machine), made only when first needed."""
     vectors_per_transfer = 2
 
     def init_state(self, x, num_clients):
@@ -154,7 +162,8 @@ class Scaffold(Algorithm):
 
     def client_hooks(self, client, x, state, client_store):
         c_i = client_store.get(client, {}).get("c")
-        return ScaffoldHooks(x, state["c"], torch.zeros_like(x) if c_i is None else c_i)
+        c_i = torch.zeros_like(x) if c_i is None else c_i.to(x.device, non_blocking=True)
+        return ScaffoldHooks(x, state["c"], c_i)
 
     def step(self, x, client_vectors, sample_counts, state, t, uploads=None):
         kernels.scaffold_control_update(state["c"], uploads["control_delta"], self.num_clients, out=state["c"])

@@ -28,7 +28,7 @@ REQUIRED = ("run_state.json", "run_state.safetensors", "adapter_model.safetensor
 
 @dataclass
 class RunState:
-    x: torch.Tensor  # global vector (fp32, CPU)
+    x: torch.Tensor  # global vector (fp32, on the server device: federated/flat.py)
     server_state: dict[str, torch.Tensor]
     client_store: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # e.g. SCAFFOLD c_i, on CPU
     round: int = 0  # rounds completed

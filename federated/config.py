@@ -80,6 +80,13 @@ class ScriptArguments:
     seq_length: int = field(default=512, metadata={"help": "maximum tokens per sample"})
     peft_lora_r: int = field(default=16)
     peft_lora_alpha: int = field(default=32)
+    peft_lora_dropout: float = field(default=0.05)
+    padding_free: bool = field(default=True, metadata={"help": "concatenate each micro-batch's samples into one row "
+                                                              "(same loss and gradient as padding, no padding "
+                                                              "computed); false pads to the longest sample"})
+    token_budget: int | None = field(default=None, metadata={"help": "fill micro-batches up to this many tokens "
+                                                                      "instead of batch_size samples; a step still "
+                                                                      "takes batch_size x grad. accum. samples"})
     load_in_8bit: bool = field(default=False)
     load_in_4bit: bool = field(default=False)
     gradient_checkpointing: bool = field(default=False)

@@ -2,6 +2,10 @@
 
 The mapping comes from the parameters themselves (order, shapes, offsets), not from peft's key names, so it
 works for any adapter name and for modules_to_save. The server algorithms and kernels work on this vector.
+
+The vector lives where the server step runs: on the GPU when the model trains on one, so that the global vector,
+the client vectors and the server state never leave it and the Triton server kernels run inside the round loop;
+on the CPU otherwise.
 """
 from __future__ import annotations
 
@@ -16,12 +20,18 @@ class FlatParams:
         self.numel = sum(p.numel() for _, p in self.named)
 
     @property
+    def device(self) -> torch.device:
+        """The server's device: the trainable parameters' GPU, or the CPU."""
+        device = self.named[0][1].device
+        return device if device.type == "cuda" else torch.device("cpu")
+
+    @property
     def names(self) -> list[str]:
         return [n for n, _ in self.named]
 
     def get(self) -> torch.Tensor:
-        """The current trainable parameters as a new fp32 CPU vector."""
-        return torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for _, p in self.named])
+        """The current trainable parameters as a new fp32 vector on `device`."""
+        return torch.cat([p.detach().reshape(-1).to(self.device, torch.float32) for _, p in self.named])
 
     @torch.no_grad()
     def set(self, vector: torch.Tensor) -> None:

@@ -91,6 +91,8 @@ def _start(output_dir: Path, resume: bool, x0: torch.Tensor, algorithm, num_clie
         return RunState(x=x0, server_state=algorithm.init_state(x0, num_clients),
                         loss_history=[[] for _ in range(num_clients)])
     logger.info("Resuming from %s (round %d)", checkpoint, run.round)
+    run.x = run.x.to(x0.device)  # the server's device (federated/flat.py); client state stays on the CPU
+    run.server_state = {k: v.to(x0.device) for k, v in run.server_state.items()}
     restore_metrics(output_dir / "metrics.jsonl", run, lambda r: rebuilt_row(run, fed_args, num_clients, r))
     return run
 

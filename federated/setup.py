@@ -102,13 +102,22 @@ def load_lora_model(script_args):
     """The LoRA-wrapped base model, seeded so that LoRA's initial A matrices are reproducible."""
     set_seed(script_args.seed)
     model = load_base_model(script_args.model_name_or_path, script_args.load_in_8bit, script_args.load_in_4bit)
-    return wrap_with_lora(model, r=script_args.peft_lora_r, alpha=script_args.peft_lora_alpha)
+    return wrap_with_lora(model, r=script_args.peft_lora_r, alpha=script_args.peft_lora_alpha,
+                          dropout=script_args.peft_lora_dropout)
 
 
 def load_model_with_lora(script_args):
     """Tokenizer and LoRA-wrapped base model."""
     tokenizer = load_tokenizer(script_args.model_name_or_path, script_args.seq_length)
     return tokenizer, load_lora_model(script_args)
+
+
+def local_trainer(trainer, model, script_args):
+    """The run's LocalTrainer: the trainer's loss in a lean step loop, padded or padding-free, by count or tokens."""
+    from federated.client import LocalTrainer
+    from federated.flat import FlatParams
+    return LocalTrainer(trainer, FlatParams(model), padding_free=script_args.padding_free,
+                        token_budget=script_args.token_budget)
 
 
 def trainer_arguments(script_args, output_dir: str) -> dict:

@@ -3,7 +3,8 @@
 tests/test_kernels.py runs this file in a child process with TRITON_INTERPRET=1 and FEDLLM_FORCE_TRITON=1 set
 before triton is first imported (Triton's own library is decorated at import, so the interpreter cannot be
 switched on later in a process). In a suite run without those variables the module skips itself. Tolerances
-are listed in tests/test_kernels.py.
+are listed in tests/test_kernels.py. With FEDLLM_TRITON_ON_GPU=1 (benchmarks/gpu_check.sh) the same tests run the
+compiled kernels on a real GPU: the test data is drawn on the CPU as always, then moved to the GPU.
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import os
 
 import pytest
 
-if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("FEDLLM_FORCE_TRITON") != "1":
+ON_GPU = os.environ.get("FEDLLM_TRITON_ON_GPU") == "1"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FEDLLM_FORCE_TRITON") == "1"
+if not (INTERPRETED or ON_GPU):
     pytest.skip("run by tests/test_kernels.py in a child process with TRITON_INTERPRET=1",
                 allow_module_level=True)
 
@@ -23,6 +26,22 @@ from test_kernels import (ABOVE_1M, DTYPES, ODD_LENGTH, assert_delta_keeps_its_p
                           assert_uncorrelated, init_state, make_round, noise_stats)
 
 pytestmark = pytest.mark.triton
+
+if ON_GPU:
+    import test_kernels
+
+    def _drawn_on_cpu(make):
+        def made(*args, **kwargs):
+            args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+            kwargs = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            with torch.device("cpu"):
+                out = make(*args, **kwargs)
+            return tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in out)
+        return made
+
+    make_round, init_state = _drawn_on_cpu(make_round), _drawn_on_cpu(init_state)
+    test_kernels.lora_scale_round = _drawn_on_cpu(test_kernels.lora_scale_round)
+    torch.set_default_device("cuda")
 
 
 def test_dispatches_to_triton():
