@@ -179,14 +179,17 @@ def test_fedprox_term_counts_once_per_optimizer_step_with_accumulation(sft_train
     args = local.trainer.args
     assert args.gradient_accumulation_steps == 2
     args.optim, args.max_grad_norm = OptimizerNames.SGD, 0.0  # no clipping: the step is exactly -lr * gradient
-    start = local.flat.get()
+    local.trainer.optimizer = None  # LocalTrainer builds its optimizer once, from the trainer's arguments
+    sgd = LocalTrainer(local.trainer, local.flat)
+    start = sgd.flat.get()
     anchor = start + 0.5  # y - x = -0.5 everywhere at the first step
     lr, mu = 0.01, 2.0
     moved = {}
     for m in (0.0, mu):
-        local.flat.set(start)
-        local.train(data, 1, lr, ProxHooks(anchor.clone(), m), seed=3)
-        moved[m] = local.flat.get() - start
+        sgd.flat.set(start)
+        sgd.train(data, 1, lr, ProxHooks(anchor.clone(), m), seed=3)
+        moved[m] = sgd.flat.get() - start
     args.optim, args.max_grad_norm = OptimizerNames.ADAMW_TORCH, 1.0
+    local.trainer.optimizer = local.optimizer
     prox_part = moved[mu] - moved[0.0]
     torch.testing.assert_close(prox_part, torch.full_like(prox_part, -lr * mu * -0.5), rtol=1e-3, atol=1e-7)
