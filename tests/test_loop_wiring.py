@@ -174,6 +174,7 @@ def test_fedprox_term_counts_once_per_optimizer_step_with_accumulation(sft_train
     from transformers.training_args import OptimizerNames
 
     from federated.algorithms import ProxHooks
+    from federated.client import LocalTrainer
 
     local, data = sft_trainer
     args = local.trainer.args
