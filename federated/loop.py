@@ -14,6 +14,7 @@ import random
 import resource
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -47,6 +48,19 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@contextmanager
+def frozen_gc():
+    """Trainer.train() runs a full gc.collect() per call (accelerate's free_memory): seconds per client with a
+    model in memory. Freezing the long-lived objects built so far makes those collections cheap. They are unfrozen
+    at the end: frozen objects are never collected, not even at exit, where Triton's extension (imported by torch)
+    then reports hundreds of them as leaks."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def write_args(output_dir: Path, *configs) -> None:
@@ -84,66 +98,65 @@ def run_federated(script_args, fed_args, model, local_trainer: LocalTrainer, cli
         privacy.load_state_dict(run.extra["privacy"])
     checkpoint_step = fed_args.save_model_freq or script_args.checkpoint_step
     bytes_per_vector = flat.numel * 4
-    # Trainer.train() runs a full gc.collect() per call (accelerate's free_memory): seconds per client with a
-    # model in memory. Freezing the long-lived objects built so far makes those collections cheap.
-    gc.freeze()
-
-    bar = tqdm(range(run.round, fed_args.num_rounds), initial=run.round, total=fed_args.num_rounds, desc="rounds")
-    for t in bar:
-        round_start = time.perf_counter()
-        clients = sample_clients(fed_args, num_clients, t)
-        lr = round_learning_rate(script_args.learning_rate, lr_min, t, fed_args.num_rounds)
-        vectors, counts, uploads, losses, dropped, steps_done = [], [], defaultdict(list), {}, [], {}
-        train_time = 0.0
-        for k in clients:
-            steps = local_steps(script_args, fed_args, sample_counts[k], num_clients)
-            per_step = script_args.batch_size * script_args.gradient_accumulation_steps
-            data = round_subset(client_data[k], t, per_step * steps,
-                                ordered_over_rounds=fed_args.num_rounds if script_args.quality_order else None)
+    with frozen_gc():
+        bar = tqdm(range(run.round, fed_args.num_rounds), initial=run.round, total=fed_args.num_rounds, desc="rounds")
+        for t in bar:
+            round_start = time.perf_counter()
+            clients = sample_clients(fed_args, num_clients, t)
+            lr = round_learning_rate(script_args.learning_rate, lr_min, t, fed_args.num_rounds)
+            vectors, counts, uploads, losses, dropped, steps_done = [], [], defaultdict(list), {}, [], {}
+            train_time = 0.0
+            for k in clients:
+                steps = local_steps(script_args, fed_args, sample_counts[k], num_clients)
+                per_step = script_args.batch_size * script_args.gradient_accumulation_steps
+                data = round_subset(client_data[k], t, per_step * steps,
+                                    ordered_over_rounds=fed_args.num_rounds if script_args.quality_order else None)
+                flat.set(run.x)
+                hooks = algorithm.client_hooks(k, run.x, run.server_state, run.client_store)
+                train_start = time.perf_counter()
+                seed = client_seed(script_args.seed, t, k)
+                losses[k], steps_done[k] = local_trainer.train(data, steps, lr, hooks, seed)
+                train_time += time.perf_counter() - train_start
+                y = flat.get()
+                if not (is_finite(y) and math.isfinite(losses[k])):
+                    dropped.append(k)  # a diverged client must not poison the global model
+                    logger.warning("Round %d: client %d produced NaN/inf; dropped from aggregation", t + 1, k)
+                    continue
+                client_uploads, client_state = hooks.finish(y, steps_done[k], lr)
+                vectors.append(y)
+                counts.append(sample_counts[k])
+                for key, value in client_uploads.items():
+                    uploads[key].append(value)
+                if client_state:
+                    run.client_store[k] = client_state
+            if vectors:
+                stacked = torch.stack(vectors)
+                if privacy is not None:
+                    stacked, counts = privacy.privatize(run.x, stacked, counts, t, clients)
+                run.x = server_step(algorithm, run.x, stacked, counts, run.server_state, t,
+                                    {key: torch.stack(v) for key, v in uploads.items()})
             flat.set(run.x)
-            hooks = algorithm.client_hooks(k, run.x, run.server_state, run.client_store)
-            train_start = time.perf_counter()
-            losses[k], steps_done[k] = local_trainer.train(data, steps, lr, hooks, client_seed(script_args.seed, t, k))
-            train_time += time.perf_counter() - train_start
-            y = flat.get()
-            if not (is_finite(y) and math.isfinite(losses[k])):
-                dropped.append(k)  # a diverged client must not poison the global model
-                logger.warning("Round %d: client %d produced NaN/inf; dropped from aggregation", t + 1, k)
-                continue
-            client_uploads, client_state = hooks.finish(y, steps_done[k], lr)
-            vectors.append(y)
-            counts.append(sample_counts[k])
-            for key, value in client_uploads.items():
-                uploads[key].append(value)
-            if client_state:
-                run.client_store[k] = client_state
-        if vectors:
-            stacked = torch.stack(vectors)
-            if privacy is not None:
-                stacked, counts = privacy.privatize(run.x, stacked, counts, t, clients)
-            run.x = server_step(algorithm, run.x, stacked, counts, run.server_state, t,
-                                {key: torch.stack(v) for key, v in uploads.items()})
-        flat.set(run.x)
-        run.round = t + 1
-        for k in range(num_clients):
-            run.loss_history[k].append(losses[k] if k in losses and k not in dropped else -1.0)
+            run.round = t + 1
+            for k in range(num_clients):
+                run.loss_history[k].append(losses[k] if k in losses and k not in dropped else -1.0)
 
-        round_time = time.perf_counter() - round_start
-        transfer = bytes_per_vector * algorithm.vectors_per_transfer * len(clients)
-        row = {"round": run.round, "clients": clients, "client_loss": {str(k): v for k, v in losses.items()},
-               "local_steps": {str(k): v for k, v in steps_done.items()}, "learning_rate": lr,
-               "round_time_s": round(round_time, 4), "train_time_s": round(train_time, 4),
-               "peak_memory_mb": round(peak_memory_mb(), 1), "bytes_uploaded": transfer,
-               "bytes_downloaded": transfer, "dropped_clients": dropped}
-        if privacy is not None:
-            row.update(privacy.metrics(run))
-        with open(output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        np.save(output_dir / "training_loss.npy", np.array(run.loss_history))
-        mean_loss = float(np.mean([losses[k] for k in losses if k not in dropped])) if vectors else float("nan")
-        bar.set_postfix(loss=f"{mean_loss:.4f}", s_per_round=f"{round_time:.1f}")
-        if run.round % checkpoint_step == 0 or run.round == fed_args.num_rounds:
+            round_time = time.perf_counter() - round_start
+            transfer = bytes_per_vector * algorithm.vectors_per_transfer * len(clients)
+            row = {"round": run.round, "clients": clients, "client_loss": {str(k): v for k, v in losses.items()},
+                   "local_steps": {str(k): v for k, v in steps_done.items()}, "learning_rate": lr,
+                   "round_time_s": round(round_time, 4), "train_time_s": round(train_time, 4),
+                   "peak_memory_mb": round(peak_memory_mb(), 1), "bytes_uploaded": transfer,
+                   "bytes_downloaded": transfer, "dropped_clients": dropped}
             if privacy is not None:
-                run.extra["privacy"] = privacy.state_dict()
-            save_checkpoint(output_dir, run, model)
+                row.update(privacy.metrics(run))
+            with open(output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            np.save(output_dir / "training_loss.npy", np.array(run.loss_history))
+            mean_loss = float(np.mean([losses[k] for k in losses if k not in dropped])) if vectors else float("nan")
+            bar.set_postfix(loss=f"{mean_loss:.4f}", s_per_round=f"{round_time:.1f}")
+            if run.round % checkpoint_step == 0 or run.round == fed_args.num_rounds:
+                if privacy is not None:
+                    run.extra["privacy"] = privacy.state_dict()
+                path = save_checkpoint(output_dir, run, model)
+                logger.info("Round %d: checkpoint written to %s", run.round, path)
     return run
