@@ -6,21 +6,14 @@
 The reference model of DPO is the base model: the LoRA adapter disabled, so no second model copy is kept.
 """
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset
 from transformers import HfArgumentParser
-from trl import DPOConfig, DPOTrainer
 
-from federated.algorithms import make_algorithm
-from federated.client import LocalTrainer, with_client_hooks
 from federated.config import FedArguments, ScriptArguments
-from federated.flat import FlatParams
-from federated.loop import run_federated, write_args
-from federated.privacy import make_privacy
-from federated.setup import load_dataset_for, load_model_with_lora, select_clients, trainer_arguments
+from utils.console import configure_console
 from utils.preference import pair_texts, tokenize_pairs
 from utils.templates import check_template
 
@@ -48,6 +41,11 @@ def use_base_as_reference(model) -> None:
 
 
 def build_dpo_trainer(model, tokenizer, script_args, dpo_args, first_pair: dict):
+    from trl import DPOConfig, DPOTrainer
+
+    from federated.client import with_client_hooks
+    from federated.setup import trainer_arguments
+
     config = DPOConfig(**trainer_arguments(script_args, script_args.output_dir), beta=dpo_args.dpo_beta)
     trainer_class = with_client_hooks(DPOTrainer)
     # DPOTrainer tokenises the dataset it is built with, so it gets one text pair: LocalTrainer swaps in each
@@ -62,7 +60,15 @@ def main():
     parser = HfArgumentParser((ScriptArguments, FedArguments, DPOArguments))
     parser.set_defaults(dataset=DEFAULT_DATASET)
     script_args, fed_args, dpo_args = parser.parse_args_into_dataclasses()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_console(script_args.log_level, quantizes=script_args.load_in_8bit or script_args.load_in_4bit)
+    # The run's modules import transformers' trainer and peft, which imports bitsandbytes: after configure_console.
+    from federated.algorithms import make_algorithm
+    from federated.client import LocalTrainer
+    from federated.flat import FlatParams
+    from federated.loop import run_federated, write_args
+    from federated.privacy import make_privacy
+    from federated.setup import load_dataset_for, load_model_with_lora, select_clients
+
     check_template(script_args.template)
     output_dir = Path(script_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

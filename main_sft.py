@@ -4,20 +4,13 @@
     python main_sft.py --fed_alg fedavg --dataset fed-aya --model_name_or_path meta-llama/Llama-2-7b-hf --load_in_8bit
 """
 import json
-import logging
 from pathlib import Path
 
 from datasets import Dataset
 from transformers import HfArgumentParser
-from trl import SFTConfig, SFTTrainer
 
-from federated.algorithms import make_algorithm
-from federated.client import LocalTrainer, with_client_hooks
 from federated.config import FedArguments, ScriptArguments
-from federated.flat import FlatParams
-from federated.loop import run_federated, write_args
-from federated.privacy import make_privacy
-from federated.setup import group_runs, load_dataset_for, load_model_with_lora, select_clients, trainer_arguments
+from utils.console import configure_console
 from utils.templates import check_template, tokenize_sft_sample
 
 LR_MIN = 1e-6  # the floor of the per-round cosine schedule for SFT
@@ -31,6 +24,11 @@ def tokenize_clients(clients, tokenizer, template, seq_length):
 
 def build_sft_trainer(model, tokenizer, script_args, first_client_data):
     """One SFTTrainer for the whole run; the samples arrive tokenised with their labels masked."""
+    from trl import SFTConfig, SFTTrainer
+
+    from federated.client import with_client_hooks
+    from federated.setup import trainer_arguments
+
     config = SFTConfig(**trainer_arguments(script_args, script_args.output_dir),
                        dataset_kwargs={"skip_prepare_dataset": True})
     trainer_class = with_client_hooks(SFTTrainer)
@@ -39,7 +37,15 @@ def build_sft_trainer(model, tokenizer, script_args, first_client_data):
 
 def main():
     script_args, fed_args = HfArgumentParser((ScriptArguments, FedArguments)).parse_args_into_dataclasses()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_console(script_args.log_level, quantizes=script_args.load_in_8bit or script_args.load_in_4bit)
+    # The run's modules import transformers' trainer and peft, which imports bitsandbytes: after configure_console.
+    from federated.algorithms import make_algorithm
+    from federated.client import LocalTrainer
+    from federated.flat import FlatParams
+    from federated.loop import run_federated, write_args
+    from federated.privacy import make_privacy
+    from federated.setup import group_runs, load_dataset_for, load_model_with_lora, select_clients
+
     check_template(script_args.template)
 
     dataset = load_dataset_for(script_args, kinds=("sft", "multiturn"), entry="main_sft.py")

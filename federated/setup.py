@@ -2,7 +2,7 @@
 the local trainer (load and choose clients, quality filtering, language groups, the model with LoRA)."""
 from __future__ import annotations
 
-import warnings
+import logging
 from dataclasses import replace
 
 import torch
@@ -11,6 +11,8 @@ from transformers import set_seed
 from data import load_federated_dataset
 from federated.config import dataset_options
 from utils.model import load_base_model, load_tokenizer, wrap_with_lora
+
+logger = logging.getLogger(__name__)
 
 
 def load_dataset_for(script_args, kinds: tuple[str, ...], entry: str):
@@ -49,8 +51,8 @@ def select_clients(dataset, fed_args) -> list[list[dict]]:
         raise SystemExit(f"--num_clients {fed_args.num_clients} exceeds the {available} clients of {dataset.name}; "
                          f"pass --num_clients {available} or fewer.")
     if fed_args.sample_clients > fed_args.num_clients:
-        warnings.warn(f"--sample_clients {fed_args.sample_clients} > --num_clients {fed_args.num_clients}: "
-                      f"sampling all {fed_args.num_clients} clients each round.")
+        logger.warning("--sample_clients %d > --num_clients %d: sampling all %d clients each round.",
+                       fed_args.sample_clients, fed_args.num_clients, fed_args.num_clients)
         fed_args.sample_clients = fed_args.num_clients
     return dataset.clients[:fed_args.num_clients]
 

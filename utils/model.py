@@ -72,12 +72,28 @@ def load_tokenizer(model_name_or_path: str, seq_length: int | None = None):
     return tokenizer
 
 
+class _HubKernelNote(logging.Filter):
+    """Drops bitsandbytes' import-time failure to fetch its optional CPU 4-bit kernel from the hub through Hugging
+    Face's `kernels` package (this project's kernels/ answers that import): only a 4-bit CPU run would use it, and
+    quantization_config says so in words there; GPU runs use bitsandbytes' CUDA library and never need it."""
+    seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "kernels-community" in record.getMessage():
+            self.seen = True
+            return False
+        return True
+
+
 def quantization_config(load_in_8bit: bool, load_in_4bit: bool):
     """bitsandbytes config: 8-bit, or QLoRA 4-bit (nf4, double quantisation, bf16 compute)."""
     if not (load_in_8bit or load_in_4bit):
         return None
     if load_in_8bit and load_in_4bit:
         raise SystemExit("--load_in_8bit and --load_in_4bit exclude each other: pass one of them.")
+    hub_kernel = _HubKernelNote()
+    cpu_ops_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    cpu_ops_logger.addFilter(hub_kernel)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -87,11 +103,15 @@ def quantization_config(load_in_8bit: bool, load_in_4bit: bool):
             f"Quantised loading needs a working bitsandbytes ({err}); install it with `pip install bitsandbytes` "
             "or drop --load_in_8bit/--load_in_4bit."
         ) from err
+    finally:
+        cpu_ops_logger.removeFilter(hub_kernel)
     from transformers import BitsAndBytesConfig
 
     if load_in_4bit:
         if not torch.cuda.is_available():
-            warnings.warn("4-bit NF4 on the CPU is fragile in bitsandbytes (degraded outputs seen); prefer a GPU.")
+            logger.warning("4-bit NF4 on the CPU is fragile in bitsandbytes (degraded outputs seen); prefer a GPU.%s",
+                           " bitsandbytes' optional CPU kernel from the Hugging Face hub is not used either: this "
+                           "project's kernels/ package takes the import name `kernels`." if hub_kernel.seen else "")
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
