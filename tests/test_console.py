@@ -15,8 +15,8 @@ from conftest import ROOT
 # Everything the quick-start may write to stderr, piece by piece (tqdm redraws with \r): its two progress bars and
 # the INFO line of each checkpoint written. Nothing else: no library notes, no warnings, no exit-time reports.
 ALLOWED_STDERR = {
-    "rounds progress bar": re.compile(r"rounds: +\d+%\|"),
-    "exact-match progress bar": re.compile(r"exact match: +\d+%\|"),
+    "rounds progress bar": re.compile(r"rounds: +\d+%\|[^|]*\| \d+/2 \[[^\]]*\]$"),
+    "exact-match progress bar": re.compile(r"exact match: +\d+%\|[^|]*\| \d+/24 \[[^\]]*\]$"),
     "checkpoint INFO line": re.compile(r"\d{4}-\d\d-\d\d [\d:,]+ INFO federated\.loop: Round (\d+): checkpoint written "
                                        r"to \S+checkpoint-\1$"),
 }
@@ -125,3 +125,22 @@ def test_log_level_is_checked():
     assert check_log_level("WARNING") == 30
     with pytest.raises(SystemExit, match="--log_level 'loud' is not one of debug, info, warning, error"):
         check_log_level("loud")
+
+
+@pytest.mark.parametrize("quantizes", [False, True])
+def test_bitsandbytes_only_when_quantising_and_never_its_hub_kernel_note(quantizes):
+    """bitsandbytes (imported by peft whenever importable) asks for a hub kernel through the `kernels` import name,
+    which this project's kernels/ answers: a run that does not quantise never imports it; a 4-bit CPU run says in
+    its one warning what that means, in place of bitsandbytes' failed import."""
+    code = ("import sys; from utils.console import configure_console; "
+            f"configure_console('info', quantizes={quantizes}); import peft; "
+            "from utils.model import quantization_config; "
+            f"quantization_config(False, {quantizes}); print('bitsandbytes' in sys.modules and "
+            "sys.modules['bitsandbytes'] is not None)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(quantizes)
+    assert "kernels-community" not in proc.stderr
+    expected = ["WARNING utils.model: 4-bit NF4 on the CPU is fragile"] if quantizes else []
+    lines = proc.stderr.splitlines()
+    assert len(lines) == len(expected) and all(e in line for e, line in zip(expected, lines)), proc.stderr

@@ -59,7 +59,10 @@ def configure_console(log_level: str = "info", quantizes: bool = False) -> None:
     # peft 0.21.2 (PeftModel.__init__) and trl 1.16.0 (DPOTrainer's reference pass) read transformers' deprecated
     # `is_gradient_checkpointing` alias; the project itself uses `activation_checkpointing`. Nothing for a user to do.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    if not quantizes:
+    if quantizes:
+        from utils.model import note_bitsandbytes_hub_kernel
+        note_bitsandbytes_hub_kernel()
+    else:
         skip_bitsandbytes()
 
 

@@ -85,15 +85,21 @@ class _HubKernelNote(logging.Filter):
         return True
 
 
+_HUB_KERNEL_NOTE = _HubKernelNote()
+
+
+def note_bitsandbytes_hub_kernel() -> None:
+    """Catch that message from here on; call it before anything imports bitsandbytes (peft does, on import)."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_HUB_KERNEL_NOTE)
+
+
 def quantization_config(load_in_8bit: bool, load_in_4bit: bool):
     """bitsandbytes config: 8-bit, or QLoRA 4-bit (nf4, double quantisation, bf16 compute)."""
     if not (load_in_8bit or load_in_4bit):
         return None
     if load_in_8bit and load_in_4bit:
         raise SystemExit("--load_in_8bit and --load_in_4bit exclude each other: pass one of them.")
-    hub_kernel = _HubKernelNote()
-    cpu_ops_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    cpu_ops_logger.addFilter(hub_kernel)
+    note_bitsandbytes_hub_kernel()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -103,15 +109,13 @@ def quantization_config(load_in_8bit: bool, load_in_4bit: bool):
             f"Quantised loading needs a working bitsandbytes ({err}); install it with `pip install bitsandbytes` "
             "or drop --load_in_8bit/--load_in_4bit."
         ) from err
-    finally:
-        cpu_ops_logger.removeFilter(hub_kernel)
     from transformers import BitsAndBytesConfig
 
     if load_in_4bit:
         if not torch.cuda.is_available():
             logger.warning("4-bit NF4 on the CPU is fragile in bitsandbytes (degraded outputs seen); prefer a GPU.%s",
                            " bitsandbytes' optional CPU kernel from the Hugging Face hub is not used either: this "
-                           "project's kernels/ package takes the import name `kernels`." if hub_kernel.seen else "")
+                           "project's kernels/ package takes the import name `kernels`." if _HUB_KERNEL_NOTE.seen else "")
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
