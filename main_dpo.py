@@ -61,19 +61,20 @@ def main():
     parser.set_defaults(dataset=DEFAULT_DATASET)
     script_args, fed_args, dpo_args = parser.parse_args_into_dataclasses()
     configure_console(script_args.log_level, quantizes=script_args.load_in_8bit or script_args.load_in_4bit)
-    # The run's modules import transformers' trainer and peft, which imports bitsandbytes: after configure_console.
+    check_template(script_args.template)
+    from federated.setup import load_dataset_for, load_model_with_lora, select_clients
+
+    output_dir = Path(script_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset_for(script_args, kinds=("preference",), entry="main_dpo.py")
+    # The training stack imports transformers' trainer and peft (which imports bitsandbytes): after
+    # configure_console, and after the data, so that a missing dataset or no network fails at once.
     from federated.algorithms import make_algorithm
     from federated.client import LocalTrainer
     from federated.flat import FlatParams
     from federated.loop import run_federated, write_args
     from federated.privacy import make_privacy
-    from federated.setup import load_dataset_for, load_model_with_lora, select_clients
 
-    check_template(script_args.template)
-    output_dir = Path(script_args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    dataset = load_dataset_for(script_args, kinds=("preference",), entry="main_dpo.py")
     clients = select_clients(dataset, fed_args)
     algorithm = make_algorithm(fed_args, len(clients))  # fails fast on a bad --fed_alg, before any loading
     privacy = make_privacy(fed_args, script_args, [len(c) for c in clients])  # None unless DP flags are given

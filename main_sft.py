@@ -38,17 +38,18 @@ def build_sft_trainer(model, tokenizer, script_args, first_client_data):
 def main():
     script_args, fed_args = HfArgumentParser((ScriptArguments, FedArguments)).parse_args_into_dataclasses()
     configure_console(script_args.log_level, quantizes=script_args.load_in_8bit or script_args.load_in_4bit)
-    # The run's modules import transformers' trainer and peft, which imports bitsandbytes: after configure_console.
+    check_template(script_args.template)
+    from federated.setup import group_runs, load_dataset_for, load_model_with_lora, select_clients
+
+    dataset = load_dataset_for(script_args, kinds=("sft", "multiturn"), entry="main_sft.py")
+    # The training stack imports transformers' trainer and peft (which imports bitsandbytes): after
+    # configure_console, and after the data, so that a missing dataset or no network fails at once.
     from federated.algorithms import make_algorithm
     from federated.client import LocalTrainer
     from federated.flat import FlatParams
     from federated.loop import run_federated, write_args
     from federated.privacy import make_privacy
-    from federated.setup import group_runs, load_dataset_for, load_model_with_lora, select_clients
 
-    check_template(script_args.template)
-
-    dataset = load_dataset_for(script_args, kinds=("sft", "multiturn"), entry="main_sft.py")
     clients = select_clients(dataset, fed_args)
     # One federation, or one per language group; algorithm and DP are built before any loading, to fail fast.
     runs = [(name, members, run_args, run_fed, make_algorithm(run_fed, len(members)),

@@ -6,7 +6,6 @@ import logging
 from dataclasses import replace
 
 import torch
-from transformers import set_seed
 
 from data import load_federated_dataset
 from federated.config import dataset_options
@@ -76,6 +75,8 @@ def group_runs(dataset, script_args, fed_args) -> list[tuple[str, list[int], obj
 
 def load_model_with_lora(script_args):
     """Tokenizer and LoRA-wrapped base model, seeded so that LoRA's initial A matrices are reproducible."""
+    from transformers import set_seed  # transformers' trainer utilities import peft: not before the data is loaded
+
     set_seed(script_args.seed)
     tokenizer = load_tokenizer(script_args.model_name_or_path, script_args.seq_length)
     model = load_base_model(script_args.model_name_or_path, script_args.load_in_8bit, script_args.load_in_4bit)

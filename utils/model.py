@@ -113,9 +113,10 @@ def quantization_config(load_in_8bit: bool, load_in_4bit: bool):
 
     if load_in_4bit:
         if not torch.cuda.is_available():
+            hub_note = (" bitsandbytes' optional CPU kernel from the Hugging Face hub is not used either: this "
+                        "project's kernels/ package takes the import name `kernels`.") if _HUB_KERNEL_NOTE.seen else ""
             logger.warning("4-bit NF4 on the CPU is fragile in bitsandbytes (degraded outputs seen); prefer a GPU.%s",
-                           " bitsandbytes' optional CPU kernel from the Hugging Face hub is not used either: this "
-                           "project's kernels/ package takes the import name `kernels`." if _HUB_KERNEL_NOTE.seen else "")
+                           hub_note)
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
