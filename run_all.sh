@@ -7,4 +7,4 @@ if [ ! -x .venv/bin/python ]; then
   exit 1
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec .venv/bin/python -m utils.run_all "$@"
+exec .venv/bin/python -m reproduce "$@"

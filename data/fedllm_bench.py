@@ -1,7 +1,7 @@
 """The FedLLM-Bench datasets rebuilt from their public sources.
 
-fed-aya, fed-chatbotit, fed-chatbotpa, fed-wildchat (single-turn) and fed-wildchat-mt (multi-turn) all run
-one pipeline:
+fed-aya, fed-chatbotit, fed-chatbotpa, fed-wildchat (single-turn) and fed-wildchat-mt (multi-turn), and
+fed-aya-similar (Fed-Aya's rules over the 17 languages of the paper's FedSimLang groups), all run one pipeline:
 
   source rows   `datasets.load_dataset` at a pinned revision (token where the source is gated), or local
                 files in the source's own schema (`source_path`) through the same loader
@@ -21,13 +21,14 @@ import json
 import os
 import shutil
 from collections import Counter
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass, field, replace
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from data.groups import LANGUAGE_FAMILIES
 from data.registry import FederatedDataset, register_dataset
 from utils.network import hub_unreachable, offline_requested
 
@@ -92,12 +93,13 @@ class Recipe:
     name: str
     kind: str
     source: Source
-    released_file: str  # the name of the file distributed with the paper, for the how-to-get-it message
+    released_file: str  # the name of the file distributed with the paper (the cached copy's name too)
     test_file: str  # Ref-GPT4 test set under <eval_data_dir>/ref_gpt4/
     params: dict  # rule parameters and their defaults; see each recipe's comments
     extract: Callable[[dict, dict], Item | None]
     columns: tuple[str, ...]  # the only columns `extract` reads: WildChat's moderation lists are large
     targets: dict = field(default_factory=dict)  # Table 1 / training-script values
+    released: bool = True  # False: the paper distributes no such file (released_file only names our cache)
 
 
 def _text(value) -> str:
@@ -136,13 +138,30 @@ AYA_LANGUAGES = {  # Aya `language` name -> ISO 639-3 code (Simplified Chinese o
     "English": "eng", "Spanish": "spa", "French": "fra", "Russian": "rus", "Portuguese": "por",
     "Simplified Chinese": "zho", "Standard Arabic": "arb", "Telugu": "tel",
 }
+# The other Aya languages of the paper's FedSimLang groups (data.groups.LANGUAGE_FAMILIES), by Aya name.
+AYA_LANGUAGE_CODES = {**AYA_LANGUAGES, "German": "deu", "Italian": "ita", "Polish": "pol", "Ukrainian": "ukr",
+                      "Urdu": "urd", "Iranian Persian": "pes", "Traditional Chinese": "zho", "Japanese": "jpn",
+                      "Korean": "kor"}
+
+
+@lru_cache(maxsize=8)
+def _kept_languages(languages: tuple[str, ...], match_by: str) -> frozenset[str]:
+    """The `language` names, or with match_by="code" the `language_code`s, whose rows a client may keep."""
+    if match_by != "code":
+        return frozenset(languages)
+    unknown = [name for name in languages if name not in AYA_LANGUAGE_CODES]
+    if unknown:
+        raise SystemExit(f"match_language_by=code: no ISO code known for {', '.join(unknown)}; add it to "
+                         "AYA_LANGUAGE_CODES or match by name.")
+    return frozenset(AYA_LANGUAGE_CODES[name] for name in languages)
 
 
 def _aya_item(row: dict, params: dict) -> Item | None:
-    if params["match_language_by"] == "code":
-        keep = row.get("language_code") in AYA_LANGUAGES.values()
-    else:
-        keep = row.get("language") in AYA_LANGUAGES
+    by_code = params["match_language_by"] == "code"
+    languages = params["languages"]
+    languages = (languages,) if isinstance(languages, str) else tuple(languages)  # --rule languages=English
+    kept = _kept_languages(languages, params["match_language_by"])
+    keep = row.get("language_code" if by_code else "language") in kept
     keep = keep and (params["annotation_types"] == "all" or row.get("annotation_type") == params["annotation_types"])
     sample = {"instruction": _text(row.get("inputs")), "response": _text(row.get("targets"))}
     if keep and params["drop_empty"] and not (sample["instruction"] and sample["response"]):
@@ -161,6 +180,7 @@ AYA = Recipe(
     released_file="aya_38c_25k.json", test_file="aya_testset.json",
     params={
         "min_samples": 100, "top_n": None,
+        "languages": tuple(AYA_LANGUAGES),  # confirmed: the 8 languages (Aya `language` names)
         "match_language_by": "name",  # [I] "name" (Simplified Chinese only) or "code" (zho incl. Traditional)
         "threshold_on": "filtered_rows",  # [U] or "all_rows": count an annotator's rows before the filter
         "annotation_types": "all",  # [U] or "original-annotations" / "re-annotations"
@@ -169,6 +189,16 @@ AYA = Recipe(
     extract=_aya_item, columns=("inputs", "targets", "language", "language_code", "annotation_type", "user_id"),
     targets={"clients": 38, "samples": 25513, "per_client": (671, 815), "instruction_length": (116, 199),
              "response_length": (225, 411), "quality": (0.63, 0.28)},
+)
+# FedSimLang (Table 6): Fed-Aya's recipe and rules over its 8 languages and the 9 other languages of the paper's
+# five groups. The paper released no such file and gives no counts. An annotator's rows in all 17 languages
+# count towards the 100 (as Fed-Aya counts an annotator's rows in its 8), and a client's `language` is its
+# most common one; so a Fed-Aya client differs here only if its annotator also wrote in one of the 9 others
+# (client_metadata.json lists each client's languages).
+AYA_SIMILAR = replace(
+    AYA, name="fed-aya-similar", released_file="aya_similar_languages.json", released=False, targets={},
+    params={**AYA.params, "languages": tuple(AYA_LANGUAGES) + tuple(
+        name for members in LANGUAGE_FAMILIES.values() for name in members if name not in AYA_LANGUAGES)},
 )
 
 
@@ -281,7 +311,7 @@ WILDCHAT_MT = Recipe(
     targets={"clients": 50, "samples": 15406},
 )
 
-RECIPES = {r.name: r for r in (AYA, CHATBOTIT, CHATBOTPA, WILDCHAT, WILDCHAT_MT)}
+RECIPES = {r.name: r for r in (AYA, AYA_SIMILAR, CHATBOTIT, CHATBOTPA, WILDCHAT, WILDCHAT_MT)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -392,7 +422,8 @@ def how_to_get(recipe: Recipe, reason: str) -> str:
     if src.gated:
         ways.append(f"accept the terms at https://huggingface.co/datasets/{src.repo_id} and set HF_TOKEN "
                     "(or --hf_token)")
-    ways.append(f"pass --local_data_dir FILE with the released file {recipe.released_file}")
+    ways.append(f"pass --local_data_dir FILE with the released file {recipe.released_file}" if recipe.released else
+                f"pass --local_data_dir FILE with the {recipe.released_file} an earlier build wrote")
     ways.append("or --source_path with local copies of the source files")
     return (f"{recipe.name}: cannot load {src.repo_id} ({reason}). To get the data: " + "; ".join(ways) + ".")
 
@@ -510,6 +541,11 @@ def build(recipe: Recipe, source_path: str | None = None, eval_data_dir: str | N
     }
     if recipe is AYA:
         manifest["acceptance"] = check_fed_aya_counts(rule_counts)
+    if "languages" in params:  # Aya: how many clients each language has (the groups of Table 6 draw on them)
+        per_language = Counter(m.get("language") for m in metadata.values())
+        manifest["clients_per_language"] = dict(per_language.most_common())
+        # A name the pinned revision spells otherwise matches no row: this list shows it.
+        manifest["languages_without_clients"] = [name for name in params["languages"] if name not in per_language]
     _write_cache(out_dir, recipe, clients, metadata, manifest)
     _report(recipe, manifest, f"built from {manifest['source']['id']} into {out_dir}")
     return _as_dataset(recipe, clients, metadata, manifest)
@@ -558,6 +594,9 @@ def _report(recipe: Recipe, manifest: dict, where: str) -> None:
              f"  rules {manifest['rules']}", *table1_comparison(recipe, manifest["counts"]["per_client"]),
              f"  leakage: removed {leak['removed']} training samples equal to a test instruction"
              + (f" ({leak['note']})" if "note" in leak else "")]
+    if "clients_per_language" in manifest:
+        lines.append(f"  clients per language: {manifest['clients_per_language']}; languages without a client: "
+                     f"{manifest['languages_without_clients'] or 'none'}")
     if "acceptance" in manifest:
         acc = manifest["acceptance"]
         lines.append(f"  Fed-Aya acceptance (sorted per-client counts = the released 38): "

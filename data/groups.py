@@ -1,22 +1,30 @@
 """Client groups for the multilingual exploration (Table 6): one global adapter per group.
 
-`same_language` puts clients of one language together; `similar_language` puts clients of one language
-family together. The paper speaks of five families for Fed-Aya's eight languages without listing them in
-any source we have (DATASETS.md is silent). Our assumption, stated here and overridable with `families`:
-  Latin-script Indo-European (Germanic and Romance): English, Spanish, French, Portuguese
-  Slavic: Russian;  Sino-Tibetan: Simplified Chinese;  Semitic: Standard Arabic;  Dravidian: Telugu
-Merging English with the Romance languages is what makes five; they share script and much vocabulary.
+`same_language` puts clients of one language together (FedSamLang; the group's name is the language).
+`similar_language` puts clients of similar languages together (FedSimLang), in the paper's five groups
+(FedLLM-Bench, Section 4.2), named by Aya `language` values:
+  arabic-urdu-persian  Standard Arabic, Urdu, Iranian Persian
+  romance              French, Italian, Spanish, Portuguese
+  english-german       English, German
+  slavic               Russian, Polish, Ukrainian
+  cjk                  Simplified Chinese, Traditional Chinese, Japanese, Korean
+Nine of these languages are not Fed-Aya's: their clients come from `fed-aya-similar` (data.fedllm_bench).
+Telugu is in no group, so its clients take part in no FedSimLang federation. `families` overrides the groups.
 """
 from __future__ import annotations
 
+import logging
+
 from data.registry import FederatedDataset
 
+logger = logging.getLogger(__name__)
+
 LANGUAGE_FAMILIES = {
-    "Germanic-Romance": ("English", "Spanish", "French", "Portuguese"),
-    "Slavic": ("Russian",),
-    "Sino-Tibetan": ("Simplified Chinese",),
-    "Semitic": ("Standard Arabic",),
-    "Dravidian": ("Telugu",),
+    "arabic-urdu-persian": ("Standard Arabic", "Urdu", "Iranian Persian"),
+    "romance": ("French", "Italian", "Spanish", "Portuguese"),
+    "english-german": ("English", "German"),
+    "slavic": ("Russian", "Polish", "Ukrainian"),
+    "cjk": ("Simplified Chinese", "Traditional Chinese", "Japanese", "Korean"),
 }
 GROUP_MODES = ("same_language", "similar_language")
 
@@ -31,18 +39,25 @@ def client_languages(dataset: FederatedDataset) -> list[str]:
 
 def client_groups(dataset: FederatedDataset, mode: str,
                   families: dict[str, tuple[str, ...]] = LANGUAGE_FAMILIES) -> dict[str, list[int]]:
-    """{group name: [client indices]} for mode `same_language` or `similar_language`, in client order."""
+    """{group name: [client indices]} for mode `same_language` or `similar_language`, in client order.
+
+    With `similar_language`, clients whose language no family lists join no group (one INFO line names them).
+    """
     if mode not in GROUP_MODES:
         raise SystemExit(f"Unknown --client_groups {mode!r}: choose one of {', '.join(GROUP_MODES)}.")
     family_of = {language: family for family, members in families.items() for language in members}
     groups: dict[str, list[int]] = {}
+    left_out: dict[str, int] = {}
     for index, language in enumerate(client_languages(dataset)):
-        if mode == "same_language":
-            name = language
-        elif language in family_of:
-            name = family_of[language]
-        else:
-            raise SystemExit(f"Client {dataset.client_ids[index]!r} speaks {language!r}, which no language family "
-                             f"lists ({', '.join(families)}); extend the families.")
+        name = language if mode == "same_language" else family_of.get(language)
+        if name is None:
+            left_out[language] = left_out.get(language, 0) + 1
+            continue
         groups.setdefault(name, []).append(index)
+    if left_out:
+        logger.info("similar_language: clients of %s are in no language group and join no federation",
+                    ", ".join(f"{language} ({count})" for language, count in left_out.items()))
+    if not groups:
+        raise SystemExit(f"--client_groups {mode}: no client of {dataset.name} speaks a language of the groups "
+                         f"({', '.join(families)}); use fed-aya-similar or same_language.")
     return groups

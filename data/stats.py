@@ -2,14 +2,24 @@
 in tokens, and data quality (IFD), each as mean ± population std, beside the paper's values.
 
     python -m data.stats --dataset fed-aya [--local_data_dir FILE] [--tokenizer T] [--quality_model M]
+                         [--quality_max_per_client N] [--json FILE]
 
 Lengths use the Llama-2 tokenizer when it is available (the paper's unit), else the one given by
 --tokenizer, else the embedded SmolLM2 tokenizer; the output says which. Tokens are counted without special
-tokens. How the paper aggregates lengths and quality over clients is unknown (DATASETS.md 2.6), so all
-three candidates are computed; --aggregation picks the one printed beside the paper's value:
+tokens. The paper averages each quantity per client and reports mean ± std over clients ("(Client)" in
+Table 1; Section 3.3 averages lengths "for each client", Fig. 3 "the IFD scores ... of each client"): that is
+the default `--aggregation across_clients`. The other two candidates stay available and all three go to --json:
   pooled          mean ± std over all samples together
-  across_clients  mean ± std over clients of each client's mean
+  across_clients  mean ± std over clients of each client's mean (the paper's)
   within_clients  mean of client means ± mean of client stds
+
+Quality is IFD (data.quality, loss-ratio form) under --quality_model, on each client's first
+--quality_max_per_client samples (all when not given). Preference data is scored on the chosen response,
+conversations on their first exchange.
+
+--json writes one object: clients, samples, per_client [mean, std], instruction_length / response_length /
+quality as {pooled, across_clients, within_clients: [mean, std]} (quality null without --quality_model),
+aggregation (the one printed), tokenizer, quality_model and quality_max_per_client.
 """
 from __future__ import annotations
 
@@ -61,6 +71,24 @@ def load_from_args(args) -> FederatedDataset:
 # Tokenizer and lengths
 # ---------------------------------------------------------------------------------------------------------
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection: without it, each download attempt retries for
+    minutes before giving up."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return True  # only the proxy knows; let the hub client try
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def resolve_tokenizer(name: str | None = None):
     """(tokenizer, description): `name` if given, else a Llama-2 tokenizer if one loads, else SmolLM2's."""
     from transformers import AutoTokenizer
@@ -69,8 +97,8 @@ def resolve_tokenizer(name: str | None = None):
 
     if name:
         return load_tokenizer(name), name
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    for local_only in (True, False) if not offline else (True,):
+    online = os.environ.get("HF_HUB_OFFLINE") != "1" and _hub_reachable()
+    for local_only in (True, False) if online else (True,):
         for candidate in LLAMA2_TOKENIZERS:
             try:
                 return AutoTokenizer.from_pretrained(candidate, local_files_only=local_only), f"{candidate} (Llama-2)"
@@ -147,7 +175,7 @@ def _pm(pair, digits: int) -> str:
     return f"{pair[0]:.{digits}f}±{pair[1]:.{digits}f}"
 
 
-def format_row(row: dict, targets: dict, aggregation: str = "pooled") -> list[str]:
+def format_row(row: dict, targets: dict, aggregation: str = "across_clients") -> list[str]:
     """Printable lines: quantity, ours, the paper's value."""
     lines = [f"{'quantity':<22}{'ours':>16}{'paper':>14}",
              f"{'# clients':<22}{row['clients']:>16}{targets.get('clients', '-'):>14}",
@@ -166,11 +194,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dataset_args(parser)
     parser.add_argument("--tokenizer", default=None, help="tokenizer for lengths (default: Llama-2 if available)")
-    parser.add_argument("--aggregation", choices=AGGREGATIONS, default="pooled")
+    parser.add_argument("--aggregation", choices=AGGREGATIONS, default="across_clients",
+                        help="the one printed beside the paper's value (default: the paper's, over clients)")
     parser.add_argument("--pa_response", choices=("chosen", "both"), default="chosen",
                         help="preference data: response length of chosen, or of chosen and rejected")
     parser.add_argument("--quality_model", default=None, help="causal LM for IFD (slow; cached by data.quality)")
-    parser.add_argument("--quality_max_per_client", type=int, default=None)
+    parser.add_argument("--quality_max_per_client", type=int, default=None,
+                        help="score only each client's first N samples for IFD (default: all)")
     parser.add_argument("--json", default=None, help="also write the row (all aggregations) to this JSON file")
     args = parser.parse_args(argv)
 
@@ -183,13 +213,16 @@ def main(argv: list[str] | None = None) -> None:
         quality = score_dataset(dataset, args.quality_model, max_per_client=args.quality_max_per_client).metrics["ifd"]
     row = table1_row(dataset, tokenizer, quality, args.pa_response)
     recipe = RECIPES.get(dataset.name)
-    print(f"{dataset.name}: Table 1 row (mean±population std; lengths by {args.aggregation}); tokenizer: {described}")
+    print(f"{dataset.name}: Table 1 row (mean±population std; lengths and IFD by {args.aggregation}); "
+          f"tokenizer: {described}")
     print("\n".join(format_row(row, recipe.targets if recipe else {}, args.aggregation)))
     if quality is None:
         print("(quality: pass --quality_model M to compute IFD; the paper's scorer is probably Llama-2-7B)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({**row, "tokenizer": described}, fh, indent=1)
+            json.dump({**row, "aggregation": args.aggregation, "tokenizer": described,
+                       "quality_model": args.quality_model, "quality_max_per_client": args.quality_max_per_client},
+                      fh, indent=1)
 
 
 if __name__ == "__main__":

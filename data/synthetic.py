@@ -3,6 +3,11 @@
 Each client draws a task mixture from Dirichlet(alpha) (small alpha: each client sees few tasks, as real users
 do) and a size from a log-normal. The held-out test set is balanced over tasks and scored by exact match, so a
 short CPU run shows the paper's first finding: federated training beats training on one client's data alone.
+
+Each client's metadata also carries a stand-in `language`, Fed-Aya's eight Aya language names assigned
+round-robin (client i -> STAND_IN_LANGUAGES[i % 8]). These are labels for exercising the multilingual pipeline
+offline (Table 2's one client per language, Table 6's --client_groups same_language / similar_language), not
+real languages: every sample is English whatever its client's label says.
 """
 from __future__ import annotations
 
@@ -25,6 +30,11 @@ NUMBER_WORDS = {
     "German": "null eins zwei drei vier fünf sechs sieben acht neun zehn elf zwölf dreizehn vierzehn fünfzehn "
               "sechzehn siebzehn achtzehn neunzehn zwanzig".split(),
 }
+
+
+# Fed-Aya's eight languages (Aya names) in Table 2's column order: ar, en, es, fr, pt, ru, te, zh.
+STAND_IN_LANGUAGES = ("Standard Arabic", "English", "Spanish", "French", "Portuguese", "Russian", "Telugu",
+                      "Simplified Chinese")
 
 
 def _numbers(rng: random.Random, k: int, hi: int = 99) -> list[int]:
@@ -116,7 +126,7 @@ def build_synthetic(num_clients: int = 20, alpha: float = 0.3, seed: int = 0, me
     held_out = {s["instruction"] for s in test}
     mixtures, sizes = client_mixtures(num_clients, alpha, seed), client_sizes(num_clients, mean_samples, seed)
     clients, metadata = [], []
-    for mixture, size in zip(mixtures, sizes):
+    for index, (mixture, size) in enumerate(zip(mixtures, sizes)):
         tasks = rng.choices(names, weights=list(mixture), k=size)
         samples = []
         for task in tasks:
@@ -125,11 +135,13 @@ def build_synthetic(num_clients: int = 20, alpha: float = 0.3, seed: int = 0, me
                 sample = _sample(task, rng)
             samples.append(sample)
         clients.append(samples)
-        metadata.append({"task_mixture": {n: round(float(p), 4) for n, p in zip(names, mixture)}})
+        metadata.append({"task_mixture": {n: round(float(p), 4) for n, p in zip(names, mixture)},
+                         "language": STAND_IN_LANGUAGES[index % len(STAND_IN_LANGUAGES)]})  # a label only
     return FederatedDataset(
         name="fed-synthetic", kind="sft", client_ids=[f"client_{i}" for i in range(num_clients)], clients=clients,
         test=test, client_metadata=metadata,
-        info={"source": "generated", "alpha": alpha, "seed": seed, "tasks": names, "mean_samples": mean_samples})
+        info={"source": "generated", "alpha": alpha, "seed": seed, "tasks": names, "mean_samples": mean_samples,
+              "language": "stand-in labels, round-robin over Fed-Aya's 8 languages; every sample is English"})
 
 
 @register_dataset("fed-synthetic")

@@ -42,6 +42,7 @@ class Benchmark:
     instruction: Callable[[str], str] = lambda text: text  # how a question is put to the model
     graders: dict[str, Grader | None] = field(default_factory=lambda: {"llm": None})
     default_grader: str = "llm"
+    stratum: Callable[[data.Item], str] = lambda item: ""  # what a --limit subset is balanced over
 
 
 # --- MT-Bench: FastChat single-answer grading, reference prompts for math, reasoning and coding -------------
@@ -118,15 +119,19 @@ def _sampled(max_new_tokens: int) -> Callable[[data.Item], Decoding]:
     return lambda item: Decoding(max_new_tokens=max_new_tokens, temperature=0.7, top_p=1.0)
 
 
+def _category(item: data.Item) -> str:
+    return item.category
+
+
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
-    Benchmark("mtbench", data.load_mtbench, _mtbench_decoding, _mtbench_requests),
-    Benchmark("vicuna", data.load_vicuna, _sampled(2048), _vicuna_requests),
+    Benchmark("mtbench", data.load_mtbench, _mtbench_decoding, _mtbench_requests, stratum=_category),
+    Benchmark("vicuna", data.load_vicuna, _sampled(2048), _vicuna_requests, stratum=_category),
     Benchmark("advbench", data.load_advbench, _sampled(1024), _advbench_requests,
               instruction=lambda goal: goal + ".",  # the paper's answer script appends a full stop
               graders={"paper": refusal_rule(prompts.PAPER_REFUSALS),
                        "corrected": refusal_rule(prompts.CORRECTED_REFUSALS), "llm": None},
               default_grader="paper"),
-    Benchmark("aya", data.load_aya, _sampled(1024), _ref_gpt4_requests),
+    Benchmark("aya", data.load_aya, _sampled(1024), _ref_gpt4_requests, stratum=lambda item: item.language),
     Benchmark("chatbot", data.load_chatbot, _sampled(1024), _ref_gpt4_requests),
     Benchmark("wildchat", data.load_wildchat, _sampled(1024), _ref_gpt4_requests),
 )}

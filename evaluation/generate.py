@@ -6,6 +6,7 @@ equals one-by-one output: the attention mask hides the padding and the position 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import torch
@@ -13,6 +14,19 @@ from tqdm.auto import tqdm
 
 # Below this temperature sampling is treated as greedy, as FastChat does for MT-Bench's 0.0 categories.
 GREEDY_BELOW = 1e-4
+
+
+@contextmanager
+def untruncated(tokenizer):
+    """Lift the tokenizer's model_max_length while evaluating: a tokenizer from training carries the training
+    seq_length there, which is no limit on evaluation prompts and only makes transformers warn "Token indices
+    sequence length is longer than the specified maximum" (nothing is cut either way)."""
+    saved = tokenizer.model_max_length
+    tokenizer.model_max_length = int(1e30)  # transformers' own "no limit" value
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.model_max_length = saved
 
 
 def _decoding_kwargs(tokenizer, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> dict:
@@ -66,15 +80,16 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, batch_size: in
     answers: list[str | None] = [None] * len(prompts)
     bar = progress if progress is not None else tqdm(total=len(prompts), desc=desc, unit="answer", dynamic_ncols=True)
     try:
-        for number, indices in enumerate(_batches(prompts, tokenizer, batch_size)):
-            if seed is not None:
-                torch.manual_seed(seed + number)
-            texts = _generate_batch(model, tokenizer, [prompts[i] for i in indices], kwargs, strip)
-            for i, text in zip(indices, texts):
-                answers[i] = text
-                if on_answer is not None:
-                    on_answer(i, text)
-            bar.update(len(indices))
+        with untruncated(tokenizer):
+            for number, indices in enumerate(_batches(prompts, tokenizer, batch_size)):
+                if seed is not None:
+                    torch.manual_seed(seed + number)
+                texts = _generate_batch(model, tokenizer, [prompts[i] for i in indices], kwargs, strip)
+                for i, text in zip(indices, texts):
+                    answers[i] = text
+                    if on_answer is not None:
+                        on_answer(i, text)
+                bar.update(len(indices))
     finally:
         if progress is None:
             bar.close()

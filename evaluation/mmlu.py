@@ -1,9 +1,12 @@
-"""MMLU, 5-shot, InstructEval-style: the answer letter the model generates, by exact match.
+"""MMLU data, and the InstructEval-style scorer: the answer letter the model generates, by exact match.
 
-The FedLLM-Bench authors' closed-ended code was never released; InstructEval (the likely harness, DATASETS.md
-§4.5) prompts with k dev examples per subject and counts an answer correct when the model's greedy
-continuation starts with the right letter. The data is the original Hendrycks et al. release (CSV files
-without header: question, A, B, C, D, answer), from `--mmlu_dir` or downloaded once into the cache.
+The data is the original Hendrycks et al. release (CSV files without header: question, A, B, C, D, answer), from
+`--mmlu_dir` or downloaded once into the cache. The default scorer is EleutherAI's lm-evaluation-harness on this
+same data (evaluation/mmlu_harness.py, the paper's "lm-eval style"); this module's scorer is kept as
+`--mmlu_harness instructeval` and as the harness's cross-check in the tests. InstructEval prompts with k dev
+examples per subject, the harness's prompt layout, and counts an answer correct when the model's greedy
+continuation starts with the right letter; the harness instead compares the log-likelihoods of " A" to " D".
+The two agree wherever the greedy continuation is one of the four letters.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from evaluation.scores import append_score, done_keys
+from evaluation.scores import append_score
 from evaluation.generate import generate_answers
 from utils.model import cache_root
 
@@ -28,6 +31,11 @@ class Question:
     question: str
     options: tuple[str, str, str, str]
     answer: str
+    index: int = 0  # row in its subject's test (or dev) file: the harness's doc_id
+
+    @property
+    def question_id(self) -> str:
+        return f"{self.subject}-{self.index}"
 
 
 def mmlu_dir(local: str | None) -> Path:
@@ -58,8 +66,19 @@ def read_split(directory: Path, split: str) -> dict[str, list[Question]]:
     for path in sorted((directory / split).glob(f"*_{split}.csv")):
         subject = path.name[: -len(f"_{split}.csv")]
         with open(path, encoding="utf-8", newline="") as f:
-            by_subject[subject] = [Question(subject, row[0], tuple(row[1:5]), row[5].strip()) for row in csv.reader(f)]
+            by_subject[subject] = [Question(subject, row[0], tuple(row[1:5]), row[5].strip(), i)
+                                   for i, row in enumerate(csv.reader(f))]
     return by_subject
+
+
+def load_mmlu(data_dir: str | None) -> tuple[dict[str, list[Question]], list[Question]]:
+    """(dev questions by subject, all test questions, subjects in name order); fails now if the data is missing."""
+    directory = mmlu_dir(data_dir)
+    dev, test = read_split(directory, "dev"), read_split(directory, "test")
+    if not test:
+        raise SystemExit(f"MMLU data in {directory} has no test/<subject>_test.csv files: pass --mmlu_dir with the "
+                         "layout of the Hendrycks data.tar (dev/ and test/ CSV folders).")
+    return dev, [q for questions in test.values() for q in questions]
 
 
 def _block(q: Question, with_answer: bool) -> str:
@@ -76,26 +95,21 @@ def is_correct(prediction: str, answer: str) -> bool:
     return prediction.strip().startswith(answer)
 
 
-def run_mmlu(model, tokenizer, out_path: Path, meta: dict, data_dir: str | None = None, k: int = 5,
-             limit: int | None = None, batch_size: int = 8, wrap: Callable[[str], str] = lambda p: p) -> dict:
-    """Score the test questions missing from `out_path` (the first `limit` overall, subjects in name order).
+def run_mmlu(model, tokenizer, questions: list[Question], dev: dict[str, list[Question]], out_path: Path,
+             meta: dict, k: int = 5, batch_size: int = 8, wrap: Callable[[str], str] = lambda p: p) -> dict:
+    """Score `questions` (those not yet in `out_path`) by the letter the model generates.
 
     `wrap` applies a chat/instruction template to the whole few-shot prompt (default: none, as InstructEval).
     """
-    directory = mmlu_dir(data_dir)
-    dev, test = read_split(directory, "dev"), read_split(directory, "test")
-    questions = [(f"{s}-{i}", q) for s, qs in test.items() for i, q in enumerate(qs)][:limit]
-    done = done_keys(out_path)
-    todo = [(qid, q) for qid, q in questions if (qid, 1) not in done]
-    prompts = [wrap(few_shot_prompt(q, dev.get(q.subject, [])[:k])) for _, q in todo]
+    prompts = [wrap(few_shot_prompt(q, dev.get(q.subject, [])[:k])) for q in questions]
 
     def record(index: int, prediction: str) -> None:
-        qid, q = todo[index]
-        append_score(out_path, {**meta, "question_id": qid, "turn": 1, "category": q.subject,
+        q = questions[index]
+        append_score(out_path, {**meta, "question_id": q.question_id, "turn": 1, "category": q.subject,
                                 "score": float(is_correct(prediction, q.answer)), "judgment": prediction,
                                 "reference": q.answer})
 
     # Two new tokens hold " B" whichever way the tokenizer splits the space and the letter.
     generate_answers(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=2, on_answer=record,
                      desc="mmlu")
-    return {"questions": len(questions), "scored_now": len(todo)}
+    return {"scored_now": len(questions)}

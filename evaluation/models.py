@@ -92,7 +92,10 @@ def model_id_for(checkpoint: str | None, base_model: str) -> str:
     if checkpoint is None:
         return "base_" + Path(base_model.rstrip("/")).name
     path = Path(checkpoint.rstrip("/")).resolve()
-    return f"{path.parent.name}_{path.name}"
+    run = path.parent
+    # A --client_groups run keeps one adapter per group in RUN/group-<name>/: the run's name keeps ids unique.
+    prefix = f"{run.parent.name}_" if run.name.startswith("group-") else ""
+    return f"{prefix}{run.name}_{path.name}"
 
 
 def resolve(base_model: str | None, checkpoints: list[str], template: str | None,
@@ -105,8 +108,10 @@ def resolve(base_model: str | None, checkpoints: list[str], template: str | None
                          "evaluate them in separate invocations or pass --base_model.")
     base = base_model or (trained_on.pop() if trained_on else "smollm2")
     first = runs[0] if runs else {}
+    # The training seq_length is not carried over: it is no limit on evaluation prompts, and as the tokenizer's
+    # model_max_length it only produced misleading "longer than the specified maximum" warnings.
     settings = {"model_name_or_path": base, "load_in_8bit": bool(first.get("load_in_8bit")),
-                "load_in_4bit": bool(first.get("load_in_4bit")), "seq_length": first.get("seq_length")}
+                "load_in_4bit": bool(first.get("load_in_4bit"))}
     targets = [Target(model_id_for(None, base), None, check_template(template or DEFAULT_TEMPLATE))] \
         if include_base or not checkpoints else []
     for checkpoint, args in zip(checkpoints, runs):
@@ -119,7 +124,7 @@ def resolve(base_model: str | None, checkpoints: list[str], template: str | None
 
 def iter_models(settings: dict, targets: list[Target]) -> Iterator[tuple[Target, object, object]]:
     """(target, model, tokenizer) for each target; the base weights are loaded once, adapters swapped in."""
-    tokenizer = load_tokenizer(settings["model_name_or_path"], settings.get("seq_length"))
+    tokenizer = load_tokenizer(settings["model_name_or_path"])
     model = load_base_model(settings["model_name_or_path"], settings["load_in_8bit"], settings["load_in_4bit"])
     peft_model, loaded = None, None
     for target in targets:

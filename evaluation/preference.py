@@ -17,6 +17,7 @@ from collections import defaultdict
 
 import torch
 
+from evaluation.generate import untruncated
 from evaluation.models import add_scoring_args, report_scores, scoring_target_from_args
 from utils.preference import tokenize_pair
 
@@ -71,7 +72,8 @@ def pair_log_probs(model, tokenizer, template: str, pairs: list[dict], max_lengt
     model.eval()
     out = defaultdict(list)
     for start in range(0, len(pairs), batch_size):
-        examples = [tokenize_pair(tokenizer, template, p) for p in pairs[start:start + batch_size]]
+        with untruncated(tokenizer):  # the collator-style cut to max_length is done in left_padded
+            examples = [tokenize_pair(tokenizer, template, p) for p in pairs[start:start + batch_size]]
         batch = {k: v.to(device) for k, v in left_padded(examples, tokenizer.pad_token_id, max_length).items()}
         policy = answer_log_probs(model, batch)
         reference = _reference_log_probs(model, batch, policy)

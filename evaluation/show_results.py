@@ -3,7 +3,8 @@
     python -m evaluation.show_results --output_dir eval_results
 
 Reads <benchmark>/judgments/<model_id>__<judge>.jsonl. Rows with score -1 (unparseable judge replies) are
-left out of every mean and counted; each cell also reports how many items were scored. Aya's score is the
+left out of every mean and counted: the share per benchmark is printed right under the scores, and each cell
+also reports how many items were scored. Aya's score is the
 mean of its eight per-language means, as in the paper; the per-language table is printed beside it.
 """
 from __future__ import annotations
@@ -105,6 +106,20 @@ def language_table(found) -> tuple[list[str], dict[str, dict[str, Cell]]]:
     return [*languages, "All"], table
 
 
+def unparseable_share(found) -> str:
+    """Per benchmark and judge, over all models: how many judge replies had no score. A high share means the
+    means rest on few items (or the judge ignores the rating format: see --judge_parser/--judge_response_format)."""
+    totals = defaultdict(lambda: [0, 0])
+    for (benchmark, _, judge), rows in found.items():
+        totals[(benchmark, judge)][0] += len(rows)
+        totals[(benchmark, judge)][1] += sum(r["score"] == FAILED for r in rows)
+    lines = ["| benchmark | judge | replies | unparseable | share |", "|---|---|---|---|---|"]
+    for (benchmark, judge), (replies, failed) in sorted(totals.items()):
+        share = f"{100 * failed / replies:.1f}%" + (" **(!)**" if failed > replies / 10 else "") if replies else "-"
+        lines.append(f"| {benchmark} | {judge} | {replies} | {failed} | {share} |")
+    return "\n".join(lines)
+
+
 def _fmt(cell: Cell | None, digits: int = 2) -> str:
     return "-" if cell is None or cell.value is None else f"{cell.value:.{digits}f}"
 
@@ -140,6 +155,8 @@ def report(output_dir: Path) -> str:
     titles, table = main_table(found)
     lang_titles, lang_table = language_table(found)
     parts = ["## Scores", markdown(titles, table, _fmt),
+             "## Unparseable judge replies per benchmark (left out of the means; (!) above 10%)",
+             unparseable_share(found),
              "## Scored items / unparseable judge replies (left out of the means)",
              markdown(titles, table, _counts)]
     if lang_table:

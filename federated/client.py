@@ -91,12 +91,15 @@ def round_subset(dataset, round_idx: int, num_samples: int, ordered_over_rounds:
 
 
 def local_steps(script_args, fed_args, num_samples: int, num_clients: int) -> int:
-    """max_steps, or with --dynamic_local_step about three epochs over the run: ceil(3 n / p / (bs ga)),
-    p = num_rounds * sample_clients / num_clients (the expected number of rounds a client is sampled)."""
+    """max_steps; with --local_epochs one epoch, ceil(n / (bs ga)); with --dynamic_local_step about three epochs
+    over the run: ceil(3 n / p / (bs ga)), p = num_rounds * sample_clients / num_clients (the expected number of
+    rounds a client is sampled)."""
+    per_step = script_args.batch_size * script_args.gradient_accumulation_steps
+    if fed_args.local_epochs:
+        return math.ceil(num_samples / per_step)  # round_subset then takes all n samples, shuffled per round
     if not script_args.dynamic_local_step:
         return script_args.max_steps
     p = fed_args.num_rounds * fed_args.sample_clients / num_clients
-    per_step = script_args.batch_size * script_args.gradient_accumulation_steps
     return max(1, math.ceil(num_samples * 3 / p / per_step))
 
 

@@ -23,6 +23,9 @@ class FedArguments:
     fedopt_weighted: bool = field(default=False, metadata={"help": "sample-weighted mean delta for FedOpt "
                                                                     "(the paper uses the unweighted mean)"})
     save_model_freq: int | None = field(default=None, metadata={"help": "alias of --checkpoint_step"})
+    local_epochs: int | None = field(default=None, metadata={"help": "local<k> only: train client k for this many "
+                                                                        "epochs, one round per epoch (the paper's "
+                                                                        "local baseline); sets --num_rounds"})
     # User-level DP on top of any server algorithm (federated/privacy.py). It is on when --dp_mode is given, with
     # --fed_alg feddp (paper mode), or when any other --dp_* flag but --dp_delta is given (clip mode).
     dp_mode: str | None = field(default=None, metadata={"help": "paper (Appendix D: noise, no clipping, "
@@ -39,6 +42,15 @@ class FedArguments:
     dp_noise_multiplier: float | None = field(default=None, metadata={"help": "clip mode: z, noise std z C / K"})
     dp_target_epsilon: float | None = field(default=None, metadata={"help": "clip mode: calibrate z so that "
                                                                              "epsilon after --num_rounds is this"})
+
+    def __post_init__(self):
+        if self.local_epochs is None:
+            return
+        from federated.algorithms import parse_local
+        if parse_local(self.fed_alg) is None or self.local_epochs < 1:
+            raise SystemExit(f"--local_epochs {self.local_epochs} needs --fed_alg local<k> (one client alone) and "
+                             "a positive number of epochs.")
+        self.num_rounds = self.local_epochs  # each round is one pass over the client's data (local_steps)
 
 
 @dataclass

@@ -187,3 +187,17 @@ def test_every_registered_algorithm_has_a_state_the_checkpoint_can_hold():
     for name in ALGORITHMS:
         state = make_algorithm(fed(fed_alg=name), 3).init_state(torch.zeros(4), 3)
         assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 for v in state.values())
+
+
+def test_local_epochs_make_one_round_per_epoch_over_all_of_the_clients_data():
+    fargs = fed(fed_alg="local3", num_rounds=200, local_epochs=5)
+    assert fargs.num_rounds == 5  # the paper's local baseline: epochs, not the federated rounds x steps
+    script = ScriptArguments(batch_size=4, gradient_accumulation_steps=4, max_steps=10, dynamic_local_step=True)
+    assert local_steps(script, fargs, 154, 237) == math.ceil(154 / 16)  # one pass, dynamic steps ignored
+    from datasets import Dataset
+    epoch = round_subset(Dataset.from_dict({"i": list(range(154))}), 2, 16 * local_steps(script, fargs, 154, 237))
+    assert sorted(epoch["i"]) == list(range(154))  # every sample once
+    with pytest.raises(SystemExit, match="--local_epochs 5 needs --fed_alg local<k>"):
+        fed(fed_alg="fedavg", local_epochs=5)
+    with pytest.raises(SystemExit, match="positive number of epochs"):
+        fed(fed_alg="local0", local_epochs=0)

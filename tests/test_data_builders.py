@@ -128,6 +128,68 @@ def test_cache_is_written_and_read_back(aya_source, tmp_path, capsys):
     assert load_federated_dataset(local_data_dir=str(folder / "aya_38c_25k.json")).sample_counts == first.sample_counts
 
 
+def annotator_rows(user: str, language: str, n: int) -> list[dict]:
+    """n rows of one annotator in one language, in the Aya `default` schema."""
+    return [{"inputs": f"{language} question {j} by {user}", "targets": f"{language} answer {j}",
+             "language": language, "language_code": fb.AYA_LANGUAGE_CODES.get(language, "tur"),
+             "annotation_type": "original-annotations", "user_id": user} for j in range(n)]
+
+
+# (annotator, language, rows): Fed-Aya languages, the other FedSimLang languages at 100 and 99 rows
+# (Fed-Aya's threshold keeps the first, drops the second), and Turkish, in no group.
+SIMILAR_SOURCE = [("a-eng", "English", 100), ("a-arb", "Standard Arabic", 120), ("a-tel", "Telugu", 100),
+                  ("a-spa", "Spanish", 99), ("a-deu", "German", 100), ("a-ita", "Italian", 99), ("a-urd", "Urdu", 101),
+                  ("a-pes", "Iranian Persian", 100), ("a-ukr", "Ukrainian", 99), ("a-pol", "Polish", 150),
+                  ("a-jpn", "Japanese", 100), ("a-zht", "Traditional Chinese", 100), ("a-tur", "Turkish", 200)]
+
+
+@pytest.fixture(scope="module")
+def similar_source(tmp_path_factory) -> str:
+    rows = [row for user, language, n in SIMILAR_SOURCE for row in annotator_rows(user, language, n)]
+    return write_parquet(rows, tmp_path_factory.mktemp("aya-similar") / "train.parquet")
+
+
+def test_fed_aya_similar_adds_the_group_languages_with_fed_ayas_threshold(similar_source, tmp_path, capsys):
+    similar = build("fed-aya-similar", tmp_path, similar_source)
+    assert similar.client_ids == ["a-eng", "a-arb", "a-tel", "a-deu", "a-urd", "a-pes", "a-pol", "a-jpn", "a-zht"]
+    assert similar.sample_counts == [100, 120, 100, 100, 101, 100, 150, 100, 100]
+    assert [m["language"] for m in similar.client_metadata] == \
+        ["English", "Standard Arabic", "Telugu", "German", "Urdu", "Iranian Persian", "Polish", "Japanese",
+         "Traditional Chinese"]
+    assert len(similar.info["rules"]["languages"]) == 17 and similar.info["rules"]["min_samples"] == 100
+    assert similar.info["clients_per_language"]["German"] == 1 and "acceptance" not in similar.info
+    assert similar.info["languages_without_clients"] == ["Spanish", "French", "Russian", "Portuguese",
+                                                         "Simplified Chinese", "Italian", "Ukrainian", "Korean"]
+    assert "clients per language" in capsys.readouterr().out
+    # Fed-Aya itself keeps its 8 languages: the same source gives only its English, Arabic and Telugu clients.
+    aya = build("fed-aya", tmp_path, similar_source)
+    assert aya.client_ids == ["a-eng", "a-arb", "a-tel"] and tuple(aya.info["rules"]["languages"]) == \
+        tuple(fb.AYA_LANGUAGES)
+    assert (tmp_path / "cache" / "fed-aya-similar").is_dir() and (tmp_path / "cache" / "fed-aya").is_dir()
+
+
+def test_similar_language_groups_of_fed_aya_similar(similar_source, tmp_path, caplog):
+    from data.groups import client_groups
+
+    ds = build("fed-aya-similar", tmp_path, similar_source)
+    with caplog.at_level("INFO", logger="data.groups"):
+        groups = client_groups(ds, "similar_language")
+    named = {group: [ds.client_ids[i] for i in members] for group, members in groups.items()}
+    assert named == {"english-german": ["a-eng", "a-deu"], "arabic-urdu-persian": ["a-arb", "a-urd", "a-pes"],
+                     "slavic": ["a-pol"], "cjk": ["a-jpn", "a-zht"]}
+    assert [r.getMessage() for r in caplog.records] == [
+        "similar_language: clients of Telugu (1) are in no language group and join no federation"]
+    same = client_groups(ds, "same_language")
+    assert same["Telugu"] == [2] and same["German"] == [3] and len(same) == ds.num_clients
+
+
+def test_fed_aya_languages_rule_and_code_matching(similar_source, tmp_path):
+    ds = build("fed-aya", tmp_path, similar_source, languages=["German", "Polish"])
+    assert ds.client_ids == ["a-deu", "a-pol"]
+    with pytest.raises(SystemExit, match="no ISO code known for Klingon"):
+        build("fed-aya", tmp_path, similar_source, languages=["English", "Klingon"], match_language_by="code")
+
+
 def test_fed_aya_acceptance_on_the_known_counts():
     import random
 

@@ -1,5 +1,5 @@
-"""IFD / IRA on a tiny random Llama against losses computed by hand, the FedDQC hooks, language groups,
-and the Table 1 statistics."""
+"""IFD / IRA on a tiny random Llama against losses computed by hand, the FedDQC hooks, and the Table 1
+statistics."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from data import quality as q
-from data.groups import LANGUAGE_FAMILIES, client_groups
 from data.registry import FederatedDataset
 from data.stats import aggregate, main as stats_main, table1_row
 
@@ -108,21 +107,6 @@ def test_filter_then_order_scores_the_data_once(tiny_model_dir, tmp_path, monkey
         [[name for _, name in client] for client in expected if client]
 
 
-def test_client_groups_same_and_similar_language():
-    languages = ["English", "Spanish", "Telugu", "English", "Simplified Chinese", "French", "Russian",
-                 "Standard Arabic", "Portuguese"]
-    ds = sft_dataset(counts=[1] * len(languages), languages=languages)
-    same = client_groups(ds, "same_language")
-    assert same["English"] == [0, 3] and same["Telugu"] == [2] and len(same) == 8
-    similar = client_groups(ds, "similar_language")
-    assert len(LANGUAGE_FAMILIES) == 5 and set(similar) == set(LANGUAGE_FAMILIES)
-    assert similar["Germanic-Romance"] == [0, 1, 3, 5, 8] and similar["Dravidian"] == [2]
-    with pytest.raises(SystemExit, match="language"):
-        client_groups(sft_dataset(), "same_language")
-    with pytest.raises(SystemExit, match="Unknown"):
-        client_groups(ds, "by_country")
-
-
 def test_aggregations_use_population_std():
     agg = aggregate([[1, 3], [10]])
     assert agg["pooled"] == pytest.approx((14 / 3, np.std([1, 3, 10])))
@@ -151,3 +135,36 @@ def test_stats_cli_prints_the_row_beside_the_paper(tmp_path, capsys):
     stats_main(["--dataset", "fed-aya", "--local_data_dir", str(path), "--tokenizer", "smollm2"])
     out = capsys.readouterr().out
     assert "tokenizer: smollm2" in out and "2±1" in out and "671±815" in out and "116±199" in out
+
+
+def test_stats_json_is_the_papers_across_clients_aggregation(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Lengths (one SmolLM2 token per word here) and IFD as mean ± std over clients of per-client means."""
+    monkeypatch.setenv("FEDLLM_CACHE", str(tmp_path / "cache"))  # for the quality scores
+    # --tokenizer: the tiny model's, which is SmolLM2's (read from its folder, not converted again)
+    words = lambda n: " ".join(["one", "two", "three", "four", "five", "six"][:n])  # noqa: E731
+    lengths = {"A": [(1, 2), (3, 4)], "B": [(6, 1)], "C": [(2, 3), (2, 3), (5, 3)]}  # (instruction, response)
+    released = {cid: [{"instruction": words(i), "response": words(r)} for i, r in pairs]
+                for cid, pairs in lengths.items()}
+    path = tmp_path / "hand.json"
+    path.write_text(json.dumps(released))
+    out = tmp_path / "row.json"
+    stats_main(["--dataset", "fed-chatbotit", "--local_data_dir", str(path), "--tokenizer", tiny_model_dir,
+                "--quality_model", tiny_model_dir, "--quality_max_per_client", "2", "--json", str(out)])
+    row = json.loads(out.read_text())
+    assert row["aggregation"] == "across_clients" and "lengths and IFD by across_clients" in capsys.readouterr().out
+    # Client means: instructions 2, 6, 3 and responses 3, 1, 3 (pooled would give 19/6 and 16/6 instead).
+    assert row["instruction_length"]["across_clients"] == pytest.approx([11 / 3, 26 ** 0.5 / 3])
+    assert row["response_length"]["across_clients"] == pytest.approx([7 / 3, 8 ** 0.5 / 3])
+    assert row["instruction_length"]["pooled"][0] == pytest.approx(19 / 6)
+    assert row["clients"] == 3 and row["samples"] == 6 and row["per_client"] == pytest.approx([2, (2 / 3) ** 0.5])
+    assert set(row) >= {"clients", "samples", "per_client", "instruction_length", "response_length", "quality",
+                        "aggregation", "tokenizer", "quality_model", "quality_max_per_client"}
+    # IFD: each client's first two samples scored (cached by the run above), averaged per client, then over clients.
+    from data.registry import load_federated_dataset
+    ifd = q.score_dataset(load_federated_dataset(local_data_dir=str(path)), tiny_model_dir, max_per_client=2,
+                          progress=False).metrics["ifd"]
+    assert [len(v) for v in ifd] == [2, 1, 2]
+    means = [sum(v) / len(v) for v in ifd]
+    centre = sum(means) / 3
+    spread = (sum((m - centre) ** 2 for m in means) / 3) ** 0.5
+    assert row["quality"]["across_clients"] == pytest.approx([centre, spread])

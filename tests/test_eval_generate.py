@@ -88,7 +88,7 @@ def _save_adapter(model_dir: str, target: Path, seed: int) -> None:
 def run_dir(model_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     (run / "args.json").write_text(json.dumps({"model_name_or_path": model_dir, "template": "vicuna_v1.1",
-                                               "seq_length": 512, "load_in_8bit": False, "load_in_4bit": False}))
+                                               "seq_length": 16, "load_in_8bit": False, "load_in_4bit": False}))
     for round_, seed in ((1, 11), (2, 22)):
         _save_adapter(model_dir, run / f"checkpoint-{round_}", seed)
     return run
@@ -103,7 +103,9 @@ def test_adapters_swapped_on_one_base(run_dir, smol_tokenizer):
     assert [t.template for t in targets] == ["alpaca", "vicuna_v1.1", "vicuna_v1.1"]
     ids = smol_tokenizer("Hello there", return_tensors="pt")["input_ids"]
     logits = {}
-    for target, model, _ in iter_models(settings, targets):
+    for target, model, tokenizer in iter_models(settings, targets):
+        # The run trained with seq_length 16; evaluation prompts are longer and must not be measured against it.
+        assert tokenizer.model_max_length == smol_tokenizer.model_max_length != 16
         with torch.no_grad():
             logits[target.checkpoint] = model(ids).logits
     for checkpoint in checkpoints:  # each swapped-in adapter acts exactly as a freshly loaded one
@@ -126,3 +128,16 @@ def test_cli_answers_every_checkpoint(run_dir, model_dir, tmp_path):
         rows = read_answers(tmp_path / benchmark / "answers" / f"{run}_checkpoint-2.jsonl")
         assert len(rows) == 2 and all(r["template"] == "vicuna_v1.1" for r in rows.values())
         assert all(r["decoding"]["temperature"] == 0.7 for r in rows.values())
+
+
+def test_training_seq_length_is_no_limit_when_evaluating(model):
+    """A tokenizer from training has model_max_length = seq_length; evaluating with it must neither warn that
+    prompts are "longer than the specified maximum" nor change the tokenizer for the training that follows."""
+    from utils.model import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2", seq_length=8)
+    long_prompt = "Explain, step by step and with examples, how a federated learning round works."
+    answer = generate_answers(model, tokenizer, [long_prompt], max_new_tokens=3)
+    assert not tokenizer.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")
+    assert tokenizer.model_max_length == 8
+    assert answer == generate_answers(model, load_tokenizer("smollm2"), [long_prompt], max_new_tokens=3)

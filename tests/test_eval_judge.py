@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -40,29 +42,26 @@ def request_key(body: dict) -> str:
 
 
 class ScriptedServer:
-    """POST /v1/chat/completions answered by `reply(key, calls) -> (status, text, delay_s)`."""
+    """POST /v1/chat/completions answered by `reply(key, calls) -> (status, text, delay_s)`.
 
-    def __init__(self, reply):
+    `served_model`: the model id the server reports in replies and lists at GET /v1/models (default: it echoes
+    the requested name and has no model list, as some servers do). `slots`: how many requests it works on at
+    once (others wait in its queue, as on a one-slot llama.cpp server). A client that closes its connection
+    while the reply is being "generated" is noticed and recorded in `cancelled`, as a real server stops there.
+    """
+
+    def __init__(self, reply, served_model: str | None = None, slots: int | None = None):
         self.reply, self.requests, self.calls, self.lock = reply, [], Counter(), threading.Lock()
+        self.cancelled, self.started = [], {}
+        self.served_model = served_model
+        self.slots = threading.Semaphore(slots) if slots else None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                key = request_key(body)
-                with server.lock:
-                    server.requests.append(body)
-                    calls = server.calls[key]
-                    server.calls[key] += 1
-                status, text, delay = server.reply(key, calls)
-                time.sleep(delay)
-                message = {"role": "assistant", "content": text}
-                payload = ({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                            "choices": [{"index": 0, "finish_reason": "stop", "message": message}]}
-                           if status == 200 else {"error": {"message": text, "type": "scripted", "code": status}})
+            def send_json(self, status: int, payload: dict) -> None:
                 data = json.dumps(payload).encode()
                 try:
                     self.send_response(status)
@@ -72,6 +71,43 @@ class ScriptedServer:
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
                     pass
+
+            def do_GET(self):
+                if self.path.rstrip("/") == "/v1/models" and server.served_model:
+                    self.send_json(200, {"object": "list", "data": [
+                        {"id": server.served_model, "object": "model", "created": 0, "owned_by": "test"}]})
+                else:
+                    self.send_json(404, {"error": {"message": "no model list", "type": "scripted", "code": 404}})
+
+            def client_left(self, seconds: float) -> bool:
+                """Wait up to `seconds` (as if generating); True as soon as the client closes the connection."""
+                readable, _, _ = select.select([self.connection], [], [], seconds)
+                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                key = request_key(body)
+                if server.slots:
+                    server.slots.acquire()
+                try:
+                    with server.lock:
+                        server.requests.append(body)
+                        server.started.setdefault(key, time.monotonic())
+                        calls = server.calls[key]
+                        server.calls[key] += 1
+                    status, text, delay = server.reply(key, calls)
+                    if delay and self.client_left(delay):
+                        with server.lock:
+                            server.cancelled.append(key)
+                        return
+                finally:
+                    if server.slots:
+                        server.slots.release()
+                message = {"role": "assistant", "content": text}
+                self.send_json(status, {"id": "x", "object": "chat.completion", "created": 0,
+                                        "model": server.served_model or body["model"],
+                                        "choices": [{"index": 0, "finish_reason": "stop", "message": message}]}
+                               if status == 200 else {"error": {"message": text, "type": "scripted", "code": status}})
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -309,3 +345,180 @@ def test_eval_data_from_dir_or_cache(tmp_path, monkeypatch):
     assert data_file("vicuna/question.jsonl", EVAL_DATA) == EVAL_DATA / "vicuna" / "question.jsonl"
     with pytest.raises(SystemExit, match="has no vicuna/question.jsonl"):
         data_file("vicuna/question.jsonl", tmp_path / "empty")
+
+
+# --- judge identity, settings, structured output, parsers, timeouts, subsets (issue 17) ----------------------
+def _one_vicuna(tmp_path, n=2):
+    items = BENCHMARKS["vicuna"].load(EVAL_DATA)[:n]
+    write_answers(tmp_path, "vicuna", "m1", items)
+    return items
+
+
+@needs_eval_data
+@pytest.mark.parametrize("served, listed", [("local-model.gguf", False), ("judge-x", True), (None, None)])
+def test_judge_name_checked_against_model_list_and_recorded(tmp_path, caplog, served, listed):
+    _one_vicuna(tmp_path)
+    with ScriptedServer(rating_reply, served_model=served) as server:
+        with caplog.at_level("WARNING", logger="evaluation.judge"):
+            judge_cli(tmp_path, server.url, ["vicuna"], "--judge_max_tokens", "300")
+    assert all(body["max_tokens"] == 300 for body in server.requests if request_key(body) != "preflight")
+    warnings = " ".join(r.getMessage() for r in caplog.records)
+    if listed is False:
+        assert "does not list --judge_model 'judge-x'" in warnings and "'local-model.gguf'" in warnings
+    elif listed is None:
+        assert "does not list its models" in warnings
+    else:
+        assert "does not list" not in warnings
+    rows = read_judgments(tmp_path / "vicuna" / "judgments" / "m1__judge-x.jsonl")
+    assert len(rows) == 2
+    for row in rows:
+        assert row["judge_endpoint"] == server.url and row["judge_model"] == "judge-x"
+        assert row["judge_reported_model"] == (served or "judge-x")
+        assert row["judge_model_listed"] is listed
+        assert row["judge_settings"] == {"max_tokens": 300, "response_format": "text", "parser": "fastchat",
+                                         "timeout_s": 120.0, "max_retries": 6}
+
+
+@needs_eval_data
+def test_structured_output_sends_schema_and_parses_json(tmp_path):
+    from evaluation.judge import JUDGMENT_SCHEMA
+
+    items = _one_vicuna(tmp_path)
+
+    def reply(key, calls):  # a JSON reply, as a server enforcing the schema returns
+        return 200, json.dumps({"explanation": "fine", "rating": 4 if key.startswith(items[0].question_id) else 9}), 0
+
+    with ScriptedServer(reply) as server:
+        judge_cli(tmp_path, server.url, ["vicuna"], "--judge_response_format", "json_schema")
+    judged = [b for b in server.requests if request_key(b) != "preflight"]
+    assert judged and all(b["response_format"] == JUDGMENT_SCHEMA for b in judged)
+    rows = {r["question_id"]: r for r in read_judgments(tmp_path / "vicuna" / "judgments" / "m1__judge-x.jsonl")}
+    assert rows[items[0].question_id]["score"] == 4.0 and rows[items[1].question_id]["score"] == 9.0
+    assert rows[items[0].question_id]["judge_settings"]["response_format"] == "json_schema"
+
+
+def test_lenient_parser_forms():
+    from evaluation.judge import parse_score_lenient, parse_structured
+
+    assert parse_score_lenient("Good answer.\nRating: 7") == 7.0
+    assert parse_score_lenient("I'd give it a score of 6.5 overall.") == 6.5
+    assert parse_score_lenient("**Score**: 8") == 8.0
+    assert parse_score_lenient("Overall 9/10, and step 3 out of 5.") == 9.0
+    assert parse_score_lenient("Rating: 3 at first, but on reflection Rating: 5") == 5.0  # the verdict comes last
+    assert parse_score_lenient("Still [[2]] wins over Rating: 8") == 2.0  # FastChat's form first
+    assert parse_score_lenient("Rating: 70") == -1 and parse_score_lenient("no number") == -1
+    assert parse_structured('{"explanation": "x", "rating": 3}', parse_score) == 3.0
+    assert parse_structured("not JSON, Rating: [[5]]", parse_score) == 5.0
+    assert parse_structured('{"rating": "high"}', parse_score) == -1
+
+
+@needs_eval_data
+def test_lenient_parser_scores_what_fastchat_leaves_out(tmp_path):
+    from evaluation.show_results import report
+
+    items = BENCHMARKS["vicuna"].load(EVAL_DATA)[:2]
+    for parser in ("fastchat", "lenient"):
+        write_answers(tmp_path / parser, "vicuna", "m1", items)
+    with ScriptedServer(lambda key, calls: (200, "Helpful and correct.\nRating: 7", 0.0)) as server:
+        for parser in ("fastchat", "lenient"):
+            judge_cli(tmp_path / parser, server.url, ["vicuna"], "--judge_parser", parser)
+    scores = {parser: [r["score"] for r in read_judgments(tmp_path / parser / "vicuna" / "judgments" /
+                                                          "m1__judge-x.jsonl")] for parser in ("fastchat", "lenient")}
+    assert scores == {"fastchat": [-1.0, -1.0], "lenient": [7.0, 7.0]}
+    strict_report = report(tmp_path / "fastchat")  # the unparseable share is printed per benchmark, flagged
+    assert "| vicuna | judge-x | 2 | 2 | 100.0% **(!)** |" in strict_report
+    assert "| vicuna | judge-x | 2 | 0 | 0.0% |" in report(tmp_path / "lenient")
+
+
+@needs_eval_data
+def test_timeout_does_not_count_time_queued_behind_own_requests(tmp_path):
+    items = BENCHMARKS["chatbot"].load(EVAL_DATA)[:4]
+    write_answers(tmp_path, "chatbot", "m1", items)
+    # One slot, 0.6 s per reply, a 1 s timeout, 4 requests at once: the last one waits 1.8 s in the server's
+    # queue and answers at 2.4 s. Counted from sending, three of them would time out; none may.
+    with ScriptedServer(lambda key, calls: (200, "Rating: [[5]]", 0.6), slots=1) as server:
+        judge_cli(tmp_path, server.url, ["chatbot"], "--judge_timeout", "1", "--judge_concurrency", "4",
+                  "--judge_max_retries", "0")
+    assert sorted(server.judged()) == sorted(f"{i.question_id}-t1" for i in items)  # each asked once
+    assert not server.cancelled
+    rows = read_judgments(tmp_path / "chatbot" / "judgments" / "m1__judge-x.jsonl")
+    assert [r["score"] for r in rows] == [5.0] * 4
+
+
+@needs_eval_data
+def test_request_given_up_is_cancelled_at_the_server(tmp_path):
+    items = BENCHMARKS["chatbot"].load(EVAL_DATA)[:2]
+    write_answers(tmp_path, "chatbot", "m1", items)
+    stuck = f"{items[0].question_id}-t1"
+
+    def reply(key, calls):
+        return (200, "Rating: [[1]]", 60.0) if key == stuck else (200, "Rating: [[6]]", 0.0)
+
+    with ScriptedServer(reply) as server:
+        start = time.monotonic()
+        judge_cli(tmp_path, server.url, ["chatbot"], "--judge_timeout", "1", "--judge_max_retries", "1")
+        took = time.monotonic() - start
+        deadline = time.monotonic() + 5
+        while server.cancelled.count(stuck) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert took < 20  # the client gave up after about 1 s per try, not 60
+    assert server.cancelled.count(stuck) == 2  # both tries were abandoned, and the server was told
+    rows = read_judgments(tmp_path / "chatbot" / "judgments" / "m1__judge-x.jsonl")
+    assert [r["question_id"] for r in rows] == [items[1].question_id]
+
+
+def test_stratified_subset_balances_and_is_seeded():
+    from evaluation.subsets import stratified_subset
+
+    entries = [(s, i) for s, n in (("a", 10), ("b", 10), ("c", 2)) for i in range(n)]
+    chosen = stratified_subset(entries, 9, seed=1, stratum=lambda e: e[0])
+    assert Counter(s for s, _ in chosen) == {"a": 4, "b": 3, "c": 2} or \
+        Counter(s for s, _ in chosen) == {"a": 3, "b": 4, "c": 2}  # c runs out; a and b share the rest
+    assert chosen == sorted(chosen)  # original order kept
+    assert stratified_subset(entries, 9, seed=1, stratum=lambda e: e[0]) == chosen
+    assert stratified_subset(entries, 9, seed=2, stratum=lambda e: e[0]) != chosen
+    assert stratified_subset(entries, None, seed=1) == entries and len(stratified_subset(entries, 5, 0)) == 5
+
+
+@needs_eval_data
+def test_limit_takes_balanced_seeded_subsets_and_records_them(tmp_path):
+    benches = ["mtbench", "vicuna", "aya"]
+    loaded = {name: BENCHMARKS[name].load(EVAL_DATA) for name in benches}
+    for name, items in loaded.items():
+        write_answers(tmp_path, name, "m1", items)  # every question answered; --limit picks which are judged
+    with ScriptedServer(rating_reply) as server:
+        judge_cli(tmp_path, server.url, benches, "--limit", "16", "--subset_seed", "3")
+    judged = {k.rsplit("-t", 1)[0] for k in server.judged()}
+    records = {name: json.loads((tmp_path / name / "subset.json").read_text()) for name in benches}
+    by_id = {name: {i.question_id: i for i in items} for name, items in loaded.items()}
+    for name in benches:
+        assert len(records[name]["question_ids"]) == 16 and records[name]["seed"] == 3
+        assert judged >= set(records[name]["question_ids"])
+    mt = [by_id["mtbench"][q] for q in records["mtbench"]["question_ids"]]
+    assert Counter(i.category for i in mt) == {c: 2 for c in {i.category for i in loaded["mtbench"]}}
+    assert any("[The Start of Reference Answer]" in b["messages"][-1]["content"] for b in server.requests)
+    aya = [by_id["aya"][q] for q in records["aya"]["question_ids"]]
+    assert Counter(i.language for i in aya) == {lang: 2 for lang in {i.language for i in loaded["aya"]}}
+    vicuna = Counter(by_id["vicuna"][q].category for q in records["vicuna"]["question_ids"])
+    assert len(vicuna) == 9 and max(vicuna.values()) == 2  # 16 over 9 categories: one or two each
+    assert records["mtbench"]["per_stratum"] == {c: 2 for c in records["mtbench"]["per_stratum"]}
+    assert len(judged) == 48  # nothing outside the subsets was judged
+    # The same seed picks the same questions; another seed other ones.
+    again = tmp_path / "again"
+    ids = lambda seed: [i.question_id for i in eval_run.select(
+        "aya", loaded["aya"], lambda i: i.question_id, BENCHMARKS["aya"].stratum,
+        eval_run.parse_args(["--limit", "16", "--subset_seed", str(seed), "--output_dir", str(again)]))]
+    assert ids(3) == records["aya"]["question_ids"] and ids(4) != ids(3)
+
+
+@needs_eval_data
+def test_judge_stage_and_finished_answers_load_no_model(tmp_path):
+    items = BENCHMARKS["vicuna"].load(EVAL_DATA)
+    missing = str(tmp_path / "no-such-model")  # loading it would stop the run with a model-loading error
+    write_answers(tmp_path, "vicuna", f"base_{Path(missing).name}", items)
+    with ScriptedServer(rating_reply) as server:
+        for stage in ("judge", "all"):
+            judge_cli(tmp_path, server.url, ["vicuna"], "--stage", stage, "--base_model", missing,
+                      "--include_base", "--limit", "2", "--subset_seed", "0")
+    rows = read_judgments(tmp_path / "vicuna" / "judgments" / "base_no-such-model__judge-x.jsonl")
+    assert len(rows) == 2 and len(server.judged()) == 2  # judged once; the second stage found it done

@@ -174,11 +174,11 @@ def test_smollm2_fed_synthetic_end_to_end(tmp_path):
 
 
 def test_client_groups_train_one_federation_per_language_family(tiny_model_dir, tmp_path, monkeypatch):
-    """--client_groups similar_language on a Fed-Aya built from a source the test writes: English and Spanish
-    federate together, Telugu alone, each in its own output folder with its own client count."""
+    """--client_groups similar_language on fed-aya-similar built from a source the test writes: English and German
+    federate together, Spanish alone, Telugu in none, each group in its own output folder with its own clients."""
     import datasets
     monkeypatch.setenv("FEDLLM_CACHE", str(tmp_path / "cache"))
-    speakers = {"English": "eng", "Spanish": "spa", "Telugu": "tel"}
+    speakers = {"English": "eng", "German": "deu", "Spanish": "spa", "Telugu": "tel"}
     rows = [{"inputs": f"{language} question {j}", "targets": f"answer {j}", "language": language,
              "language_code": code, "annotation_type": "original-annotations", "user_id": f"annotator-{code}"}
             for language, code in speakers.items() for j in range(100)]  # 100: Fed-Aya's client threshold
@@ -187,12 +187,12 @@ def test_client_groups_train_one_federation_per_language_family(tiny_model_dir, 
     (tmp_path / "eval" / "ref_gpt4").mkdir(parents=True)
     (tmp_path / "eval" / "ref_gpt4" / "aya_testset.json").write_text("{}")  # nothing to remove as leakage
     out = tmp_path / "groups"
-    run_entry(main_sft, tiny_args(tiny_model_dir, out, "--dataset", "fed-aya", "--source_path", source,
+    run_entry(main_sft, tiny_args(tiny_model_dir, out, "--dataset", "fed-aya-similar", "--source_path", source,
                                   "--eval_data_dir", tmp_path / "eval", "--client_groups", "similar_language",
                                   "--num_rounds", 1, "--max_steps", 1))
     groups = {p.name: json.loads((p / "args.json").read_text()) for p in out.glob("group-*")}
     assert {name: args["num_clients"] for name, args in groups.items()} == \
-        {"group-Germanic-Romance": 2, "group-Dravidian": 1}
+        {"group-english-german": 2, "group-romance": 1}
     for name in groups:
         rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 1 and (out / name / "checkpoint-1" / "adapter_model.safetensors").exists()

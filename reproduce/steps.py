@@ -1,0 +1,268 @@
+"""Running a plan: one command per step (dataset statistics, training runs, evaluations), each skipped when its
+done marker exists, resumed when it was interrupted (--resume), and skipped with a reason when it cannot run here
+(no judge, a missing piece of the repository). Every command's output goes to a log file under results/logs/.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from evaluation.show_results import COLUMNS  # standard library only: cheap to import
+from reproduce.plan import ROOT, LocalChoice, Model, Plan, Run, entry_flags, missing_piece
+
+DONE = "run_all.done"
+LOCAL_CLIENT = "local_client.json"  # which client a local baseline trained, written when it starts
+BENCHMARK_OF = {column.title: column.benchmark for column in COLUMNS}  # show_results column -> benchmark
+JUDGED = {"mtbench", "vicuna", "aya", "chatbot", "wildchat"}
+NEEDS_DOWNLOAD = {"mmlu"}  # not part of the offline evaluation data
+
+
+@dataclass
+class Step:
+    name: str
+    argv: list[str]
+    done: Path  # the step is finished when this exists
+    skip: str | None = None
+    run: str | None = None  # the training run this step belongs to: it waits for that run's training
+    before: Callable[["Step"], str | None] | None = None  # last-minute preparation; returns a skip reason
+    after: Callable[["Step"], None] | None = None
+    status: str = "planned"
+
+    def command(self) -> str:
+        return " ".join(self.argv)
+
+
+@dataclass
+class Context:
+    presets: dict
+    results: Path
+    smoke: bool
+    python: str = sys.executable
+    judge_base_url: str | None = None
+    judge_model: str = "gpt-4-1106-preview"
+    eval_data_dir: str | None = None  # evaluation data folder; default: evaluation's download cache
+    flags_of: Callable[[str], set[str] | None] = entry_flags
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.results / "runs"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.results / "eval"
+
+    def judge_configured(self) -> bool:
+        return bool(self.judge_base_url or os.environ.get("OPENAI_API_KEY"))
+
+    def checkpoint(self, model: Model, run: Run) -> Path | None:
+        """The model's final adapter (None for the base model alone)."""
+        if run.entry is None:
+            return None
+        folder = self.runs_dir / run.name / (model.group or "")
+        return folder / f"checkpoint-{run.num_rounds}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Steps of a plan
+# ------------------------------------------------------------------------------------------------------------
+
+def steps_for(ctx: Context, result: Plan) -> list[Step]:
+    steps = [stats_step(ctx, dataset, task) for dataset, task in result.stats]
+    for run in result.runs.values():
+        if run.entry is not None:
+            steps.append(train_step(ctx, run))
+        for model in (m for m in result.evaluations if m.run == run.name):
+            steps += eval_steps(ctx, run, model, result.evaluations[model])
+    return steps
+
+
+def train_step(ctx: Context, run: Run) -> Step:
+    out = ctx.runs_dir / run.name
+    argv = [ctx.python, run.entry, *to_argv(run.args), "--output_dir", str(out)]
+    step = Step(f"train {run.name}", argv, out / DONE, skip=missing_piece(run, ctx.flags_of),
+                run=run.name)
+
+    def before(s: Step) -> str | None:
+        if run.local is not None:
+            reason = choose_local_client(s, run, out)
+            if reason:
+                return reason
+        if (out / "args.json").exists() and "--resume" not in s.argv:
+            s.argv.append("--resume")  # interrupted earlier: continue from its last checkpoint
+        return None
+
+    def after(s: Step) -> None:
+        finals = list(out.glob(f"**/checkpoint-{run.num_rounds}"))
+        if finals:
+            s.done.write_text("")
+
+    step.before, step.after = before, after
+    return step
+
+
+def to_argv(args: dict) -> list[str]:
+    argv = []
+    for key, value in args.items():
+        argv += [f"--{key}"] if value is True else [f"--{key}", "false" if value is False else str(value)]
+    return argv
+
+
+def eval_steps(ctx: Context, run: Run, model: Model, metrics: set[str]) -> list[Step]:
+    """Smoke: the stand-in score, and judged benchmarks only with a judge. Paper scale: the rule-scored
+    benchmarks (AdvBench, MMLU, HumanEval) always, the judged ones when a judge is configured."""
+    benchmarks = {BENCHMARK_OF[m.split(":", 1)[1]] if m.startswith("judged:") else "aya" for m in metrics}
+    if ctx.smoke:  # a training run scores its own models (eval_after); the base model needs a step of its own
+        judged = benchmarks - NEEDS_DOWNLOAD if ctx.judge_configured() else set()
+        return ([smoke_score_step(ctx, run)] if run.entry is None else []) + \
+            ([benchmark_step(ctx, run, model, judged)] if judged else [])
+    groups = [benchmarks - JUDGED, benchmarks & JUDGED]
+    return [benchmark_step(ctx, run, model, group) for group in groups if group]
+
+
+def smoke_score_step(ctx: Context, run: Run) -> Step:
+    """The base model's stand-in score: exact match (SFT) or DPO preference accuracy, as eval_after computes it
+    for the trained runs (the first held-out samples of each task)."""
+    metric = ctx.presets["smoke"]["metrics"][run.task]
+    output = ctx.runs_dir / run.name / metric["file"]
+    module = "evaluation.preference" if run.task == "preference" else "evaluation.exact_match"
+    argv = [ctx.python, "-m", module, *target_args(ctx, run, Model(run.name), "--checkpoint"),
+            "--per_task", str(ctx.presets["smoke"]["args"]["eval_per_task"]), "--output", str(output)]
+    return Step(f"score {run.name} (smoke)", argv, output)
+
+
+def target_args(ctx: Context, run: Run, model: Model, flag: str) -> list[str]:
+    checkpoint = ctx.checkpoint(model, run)
+    if checkpoint is not None:
+        return [flag, str(checkpoint)]
+    base = ["--base_model", run.args["model_name_or_path"], "--template", run.args["template"]]
+    return base + (["--dataset", run.args["dataset"]] if ctx.smoke else [])
+
+
+def benchmark_step(ctx: Context, run: Run, model: Model, benchmarks: set[str]) -> Step:
+    needs_judge = benchmarks & JUDGED
+    skip = None
+    if needs_judge and not ctx.judge_configured():
+        skip = f"no judge configured for {', '.join(sorted(needs_judge))} (set OPENAI_API_KEY or --judge_base_url)"
+    argv = [ctx.python, "-m", "evaluation.run", *target_args(ctx, run, model, "--checkpoints"),
+            "--benchmarks", *sorted(benchmarks), "--output_dir", str(ctx.eval_dir), "--judge_model", ctx.judge_model]
+    if ctx.judge_base_url:
+        argv += ["--judge_base_url", ctx.judge_base_url]
+    if ctx.eval_data_dir:
+        argv += ["--eval_data_dir", ctx.eval_data_dir]
+    if ctx.smoke:
+        smoke = ctx.presets["smoke"]
+        argv += ["--limit", str(smoke["judged_limit"]), "--max_new_tokens", str(smoke["judged_max_new_tokens"])]
+    marker = ctx.eval_dir / ".done" / f"{model.key.replace('/', '__')}__{'-'.join(sorted(benchmarks))}"
+    step = Step(f"evaluate {model.key} on {', '.join(sorted(benchmarks))}", argv, marker, skip=skip,
+                run=run.name if run.entry else None)
+    step.after = lambda s: s.done.write_text("")
+    return step
+
+
+def stats_step(ctx: Context, dataset: str, task: str) -> Step:
+    output = ctx.results / "table1" / f"{dataset}.json"
+    options = {**ctx.presets["tables"]["table1"]["stats_args"], **(ctx.presets["smoke"]["stats_args"] if ctx.smoke
+                                                                   else {})}
+    argv = [ctx.python, "-m", "data.stats", "--dataset", dataset, *to_argv(options), "--json", str(output)]
+    return Step(f"statistics {dataset}", argv, output)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The local baselines' clients
+# ------------------------------------------------------------------------------------------------------------
+
+def run_clients(run: Run) -> tuple[tuple[str, int, str | None], ...]:
+    options = tuple(sorted((k, v) for k, v in run.args.items() if k.startswith("synthetic_")))
+    return client_table(run.args["dataset"], run.args.get("num_clients"), options)
+
+
+@functools.cache
+def client_table(dataset: str, num_clients: int | None = None, options: tuple = ()) -> tuple[tuple[str, int, str | None], ...]:
+    """(client id, samples, language) of the run's clients (the first num_clients), loaded once per dataset."""
+    from data import load_federated_dataset
+
+    data = load_federated_dataset(dataset, **dict(options))
+    metadata = data.client_metadata or [{}] * data.num_clients
+    rows = tuple((cid, n, meta.get("language")) for cid, n, meta in zip(data.client_ids, data.sample_counts, metadata))
+    return rows[:num_clients] if num_clients else rows
+
+
+def pick_client(choice: LocalChoice, clients: tuple[tuple[str, int, str | None], ...]) -> tuple[int | None, str]:
+    """(client index, how it was chosen), or (None, why not)."""
+    rng = random.Random(choice.seed)
+    if choice.how == "random":
+        if len(clients) < choice.count:
+            return None, f"{choice.count} distinct clients are needed, the dataset has {len(clients)}"
+        return rng.sample(range(len(clients)), choice.count)[choice.value], \
+            f"draw {choice.value + 1} of {choice.count} distinct random clients, seed {choice.seed}"
+    if choice.how == "language":
+        speakers = [i for i, (_, _, language) in enumerate(clients) if language == choice.value]
+        if not speakers:
+            return None, f"no client speaks {choice.value} (the dataset carries no such client language)"
+        return rng.choice(speakers), f"a random {choice.value} client, seed {choice.seed}"
+    nearest = min(range(len(clients)), key=lambda i: (abs(clients[i][1] - choice.value), i))
+    exact = "" if clients[nearest][1] == choice.value else f"nearest to the paper's {choice.value}: "
+    return nearest, f"{exact}the client with {clients[nearest][1]} samples"
+
+
+def choose_local_client(step: Step, run: Run, out: Path) -> str | None:
+    """Put local<k> into the command and record the chosen client beside the run (the tables' notes cite it)."""
+    clients = run_clients(run)
+    index, how = pick_client(run.local, clients)
+    if index is None:
+        return how
+    step.argv[step.argv.index("--fed_alg") + 1] = f"local{index}"
+    client_id, samples, language = clients[index]
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"client": index, "client_id": client_id, "samples": samples, "language": language, "chosen": how,
+              "dataset": run.args["dataset"], "clients": len(clients)}
+    (out / LOCAL_CLIENT).write_text(json.dumps(record, indent=1))
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Execution
+# ------------------------------------------------------------------------------------------------------------
+
+def execute(steps: list[Step], ctx: Context, dry_run: bool = False, echo: Callable[[str], None] = print) -> None:
+    blocked: set[str] = set()  # runs whose training did not finish: their evaluations wait
+    for step in steps:
+        if step.skip:
+            step.status = f"skipped: {step.skip}"
+        elif step.done.exists():
+            step.status = "done earlier"
+        elif step.run in blocked:
+            step.status = "skipped: its training run did not finish"
+        elif dry_run:
+            step.status = "would run"
+            resumes = step.name.startswith("train") and (step.done.parent / "args.json").exists()
+            echo(step.command() + (" --resume" if resumes else ""))
+            continue
+        else:
+            reason = step.before(step) if step.before else None
+            step.status = f"skipped: {reason}" if reason else run_step(step, ctx.results / "logs", echo)
+        if step.name.startswith("train") and not step.done.exists():
+            blocked.add(step.run)
+        echo(f"[{step.status}] {step.name}")
+
+
+def run_step(step: Step, logs: Path, echo: Callable[[str], None]) -> str:
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / (step.name.replace(" ", "_").replace(",", "").replace("/", "-")[:150] + ".log")
+    step.done.parent.mkdir(parents=True, exist_ok=True)
+    echo(f"$ {step.command()}  (log: {log})")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log, "w", encoding="utf-8") as out:
+        rc = subprocess.call(step.argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if rc != 0:
+        return f"failed (exit {rc}; see {log})"
+    if step.after:
+        step.after(step)
+    return "ran" if step.done.exists() else f"ran, but its output is missing (see {log})"
