@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.model import cache_root
-from utils.network import offline_requested, unreachable
+from utils.network import download_blocked
 
 FASTCHAT_RAW = "https://raw.githubusercontent.com/lm-sys/FastChat/main/fastchat/llm_judge/data/"
 FEDLLM_BENCH_RAW = "https://raw.githubusercontent.com/rui-ye/FedLLM-Bench/main/evaluation/open_ended/"
@@ -73,10 +73,9 @@ def _download(url: str, target: Path) -> Path:
             f"place the file at {target}.")
 
     # Offline mode, or a server found unreachable once, fails at once rather than waiting on every file.
-    offline = offline_requested()
-    down = f"{offline} is set" if offline else unreachable(url)
-    if down:
-        raise fail(down)
+    blocked = download_blocked(url)
+    if blocked:
+        raise fail(blocked)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(target.suffix + ".part")
     try:

@@ -43,6 +43,12 @@ def unreachable(url: str) -> str | None:
     return _probe(f"{parts.scheme}://{parts.netloc}/")
 
 
+def download_blocked(url: str) -> str | None:
+    """Why a download from `url` should not be tried (offline mode asked for, or its server unreachable), or None."""
+    variable = offline_requested()
+    return f"{variable} is set" if variable else unreachable(url)
+
+
 def hub_unreachable() -> str | None:
     """Why the Hugging Face hub (HF_ENDPOINT) cannot be reached from here, or None."""
     from huggingface_hub import constants
