@@ -6,23 +6,16 @@
 The reference model of DPO is the base model: the LoRA adapter disabled, so no second model copy is kept.
 """
 import json
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset
 from transformers import HfArgumentParser
-from trl import DPOConfig, DPOTrainer
 
-from federated.algorithms import make_algorithm
 from federated.config import FedArguments, ScriptArguments, check_arguments
-from federated.loop import run_federated
-from federated.privacy import make_privacy
 from federated.run_dir import RunGuard, prepare_run_dir, settings_of
-from federated.setup import (drop_untrainable, load_dataset_for, load_lora_model, local_trainer, select_clients,
-                             trainer_arguments)
-from utils.model import load_tokenizer
+from utils.console import configure_console
 from utils.preference import pair_texts, tokenize_pair
 
 LR_MIN = 1e-5  # the floor of the per-round cosine schedule for DPO
@@ -38,6 +31,8 @@ class DPOArguments:
 def tokenize_clients(clients, tokenizer, template, seq_length, client_ids):
     """Tokenise every client's pairs once for the whole run (never per round); pairs whose prompt fills
     seq_length (the collator would cut every answer token) are dropped."""
+    from federated.setup import drop_untrainable
+
     tokenized = [[tokenize_pair(tokenizer, template, s) for s in samples] for samples in clients]
     kept = drop_untrainable(tokenized, lambda pair: len(pair["prompt_ids"]) < seq_length, client_ids, seq_length)
     return [Dataset.from_list(pairs) for pairs in kept]
@@ -52,6 +47,10 @@ def use_base_as_reference(model) -> None:
 
 
 def build_dpo_trainer(model, tokenizer, script_args, dpo_args, first_pair: dict):
+    from trl import DPOConfig, DPOTrainer
+
+    from federated.setup import trainer_arguments
+
     config = DPOConfig(**trainer_arguments(script_args, script_args.output_dir), beta=dpo_args.dpo_beta)
     # DPOTrainer tokenises the dataset it is built with, so it gets one text pair: LocalTrainer swaps in each
     # client's pre-tokenised pairs (prompt_ids/chosen_ids/rejected_ids), which trl trains on as they are.
@@ -65,7 +64,7 @@ def main():
     parser = HfArgumentParser((ScriptArguments, FedArguments, DPOArguments))
     parser.set_defaults(dataset=DEFAULT_DATASET)
     script_args, fed_args, dpo_args = parser.parse_args_into_dataclasses()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_console(script_args.log_level, quantizes=script_args.load_in_8bit or script_args.load_in_4bit)
     check_arguments(script_args, fed_args)
     if not (math.isfinite(dpo_args.dpo_beta) and dpo_args.dpo_beta > 0):
         raise SystemExit(f"--dpo_beta {dpo_args.dpo_beta!r} is invalid: it must be a finite number > 0.")
@@ -74,8 +73,18 @@ def main():
 
 
 def train(script_args, fed_args, dpo_args):
+    from federated.setup import load_dataset_for, select_clients
+
     output_dir = Path(script_args.output_dir)
     dataset = load_dataset_for(script_args, kinds=("preference",), entry="main_dpo.py")
+    # The training stack imports transformers' trainer and peft (which imports bitsandbytes): after
+    # configure_console, and after the data, so that a missing dataset or no network fails at once.
+    from federated.algorithms import make_algorithm
+    from federated.loop import run_federated
+    from federated.privacy import make_privacy
+    from federated.setup import load_lora_model, local_trainer
+    from utils.model import load_tokenizer
+
     clients = select_clients(dataset, fed_args)
     algorithm = make_algorithm(fed_args, len(clients))  # fails fast on a bad --fed_alg, before any loading
     privacy = make_privacy(fed_args, script_args, [len(c) for c in clients])  # None unless DP flags are given

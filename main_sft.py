@@ -4,21 +4,14 @@
     python main_sft.py --fed_alg fedavg --dataset fed-aya --model_name_or_path meta-llama/Llama-2-7b-hf --load_in_8bit
 """
 import json
-import logging
 from pathlib import Path
 
 from datasets import Dataset
 from transformers import HfArgumentParser
-from trl import SFTConfig, SFTTrainer
 
-from federated.algorithms import make_algorithm
 from federated.config import FedArguments, ScriptArguments, check_arguments
-from federated.loop import run_federated
-from federated.privacy import make_privacy
 from federated.run_dir import RunGuard, prepare_run_dir, settings_of
-from federated.setup import (drop_untrainable, group_runs, load_dataset_for, load_lora_model, local_trainer,
-                             select_clients, trainer_arguments)
-from utils.model import load_tokenizer
+from utils.console import configure_console
 from utils.templates import tokenize_sft_sample
 
 LR_MIN = 1e-6  # the floor of the per-round cosine schedule for SFT
@@ -31,6 +24,8 @@ def has_response_token(sample: dict) -> bool:
 def tokenize_clients(clients, tokenizer, template, seq_length, client_ids=None):
     """Tokenise every client's samples once for the whole run (never per round); samples whose prompt fills
     seq_length (nothing left to learn) are dropped."""
+    from federated.setup import drop_untrainable
+
     tokenized = [[tokenize_sft_sample(tokenizer, template, s, seq_length) for s in samples] for samples in clients]
     client_ids = client_ids or [str(k) for k in range(len(clients))]
     kept = drop_untrainable(tokenized, has_response_token, client_ids, seq_length)
@@ -39,6 +34,10 @@ def tokenize_clients(clients, tokenizer, template, seq_length, client_ids=None):
 
 def build_sft_trainer(model, tokenizer, script_args, first_client_data):
     """One SFTTrainer for the whole run; the samples arrive tokenised with their labels masked."""
+    from trl import SFTConfig, SFTTrainer
+
+    from federated.setup import trainer_arguments
+
     config = SFTConfig(**trainer_arguments(script_args, script_args.output_dir),
                        dataset_kwargs={"skip_prepare_dataset": True})
     return SFTTrainer(model=model, args=config, train_dataset=first_client_data, processing_class=tokenizer)
@@ -46,14 +45,24 @@ def build_sft_trainer(model, tokenizer, script_args, first_client_data):
 
 def main():
     script_args, fed_args = HfArgumentParser((ScriptArguments, FedArguments)).parse_args_into_dataclasses()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_console(script_args.log_level, quantizes=script_args.load_in_8bit or script_args.load_in_4bit)
     check_arguments(script_args, fed_args)
     with RunGuard(script_args.output_dir):
         train(script_args, fed_args)
 
 
 def train(script_args, fed_args):
+    from federated.setup import group_runs, load_dataset_for, select_clients
+
     dataset = load_dataset_for(script_args, kinds=("sft", "multiturn"), entry="main_sft.py")
+    # The training stack imports transformers' trainer and peft (which imports bitsandbytes): after
+    # configure_console, and after the data, so that a missing dataset or no network fails at once.
+    from federated.algorithms import make_algorithm
+    from federated.loop import run_federated
+    from federated.privacy import make_privacy
+    from federated.setup import load_lora_model, local_trainer
+    from utils.model import load_tokenizer
+
     clients = select_clients(dataset, fed_args)
     # One federation, or one per language group; algorithm, DP and the output folders are settled before any
     # model loading, to fail fast.

@@ -30,6 +30,7 @@ import numpy as np
 
 from data.groups import LANGUAGE_FAMILIES
 from data.registry import FederatedDataset, read_utf8, register_dataset
+from utils.network import hub_unreachable, offline_requested
 
 # ---------------------------------------------------------------------------------------------------------
 # Known facts used as acceptance checks
@@ -428,6 +429,14 @@ def how_to_get(recipe: Recipe, reason: str) -> str:
     return (f"{recipe.name}: cannot load {src.repo_id} ({reason}). To get the data: " + "; ".join(ways) + ".")
 
 
+def _require_hub(recipe: Recipe) -> None:
+    """Without network, fail in about a second instead of after the hub client's retries. Offline mode
+    (HF_HUB_OFFLINE=1) makes no request: datasets then reads its own cache, or fails at once."""
+    down = None if offline_requested() else hub_unreachable()
+    if down:
+        raise SystemExit(how_to_get(recipe, f"{down}; with a copy in the Hugging Face cache, set HF_HUB_OFFLINE=1"))
+
+
 def load_source(recipe: Recipe, revision: str | None, source_path: str | None, hf_token: str | None,
                 work_dir: Path):
     """The source split as a `datasets.Dataset`, from the hub or from local files in the source schema."""
@@ -500,6 +509,7 @@ def build(recipe: Recipe, source_path: str | None = None, eval_data_dir: str | N
     if source_path:
         provenance = {"resolved_revision": None, "files": {p: _sha256(Path(p)) for p in source_files}}
     else:
+        _require_hub(recipe)
         provenance = _hub_provenance(recipe.source, revision, hf_token)
         revision = provenance["resolved_revision"] or revision  # load exactly the commit we record
     rows = load_source(recipe, revision, source_path, hf_token, out_dir.parent / "_work")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.model import cache_root
+from utils.network import download_blocked
 
 FASTCHAT_RAW = "https://raw.githubusercontent.com/lm-sys/FastChat/main/fastchat/llm_judge/data/"
 FEDLLM_BENCH_RAW = "https://raw.githubusercontent.com/rui-ye/FedLLM-Bench/main/evaluation/open_ended/"
@@ -65,16 +66,23 @@ def _packaged_file(package: str, inner: str) -> Path | None:
 
 
 def _download(url: str, target: Path) -> Path:
+    def fail(reason) -> SystemExit:
+        return SystemExit(
+            f"Could not download evaluation data from {url} ({reason}). Pass --eval_data_dir DIR holding "
+            f"{target.relative_to(cache_root() / 'eval_data')} (the layout described in docs/EVALUATION.md), or "
+            f"place the file at {target}.")
+
+    # Offline mode, or a server found unreachable once, fails at once rather than waiting on every file.
+    blocked = download_blocked(url)
+    if blocked:
+        raise fail(blocked)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(target.suffix + ".part")
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             tmp.write_bytes(response.read())
     except OSError as err:
-        raise SystemExit(
-            f"Could not download evaluation data from {url} ({err}). Pass --eval_data_dir DIR holding "
-            f"{target.relative_to(cache_root() / 'eval_data')} (the layout in docs/EVALUATION.md), or place the "
-            f"file at {target}.") from err
+        raise fail(err) from err
     tmp.replace(target)
     return target
 

@@ -20,6 +20,7 @@ from typing import Callable
 from evaluation.scores import append_score
 from evaluation.generate import generate_answers
 from utils.model import cache_root
+from utils.network import download_blocked
 
 MMLU_URL = "https://people.eecs.berkeley.edu/~hendrycks/data.tar"
 CHOICES = ("A", "B", "C", "D")
@@ -51,6 +52,9 @@ def mmlu_dir(local: str | None) -> Path:
         tar_path = cache_root() / "eval_data" / "mmlu_data.tar"
         tar_path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            blocked = download_blocked(MMLU_URL)  # offline mode or no network: at once, not after a TCP timeout
+            if blocked:
+                raise OSError(blocked)
             urllib.request.urlretrieve(MMLU_URL, tar_path)
         except OSError as err:
             raise SystemExit(f"Could not download MMLU from {MMLU_URL} ({err}); pass --mmlu_dir with a local "

@@ -115,6 +115,9 @@ class ScriptArguments:
                                                                         "each task (default: all)"})
     eval_after: bool = field(default=True, metadata={"help": "score the final adapter on the dataset's held-out "
                                                             "test set when it has one (fed-synthetic)"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error: the project's "
+                                                            "messages from this level up; libraries log warnings "
+                                                            "and errors only, except at debug"})
 
     def __post_init__(self):
         if self.dataset_name:

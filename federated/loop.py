@@ -6,7 +6,6 @@ checkpoint every --checkpoint_step rounds and at the end.
 """
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -128,10 +127,6 @@ def run_federated(script_args, fed_args, model, local_trainer: LocalTrainer, cli
         privacy.load_state_dict(run.extra["privacy"])
     checkpoint_step = fed_args.save_model_freq or script_args.checkpoint_step
     bytes_per_vector = flat.numel * 4
-    # Trainer.train() runs a full gc.collect() per call (accelerate's free_memory): seconds per client with a
-    # model in memory. Freezing the long-lived objects built so far makes those collections cheap.
-    gc.freeze()
-
     bar = tqdm(range(run.round, fed_args.num_rounds), initial=run.round, total=fed_args.num_rounds, desc="rounds")
     for t in bar:
         round_start = time.perf_counter()
@@ -197,5 +192,6 @@ def run_federated(script_args, fed_args, model, local_trainer: LocalTrainer, cli
         if run.round % checkpoint_step == 0 or run.round == fed_args.num_rounds:
             if privacy is not None:
                 run.extra["privacy"] = privacy.state_dict()
-            save_checkpoint(output_dir, run, model)
+            path = save_checkpoint(output_dir, run, model)
+            logger.info("Round %d: checkpoint written to %s", run.round, path)
     return run

@@ -3,12 +3,10 @@ the local trainer (load and choose clients, quality filtering, language groups, 
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import replace
 from typing import Callable
 
 import torch
-from transformers import set_seed
 
 from data import load_federated_dataset
 from federated.config import dataset_options
@@ -54,8 +52,8 @@ def select_clients(dataset, fed_args) -> list[list[dict]]:
                          f"{dataset.described}; "
                          f"pass --num_clients {available} or fewer.")
     if fed_args.sample_clients > fed_args.num_clients:
-        warnings.warn(f"--sample_clients {fed_args.sample_clients} > --num_clients {fed_args.num_clients}: "
-                      f"sampling all {fed_args.num_clients} clients each round.")
+        logger.warning("--sample_clients %d > --num_clients %d: sampling all %d clients each round.",
+                       fed_args.sample_clients, fed_args.num_clients, fed_args.num_clients)
         fed_args.sample_clients = fed_args.num_clients
     return dataset.clients[:fed_args.num_clients]
 
@@ -100,6 +98,8 @@ def drop_untrainable(tokenized: list[list[dict]], trainable: Callable[[dict], bo
 
 def load_lora_model(script_args):
     """The LoRA-wrapped base model, seeded so that LoRA's initial A matrices are reproducible."""
+    from transformers import set_seed  # transformers' trainer utilities import peft: not before the data is loaded
+
     set_seed(script_args.seed)
     model = load_base_model(script_args.model_name_or_path, script_args.load_in_8bit, script_args.load_in_4bit)
     return wrap_with_lora(model, r=script_args.peft_lora_r, alpha=script_args.peft_lora_alpha,

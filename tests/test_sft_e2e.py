@@ -223,15 +223,16 @@ def test_resume_skips_a_corrupt_checkpoint_and_rebuilds_torn_metrics(tiny_model_
     assert all(torch.equal(a[k], b[k]) for k in a)  # round 3 redone from checkpoint-2: the same result
 
 
-def test_released_file_and_sample_clients_clamp(tiny_model_dir, tmp_path):
+def test_released_file_and_sample_clients_clamp(tiny_model_dir, tmp_path, caplog):
     data = {"alice": [{"instruction": f"Say {i}", "response": str(i)} for i in range(5)],
             "bob": [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}] * 3}
     data["bob"] = [{"instruction": "Greet", "response": "Hello"}] * 3
     file = write_json(tmp_path / "fed.json", data)
     out = tmp_path / "out"
-    with pytest.warns(UserWarning, match="--sample_clients 5 > --num_clients 2"):
+    with caplog.at_level("WARNING", logger="federated.setup"):
         run_entry(main_sft, tiny_args(tiny_model_dir, out, "--local_data_dir", file, "--sample_clients", 5,
                                       "--num_rounds", 1))
+    assert "--sample_clients 5 > --num_clients 2: sampling all 2 clients" in caplog.text
     row = json.loads((out / "metrics.jsonl").read_text())
     assert row["clients"] == [0, 1]
 

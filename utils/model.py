@@ -100,12 +100,34 @@ def load_tokenizer(model_name_or_path: str, seq_length: int | None = None):
     return tokenizer
 
 
+class _HubKernelNote(logging.Filter):
+    """Drops bitsandbytes' import-time failure to fetch its optional CPU 4-bit kernel from the hub through Hugging
+    Face's `kernels` package (this project's kernels/ answers that import): only a 4-bit CPU run would use it, and
+    check_quantization says so in words there; GPU runs use bitsandbytes' CUDA library and never need it."""
+    seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "kernels-community" in record.getMessage():
+            self.seen = True
+            return False
+        return True
+
+
+_HUB_KERNEL_NOTE = _HubKernelNote()
+
+
+def note_bitsandbytes_hub_kernel() -> None:
+    """Catch that message from here on; call it before anything imports bitsandbytes (peft does, on import)."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_HUB_KERNEL_NOTE)
+
+
 def check_quantization(load_in_8bit: bool, load_in_4bit: bool) -> None:
     """--load_in_8bit/--load_in_4bit can be served here (checked before any loading), or a one-line error."""
     if not (load_in_8bit or load_in_4bit):
         return
     if load_in_8bit and load_in_4bit:
         raise SystemExit("--load_in_8bit and --load_in_4bit exclude each other: pass one of them.")
+    note_bitsandbytes_hub_kernel()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -116,9 +138,11 @@ def check_quantization(load_in_8bit: bool, load_in_4bit: bool) -> None:
             "`pip install bitsandbytes` or drop the flag."
         ) from None
     if not torch.cuda.is_available():
+        hub_note = (" bitsandbytes' optional CPU kernel from the Hugging Face hub is not used: this project's "
+                    "kernels/ package takes the import name `kernels`.") if _HUB_KERNEL_NOTE.seen else ""
         logger.warning("--load_in_%sbit on a CPU: bitsandbytes runs its CPU code, which loads and trains but is "
-                       "slower than the unquantised model here%s.", "8" if load_in_8bit else "4",
-                       "" if load_in_8bit else ", and 4-bit NF4 outputs have been seen degraded")
+                       "slower than the unquantised model here%s.%s", "8" if load_in_8bit else "4",
+                       "" if load_in_8bit else ", and 4-bit NF4 outputs have been seen degraded", hub_note)
 
 
 def quantization_config(load_in_8bit: bool, load_in_4bit: bool):

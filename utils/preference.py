@@ -31,9 +31,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def tokenize_pair(tokenizer, template: str, sample: dict) -> dict:
     """prompt_ids, chosen_ids, rejected_ids of one pair (untruncated: the collator cuts to max_length)."""
     texts = pair_texts(template, tokenizer, sample)
-    prompt = tokenizer(texts["prompt"])["input_ids"]
-    chosen = tokenizer(texts["prompt"] + texts["chosen"])["input_ids"]
-    rejected = tokenizer(texts["prompt"] + texts["rejected"])["input_ids"]
+    # verbose=False: long pairs are expected here, the collator cuts them (no "longer than the maximum" note).
+    prompt = tokenizer(texts["prompt"], verbose=False)["input_ids"]
+    chosen = tokenizer(texts["prompt"] + texts["chosen"], verbose=False)["input_ids"]
+    rejected = tokenizer(texts["prompt"] + texts["rejected"], verbose=False)["input_ids"]
     # The answers start where the token streams part from the prompt's: a token may merge across the boundary.
     n = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
     return {"prompt_ids": chosen[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]}

@@ -76,12 +76,13 @@ def prompt_text(template: str, tokenizer, instruction: str, history: list[tuple[
 def tokenize_segments(tokenizer, segs: list[tuple[str, bool]], max_length: int | None) -> dict:
     """input_ids and assistant_masks (1 on trainable tokens), masking by the token count of each prefix."""
     text = "".join(t for t, _ in segs)
-    input_ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    # Whole text first, cut to max_length below: verbose=False drops the tokenizer's "longer than the maximum" note.
+    input_ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
     mask = [0] * len(input_ids)
     prefix, start = "", 0
     for seg_text, trainable in segs:
         prefix += seg_text
-        end = len(tokenizer(prefix, add_special_tokens=True)["input_ids"])
+        end = len(tokenizer(prefix, add_special_tokens=True, verbose=False)["input_ids"])
         if trainable:
             mask[start:end] = [1] * (end - start)
         start = end
