@@ -110,7 +110,7 @@ def task_setup(task: str, ctx) -> tuple:
     import main_dpo
     from utils.preference import pair_texts
     clients = load_federated_dataset("fed-synthetic-pref").clients
-    data = main_dpo.tokenize_clients(clients, tokenizer, "alpaca")
+    data = main_dpo.tokenize_clients(clients, tokenizer, "alpaca", script_args.seq_length)
     first = pair_texts("alpaca", tokenizer, clients[0][0])
     return (lambda: main_dpo.build_dpo_trainer(model, tokenizer, script_args, main_dpo.DPOArguments(), first)), data
 

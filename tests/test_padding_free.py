@@ -143,7 +143,7 @@ def test_sft_padding_free_matches_padded_tiny(template, attention, one_row, toke
 
 
 def check_dpo(tokenizer, model, trainer):
-    data = main_dpo.tokenize_clients([pref_samples()], tokenizer, "alpaca")[0]
+    data = main_dpo.tokenize_clients([pref_samples()], tokenizer, "alpaca", SEQ_LENGTH)[0]
     samples = [data[i] for i in range(len(data))]
     kind = PreferenceBatches(trainer)
     assert kind.packable
@@ -182,7 +182,7 @@ def test_token_budget_micro_batches_give_the_step_gradient(packed, tokenizer, ti
     assert abs(loss_split - loss_one) <= RTOL * loss_one and relative(grad_split, grad_one) <= RTOL
     model, trainer = tiny_dpo
     kind = PreferenceBatches(trainer)
-    pairs = main_dpo.tokenize_clients([pref_samples(6)], tokenizer, "alpaca")[0]
+    pairs = main_dpo.tokenize_clients([pref_samples(6)], tokenizer, "alpaca", SEQ_LENGTH)[0]
     pairs = [pairs[i] for i in range(len(pairs))]
     groups = micro_batches([kind.length(s) if packed else kind.padded_cost(s) for s in pairs], 6, 300, packed)
     assert len(groups) > 1
