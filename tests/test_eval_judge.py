@@ -434,10 +434,11 @@ def test_lenient_parser_scores_what_fastchat_leaves_out(tmp_path):
 def test_timeout_does_not_count_time_queued_behind_own_requests(tmp_path):
     items = BENCHMARKS["chatbot"].load(EVAL_DATA)[:4]
     write_answers(tmp_path, "chatbot", "m1", items)
-    # One slot, 0.6 s per reply, a 1 s timeout, 4 requests at once: the last one waits 1.8 s in the server's
-    # queue and answers at 2.4 s. Counted from sending, three of them would time out; none may.
-    with ScriptedServer(lambda key, calls: (200, "Rating: [[5]]", 0.6), slots=1) as server:
-        judge_cli(tmp_path, server.url, ["chatbot"], "--judge_timeout", "1", "--judge_concurrency", "4",
+    # One slot, 1 s per reply, a 2.5 s timeout, 4 requests at once: the last one waits 3 s in the server's
+    # queue and answers at 4 s. Counted from sending, two of them would time out; none may. (The 1.5 s margin
+    # keeps a loaded CI machine's jitter from timing out the first reply.)
+    with ScriptedServer(lambda key, calls: (200, "Rating: [[5]]", 1.0), slots=1) as server:
+        judge_cli(tmp_path, server.url, ["chatbot"], "--judge_timeout", "2.5", "--judge_concurrency", "4",
                   "--judge_max_retries", "0")
     assert sorted(server.judged()) == sorted(f"{i.question_id}-t1" for i in items)  # each asked once
     assert not server.cancelled
