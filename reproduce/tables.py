@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
@@ -310,8 +311,8 @@ def plot_sweep(table: Table, spec: dict, plan: Plan, results: Path) -> None:
         if value is not None:
             ax.axhline(value, linestyle="--", color=f"C{i + 1}", label=label)
     ax.set_xscale("log")
-    ax.set(xlabel=spec["plot"]["x_label"], ylabel=column + (" (smoke stand-in)" if table.smoke else ""),
-           title=table.title[:70])
+    ax.set(xlabel=spec["plot"]["x_label"], ylabel=column + (" (smoke stand-in)" if table.smoke else ""))
+    ax.set_title(textwrap.fill(table.title, 70), fontsize=8)
     if not swept and not any(v is not None for *_, v in lines):
         ax.text(0.5, 0.5, "no values yet\n(not run, or no judge)", ha="center", va="center", transform=ax.transAxes)
     else:
