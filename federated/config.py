@@ -54,13 +54,8 @@ class FedArguments:
                                                                              "epsilon after --num_rounds is this"})
 
     def __post_init__(self):
-        if self.local_epochs is None:
-            return
-        from federated.algorithms import parse_local
-        if parse_local(self.fed_alg) is None or self.local_epochs < 1:
-            raise SystemExit(f"--local_epochs {self.local_epochs} needs --fed_alg local<k> (one client alone) and "
-                             "a positive number of epochs.")
-        self.num_rounds = self.local_epochs  # each round is one pass over the client's data (local_steps)
+        if self.local_epochs is not None:  # checked with every other flag in check_arguments
+            self.num_rounds = self.local_epochs  # each round is one pass over the client's data (local_steps)
 
 
 @dataclass
@@ -158,11 +153,14 @@ def _check_number(flag: str, value, *, integer=False, low=None, low_open=True, h
 
 def check_arguments(script_args: ScriptArguments, fed_args: FedArguments) -> None:
     """Every flag checked before any data or model is loaded: each failure one line naming the flag and the fix."""
-    from federated.algorithms import check_algorithm_arguments
+    from federated.algorithms import check_algorithm_arguments, parse_local
     from federated.privacy import check_privacy_arguments
     from utils.model import check_quantization
     from utils.templates import check_template
 
+    if fed_args.local_epochs is not None and (parse_local(fed_args.fed_alg) is None or fed_args.local_epochs < 1):
+        raise SystemExit(f"--local_epochs {fed_args.local_epochs} needs --fed_alg local<k> (one client alone) and "
+                         "a positive number of epochs.")
     for flag, value in [("--num_rounds", fed_args.num_rounds), ("--sample_clients", fed_args.sample_clients),
                         ("--max_steps", script_args.max_steps), ("--batch_size", script_args.batch_size),
                         ("--gradient_accumulation_steps", script_args.gradient_accumulation_steps),

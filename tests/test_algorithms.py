@@ -9,7 +9,7 @@ import torch
 
 from federated.algorithms import ALGORITHMS, make_algorithm, parse_local, server_step
 from federated.client import local_steps, round_subset
-from federated.config import FedArguments, ScriptArguments
+from federated.config import FedArguments, ScriptArguments, check_arguments
 from federated.flat import FlatParams
 from federated.loop import round_learning_rate, sample_clients
 
@@ -238,6 +238,6 @@ def test_local_epochs_make_one_round_per_epoch_over_all_of_the_clients_data():
     epoch = round_subset(Dataset.from_dict({"i": list(range(154))}), 2, 16 * local_steps(script, fargs, 154, 237))
     assert sorted(epoch["i"]) == list(range(154))  # every sample once
     with pytest.raises(SystemExit, match="--local_epochs 5 needs --fed_alg local<k>"):
-        fed(fed_alg="fedavg", local_epochs=5)
+        check_arguments(ScriptArguments(), fed(fed_alg="fedavg", local_epochs=5))
     with pytest.raises(SystemExit, match="positive number of epochs"):
-        fed(fed_alg="local0", local_epochs=0)
+        check_arguments(ScriptArguments(), fed(fed_alg="local0", local_epochs=0))
