@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
 
-from reproduce.plan import Cell, Model, Plan, Run, TablePlan
+from reproduce.plan import Cell, Model, Plan, Run, TablePlan, stats_dataset
 from reproduce.steps import LOCAL_CLIENT, Context
 
 PAPER_RESULTS = Path(__file__).resolve().parent.parent / "evaluation" / "paper_results.json"
@@ -182,7 +182,7 @@ STATS_ROWS = {  # the paper's Table 1 row -> (our statistics' key, index in (mea
 def stats_rows(ctx: Context, plan: Plan, table: TablePlan, statuses: dict[str, str], paper: dict, _: Values):
     spec = ctx.presets["tables"][table.name]
     aggregation = spec["stats_args"]["aggregation"]
-    datasets = [stats_dataset_of(ctx, c) for c in spec["columns"]]
+    datasets = [stats_dataset(ctx.presets, c, ctx.smoke)[0] for c in spec["columns"]]
     stats = {d: read_stats(ctx.results / "table1" / f"{d}.json") for d in set(datasets)}
     rows = [("Characteristic", {c["title"]: (f"stand-in: {d}" if ctx.smoke else c["characteristic"])
                                 for c, d in zip(spec["columns"], datasets)}, paper.get("Characteristic", {}), ""),
@@ -197,10 +197,6 @@ def stats_rows(ctx: Context, plan: Plan, table: TablePlan, statuses: dict[str, s
     notes.append(f"Lengths and quality: mean ± std over clients of each client's average ({aggregation}), "
                  "population std; quality is the IFD score.")
     return table.columns, rows, notes
-
-
-def stats_dataset_of(ctx: Context, column: dict) -> str:
-    return ctx.presets["smoke"]["datasets"][column.get("task", "sft")] if ctx.smoke else column["dataset"]
 
 
 def read_stats(path: Path) -> dict:
