@@ -1,8 +1,10 @@
-"""The federated round loop, shared by main_sft.py and main_dpo.py.
+"""The federated round loop, shared by main_sft.py, main_dpo.py and the Flower app (flower_app/).
 
-for each round t: sample clients, set the round's learning rate; for each sampled client: load the global
-vector, train locally on this round's subset, read its vector back; aggregate on the server; log a metrics row;
-checkpoint every --checkpoint_step rounds and at the end.
+A round has a server part (Federation.plan: sample clients, set the round's learning rate, one ClientTask per
+client; Federation.finish_round: aggregate the results, log a metrics row, checkpoint every --checkpoint_step
+rounds and at the end) and a client part (train_client: load the global vector, train locally on this round's
+subset with the algorithm's hooks, read the vector back). run_federated runs the client part in a plain loop in
+this process; the Flower ServerApp sends each ClientTask to a node whose ClientApp calls train_client.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import random
 import resource
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -115,83 +118,162 @@ def outlier_clients(x: torch.Tensor, vectors: list[torch.Tensor], clients: list[
     return flagged
 
 
+@dataclass
+class ClientTask:
+    """What the server tells a sampled client to do this round (all it needs besides the global vector, the
+    algorithm's hooks and its own data)."""
+    client: int
+    round_idx: int
+    lr: float
+    steps: int
+    num_samples: int  # this round's subset of the client's data (round_subset)
+    ordered_over_rounds: int | None  # --quality_order: the window moves over this many rounds
+    seed: int
+
+
+@dataclass
+class ClientResult:
+    """A client's answer: its vector (None when it diverged), the algorithm's extra uploads and the state it keeps
+    for later rounds (hooks.finish), its mean loss, the steps it did and its training time."""
+    client: int
+    vector: torch.Tensor | None
+    uploads: dict
+    state: dict
+    loss: float
+    steps: int
+    train_time: float = 0.0
+
+
+def train_client(local_trainer: LocalTrainer, algorithm, task: ClientTask, data, x: torch.Tensor,
+                 server_state: dict, client_store: dict) -> ClientResult:
+    """The client part of a round: start from the global vector, train locally with the algorithm's hooks on this
+    round's subset, return the vector and what hooks.finish uploads and keeps. The in-process loop and the Flower
+    ClientApp both call this."""
+    flat = local_trainer.flat
+    subset = round_subset(data, task.round_idx, task.num_samples, ordered_over_rounds=task.ordered_over_rounds)
+    flat.set(x)
+    hooks = algorithm.client_hooks(task.client, x, server_state, client_store)
+    start = time.perf_counter()
+    loss, steps = local_trainer.train(subset, task.steps, task.lr, hooks, task.seed)
+    train_time = time.perf_counter() - start
+    y = flat.get()
+    if not (is_finite(y) and math.isfinite(loss)):
+        return ClientResult(task.client, None, {}, {}, loss, steps, train_time)  # the server drops it
+    uploads, state = hooks.finish(y, steps, task.lr)
+    return ClientResult(task.client, y, uploads, state, loss, steps, train_time)
+
+
+class Federation:
+    """The server part of a run: plans each round (sampled clients, learning rate, one ClientTask each) and turns
+    the clients' results into the next global vector (NaN and outlier checks, DP, server_step), a metrics row,
+    training_loss.npy and checkpoints. run_federated feeds it from a plain loop over the clients; the Flower
+    ServerApp (flower_app/) feeds it from the replies of Flower nodes."""
+
+    def __init__(self, script_args, fed_args, model, flat, sample_counts: list[int], lr_min: float,
+                 privacy=None, algorithm=None):
+        self.script_args, self.fed_args, self.model, self.flat = script_args, fed_args, model, flat
+        self.sample_counts, self.lr_min, self.privacy = sample_counts, lr_min, privacy
+        self.num_clients = len(sample_counts)
+        self.algorithm = algorithm or make_algorithm(fed_args, self.num_clients)
+        self.output_dir = Path(script_args.output_dir)
+        self.checkpoint_step = fed_args.save_model_freq or script_args.checkpoint_step
+        self.run = _start(self.output_dir, script_args.resume, flat.get(), self.algorithm, self.num_clients,
+                          fed_args)
+        if privacy is not None and "privacy" in self.run.extra:
+            privacy.load_state_dict(self.run.extra["privacy"])
+
+    def plan(self, t: int) -> list[ClientTask]:
+        """Round t's sampled clients, each with its learning rate, steps, data window and seed."""
+        s, f = self.script_args, self.fed_args
+        lr = round_learning_rate(s.learning_rate, self.lr_min, t, f.num_rounds)
+        per_step = s.batch_size * s.gradient_accumulation_steps
+        tasks = []
+        for k in sample_clients(f, self.num_clients, t):
+            steps = local_steps(s, f, self.sample_counts[k], self.num_clients)
+            tasks.append(ClientTask(k, t, lr, steps, per_step * steps, f.num_rounds if s.quality_order else None,
+                                    client_seed(s.seed, t, k)))
+        return tasks
+
+    def finish_round(self, tasks: list[ClientTask], results: list[ClientResult], round_time: float,
+                     failed: list[int] = (), bytes_moved: tuple[int, int] | None = None) -> dict:
+        """Aggregate round t's results (`failed`: clients that never answered), log, save; returns the row.
+        bytes_moved: (uploaded, downloaded) as really sent by a transport; in process, the vectors' size."""
+        run, t = self.run, tasks[0].round_idx
+        clients, lr = [task.client for task in tasks], tasks[0].lr
+        losses = {r.client: r.loss for r in results}
+        steps_done = {r.client: r.steps for r in results}
+        dropped = [r.client for r in results if r.vector is None]
+        for k in dropped:  # a diverged client must not poison the global model
+            logger.warning("Round %d: client %d produced NaN/inf; dropped from aggregation", t + 1, k)
+        finished = [r for r in results if r.vector is not None]
+        outliers = outlier_clients(run.x, [r.vector for r in finished], [r.client for r in finished],
+                                   self.fed_args.outlier_ratio, t + 1)
+        if self.fed_args.drop_outliers:
+            dropped.extend(outliers)  # treated as a NaN update: not aggregated, its client state not kept
+        vectors, counts, uploads = [], [], defaultdict(list)
+        for r in finished:
+            if r.client in dropped:
+                continue
+            vectors.append(r.vector)
+            counts.append(self.sample_counts[r.client])
+            for key, value in r.uploads.items():
+                uploads[key].append(value)
+            if r.state:
+                run.client_store[r.client] = r.state
+        if vectors:
+            stacked = torch.stack(vectors)
+            if self.privacy is not None:
+                stacked, counts = self.privacy.privatize(run.x, stacked, counts, t, clients)
+            run.x = server_step(self.algorithm, run.x, stacked, counts, run.server_state, t,
+                                {key: torch.stack(v) for key, v in uploads.items()})
+        self.flat.set(run.x)
+        run.round = t + 1
+        for k in range(self.num_clients):
+            run.loss_history[k].append(losses[k] if k in losses and k not in dropped else -1.0)
+
+        if bytes_moved is None:
+            transfer = self.flat.numel * 4 * self.algorithm.vectors_per_transfer * len(clients)
+            bytes_moved = (transfer, transfer)
+        row = {"round": run.round, "clients": clients, "client_loss": {str(k): v for k, v in losses.items()},
+               "local_steps": {str(k): v for k, v in steps_done.items()}, "learning_rate": lr,
+               "round_time_s": round(round_time, 4),
+               "train_time_s": round(sum(r.train_time for r in results), 4),
+               "peak_memory_mb": round(peak_memory_mb(), 1), "bytes_uploaded": bytes_moved[0],
+               "bytes_downloaded": bytes_moved[1], "dropped_clients": dropped, "outlier_clients": outliers,
+               "failed_clients": list(failed)}
+        if self.privacy is not None:
+            row.update(self.privacy.metrics(run))
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        np.save(self.output_dir / "training_loss.npy", np.array(run.loss_history))
+        row["mean_loss"] = float(np.mean([losses[k] for k in losses if k not in dropped])) if vectors \
+            else float("nan")
+        if run.round % self.checkpoint_step == 0 or run.round == self.fed_args.num_rounds:
+            self.save()
+        return row
+
+    def save(self) -> Path:
+        """A checkpoint of the rounds done so far (also written before a run stops early: no finished round
+        is lost)."""
+        if self.privacy is not None:
+            self.run.extra["privacy"] = self.privacy.state_dict()
+        path = save_checkpoint(self.output_dir, self.run, self.model)
+        logger.info("Round %d: checkpoint written to %s", self.run.round, path)
+        return path
+
+
 def run_federated(script_args, fed_args, model, local_trainer: LocalTrainer, client_data: list, lr_min: float,
                   privacy=None, algorithm=None) -> RunState:
-    """Train for fed_args.num_rounds rounds; `client_data[k]` is client k's tokenised dataset."""
-    output_dir = Path(script_args.output_dir)
-    num_clients, flat = len(client_data), local_trainer.flat
-    sample_counts = [len(d) for d in client_data]
-    algorithm = algorithm or make_algorithm(fed_args, num_clients)
-    run = _start(output_dir, script_args.resume, flat.get(), algorithm, num_clients, fed_args)
-    if privacy is not None and "privacy" in run.extra:
-        privacy.load_state_dict(run.extra["privacy"])
-    checkpoint_step = fed_args.save_model_freq or script_args.checkpoint_step
-    bytes_per_vector = flat.numel * 4
+    """Train for fed_args.num_rounds rounds in this process; `client_data[k]` is client k's tokenised dataset."""
+    federation = Federation(script_args, fed_args, model, local_trainer.flat, [len(d) for d in client_data],
+                            lr_min, privacy=privacy, algorithm=algorithm)
+    run = federation.run
     bar = tqdm(range(run.round, fed_args.num_rounds), initial=run.round, total=fed_args.num_rounds, desc="rounds")
     for t in bar:
         round_start = time.perf_counter()
-        clients = sample_clients(fed_args, num_clients, t)
-        lr = round_learning_rate(script_args.learning_rate, lr_min, t, fed_args.num_rounds)
-        vectors, counts, uploads, losses, dropped, steps_done = [], [], defaultdict(list), {}, [], {}
-        finished = {}  # client -> (vector, uploads, client state), for the clients that did not diverge
-        train_time = 0.0
-        for k in clients:
-            steps = local_steps(script_args, fed_args, sample_counts[k], num_clients)
-            per_step = script_args.batch_size * script_args.gradient_accumulation_steps
-            data = round_subset(client_data[k], t, per_step * steps,
-                                ordered_over_rounds=fed_args.num_rounds if script_args.quality_order else None)
-            flat.set(run.x)
-            hooks = algorithm.client_hooks(k, run.x, run.server_state, run.client_store)
-            train_start = time.perf_counter()
-            losses[k], steps_done[k] = local_trainer.train(data, steps, lr, hooks, client_seed(script_args.seed, t, k))
-            train_time += time.perf_counter() - train_start
-            y = flat.get()
-            if not (is_finite(y) and math.isfinite(losses[k])):
-                dropped.append(k)  # a diverged client must not poison the global model
-                logger.warning("Round %d: client %d produced NaN/inf; dropped from aggregation", t + 1, k)
-                continue
-            finished[k] = (y, *hooks.finish(y, steps_done[k], lr))
-        outliers = outlier_clients(run.x, [f[0] for f in finished.values()], list(finished), fed_args.outlier_ratio,
-                                   t + 1)
-        if fed_args.drop_outliers:
-            dropped.extend(outliers)  # treated as a NaN update: not aggregated, its client state not kept
-        for k, (y, client_uploads, client_state) in finished.items():
-            if k in dropped:
-                continue
-            vectors.append(y)
-            counts.append(sample_counts[k])
-            for key, value in client_uploads.items():
-                uploads[key].append(value)
-            if client_state:
-                run.client_store[k] = client_state
-        if vectors:
-            stacked = torch.stack(vectors)
-            if privacy is not None:
-                stacked, counts = privacy.privatize(run.x, stacked, counts, t, clients)
-            run.x = server_step(algorithm, run.x, stacked, counts, run.server_state, t,
-                                {key: torch.stack(v) for key, v in uploads.items()})
-        flat.set(run.x)
-        run.round = t + 1
-        for k in range(num_clients):
-            run.loss_history[k].append(losses[k] if k in losses and k not in dropped else -1.0)
-
-        round_time = time.perf_counter() - round_start
-        transfer = bytes_per_vector * algorithm.vectors_per_transfer * len(clients)
-        row = {"round": run.round, "clients": clients, "client_loss": {str(k): v for k, v in losses.items()},
-               "local_steps": {str(k): v for k, v in steps_done.items()}, "learning_rate": lr,
-               "round_time_s": round(round_time, 4), "train_time_s": round(train_time, 4),
-               "peak_memory_mb": round(peak_memory_mb(), 1), "bytes_uploaded": transfer,
-               "bytes_downloaded": transfer, "dropped_clients": dropped, "outlier_clients": outliers}
-        if privacy is not None:
-            row.update(privacy.metrics(run))
-        with open(output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        np.save(output_dir / "training_loss.npy", np.array(run.loss_history))
-        mean_loss = float(np.mean([losses[k] for k in losses if k not in dropped])) if vectors else float("nan")
-        bar.set_postfix(loss=f"{mean_loss:.4f}", s_per_round=f"{round_time:.1f}")
-        if run.round % checkpoint_step == 0 or run.round == fed_args.num_rounds:
-            if privacy is not None:
-                run.extra["privacy"] = privacy.state_dict()
-            path = save_checkpoint(output_dir, run, model)
-            logger.info("Round %d: checkpoint written to %s", run.round, path)
+        tasks = federation.plan(t)
+        results = [train_client(local_trainer, federation.algorithm, task, client_data[task.client], run.x,
+                                run.server_state, run.client_store) for task in tasks]
+        row = federation.finish_round(tasks, results, time.perf_counter() - round_start)
+        bar.set_postfix(loss=f"{row['mean_loss']:.4f}", s_per_round=f"{row['round_time_s']:.1f}")
     return run
