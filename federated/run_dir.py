@@ -16,6 +16,7 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -119,10 +120,11 @@ class RunGuard:
     """Holds the output folder's lock for the whole run and turns SIGINT/SIGTERM into one line that names the last
     checkpointed round and the exact --resume command (exit status 128 + signal number)."""
 
-    def __init__(self, output_dir: str | Path, argv: list[str] | None = None):
+    def __init__(self, output_dir: str | Path, argv: list[str] | None = None, command: str | None = None):
         self.output_dir = Path(output_dir)
         self.lock = OutputDirLock(output_dir)
         self.argv = argv
+        self.command = command  # how to continue, for entry points that are not a script's command line
         self.previous_handlers: dict[int, object] = {}
 
     def _on_signal(self, signum, frame):
@@ -136,8 +138,9 @@ class RunGuard:
 
     def __enter__(self):
         self.lock.acquire()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self.previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous_handlers[signum] = signal.signal(signum, self._on_signal)
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -145,7 +148,7 @@ class RunGuard:
         self.lock.release()
         if isinstance(exc, RunInterrupted):
             print(f"Stopped by {exc}: {last_checkpoint_line(self.output_dir)}. Continue with: "
-                  f"{resume_command(self.argv)}", file=sys.stderr, flush=True)
+                  f"{self.command or resume_command(self.argv)}", file=sys.stderr, flush=True)
             raise SystemExit(128 + exc.signum) from None
         return False
 

@@ -1,0 +1,68 @@
+"""The Flower ClientApp: one node = one client of the federation (its partition-id).
+
+query: load and tokenise this node's data and build its trainer (once per run, kept in this process), answer
+with its partition and sample count. train: run the round's ClientTask through federated.loop.train_client, the
+same client part as the in-process loop (the algorithm's client hooks and hooks.finish included), and answer with
+the vector, the algorithm's uploads and the state the client keeps.
+
+The client's kept state (SCAFFOLD's c_i) lives on the server and comes with each task (docs/FLOWER.md: why).
+"""
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from flower_app.config import parse_node_config, parse_run_config
+from flower_app.messages import read_task, result_content
+
+logger = logging.getLogger(__name__)
+
+app = ClientApp()
+_WORKER: dict = {}  # run id -> this process's Worker; one run at a time per process
+
+
+def worker(context: Context):
+    if context.run_id not in _WORKER:
+        from flower_app.training import Worker
+        from utils.console import configure_console
+
+        settings = parse_run_config(context.run_config)
+        configure_console(settings.script_args.log_level)
+        _WORKER.clear()  # a new run: free the previous run's model
+        _WORKER[context.run_id] = Worker(settings)
+    return _WORKER[context.run_id]
+
+
+def node_client(context: Context):
+    return worker(context).client(context.node_id, parse_node_config(context.node_config))
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    client = node_client(context)
+    if client is not None:
+        worker(context).trainer_for(client)  # model and trainer now: a node that cannot train fails at the start
+    node = parse_node_config(context.node_config)
+    answer = {"partition_id": node.partition_id, "num_samples": 0 if client is None else len(client.data)}
+    if node.num_partitions is not None:
+        answer["num_partitions"] = node.num_partitions
+    return Message(RecordDict({"node": ConfigRecord(answer)}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    from federated.algorithms import make_algorithm
+    from federated.loop import train_client
+
+    client = node_client(context)
+    if client is None:
+        raise RuntimeError(f"node {context.node_id} holds no client of this run but was sent a task")
+    trainer = worker(context).trainer_for(client)
+    task, num_clients, x, server_state, kept = read_task(msg.content, trainer.flat.device)
+    if task.client != client.partition_id:
+        raise RuntimeError(f"node {context.node_id} holds client {client.partition_id}, not {task.client}")
+    algorithm = make_algorithm(worker(context).settings.fed_args, num_clients)
+    result = train_client(trainer, algorithm, task, client.data, x, server_state, {task.client: kept})
+    return Message(result_content(result), reply_to=msg)

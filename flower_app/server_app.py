@@ -1,0 +1,210 @@
+"""The Flower ServerApp: the server part of federated/loop.py (Federation) with Flower nodes as the clients.
+
+Start: ask every node which client (partition) it holds and how many samples it trains on, until every client
+of the run has a node; then the output folder exactly as main_sft.py/main_dpo.py keep it (run_dir.py's lock,
+refusal, args.json and --resume; checkpoints and metrics through Federation). Each round: Federation.plan gives
+the sampled clients' tasks, each goes to its node with the global vector (and what the algorithm's client hooks
+read), the replies go to Federation.finish_round. A node that fails or does not answer is logged as a failed
+client and the round aggregates the others; with fewer than min-replies answers its failed clients are asked
+again (round-retries), then the run stops with a checkpoint of every finished round.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from flower_app.config import RunSettings, parse_run_config
+from flower_app.messages import payload_bytes, read_result, task_content
+
+logger = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from federated.run_dir import RunGuard
+    from utils.console import configure_console
+
+    settings = parse_run_config(context.run_config)
+    s = settings.script_args
+    configure_console(s.log_level, quantizes=s.load_in_8bit or s.load_in_4bit)
+    with RunGuard(s.output_dir, command=f"flwr run . <connection> --run-config "
+                                        f"'output-dir=\"{s.output_dir}\" resume=true' (and the same other keys)"):
+        serve(grid, settings)
+
+
+class NotEnoughReplies(SystemExit):
+    """A round ended with fewer replies than min-replies, retries included."""
+
+
+@dataclass
+class Exchange:
+    """One round's traffic: the clients' results, the clients that failed (with why), the bytes really moved."""
+    results: dict = field(default_factory=dict)  # client -> ClientResult
+    failed: dict = field(default_factory=dict)  # client -> reason
+    uploaded: int = 0
+    downloaded: int = 0
+
+
+def gather(tasks: list, send, min_replies: int, retries: int, round_number: int) -> Exchange:
+    """Send the round's tasks with `send(tasks) -> Exchange`; while fewer than min_replies clients answered, send
+    the failed clients' tasks again, at most `retries` times. Never returns fewer than min(min_replies, tasks)
+    results: raises NotEnoughReplies instead (an empty set is never aggregated)."""
+    needed = min(min_replies, len(tasks))
+    exchange, pending = Exchange(), list(tasks)
+    for attempt in range(retries + 1):
+        answer = send(pending)
+        exchange.results.update(answer.results)
+        exchange.uploaded += answer.uploaded
+        exchange.downloaded += answer.downloaded
+        exchange.failed = {k: reason for k, reason in {**exchange.failed, **answer.failed}.items()
+                           if k not in exchange.results}
+        pending = [task for task in tasks if task.client in exchange.failed]
+        if not pending or len(exchange.results) >= needed:
+            break
+        logger.warning("Round %d: %d of %d clients answered (min-replies %d); asking clients %s again (retry %d of "
+                       "%d)", round_number, len(exchange.results), len(tasks), needed,
+                       [task.client for task in pending], attempt + 1, retries)
+    for k, reason in exchange.failed.items():
+        logger.warning("Round %d: client %d failed (%s); dropped from this round", round_number, k, reason)
+    if len(exchange.results) < max(needed, 1):
+        raise NotEnoughReplies(
+            f"Round {round_number}: {len(exchange.results)} of {len(tasks)} sampled clients answered, fewer than "
+            f"min-replies {needed}, after {retries} retries (failed: "
+            f"{'; '.join(f'client {k}: {r}' for k, r in exchange.failed.items())}).")
+    return exchange
+
+
+def serve(grid: Grid, settings: RunSettings) -> None:
+    from federated.algorithms import make_algorithm
+    from federated.loop import Federation
+    from federated.privacy import make_privacy
+    from federated.run_dir import prepare_run_dir, settings_of
+    from flower_app.training import load_server_model, lr_min
+
+    s, f = settings.script_args, settings.fed_args
+    nodes = discover(grid, settings)  # client -> (node id, sample count)
+    f.num_clients = len(nodes)
+    if f.sample_clients > f.num_clients:
+        logger.warning("sample-clients %d > the run's %d clients: sampling all of them each round.",
+                       f.sample_clients, f.num_clients)
+        f.sample_clients = f.num_clients
+    counts = [nodes[k][1] for k in range(f.num_clients)]
+    algorithm = make_algorithm(f, f.num_clients)
+    privacy = make_privacy(f, s, counts)
+    prepare_run_dir(s.output_dir, settings_of(*settings.configs), resume=s.resume, overwrite=s.overwrite_output_dir)
+    model, flat = load_server_model(settings)
+    federation = Federation(s, f, model, flat, counts, lr_min(settings.task), privacy=privacy, algorithm=algorithm)
+    run = federation.run
+    node_of = {k: node for k, (node, _) in nodes.items()}
+    for t in range(run.round, f.num_rounds):
+        start = time.perf_counter()
+        tasks = federation.plan(t)
+        try:
+            exchange = gather(tasks, lambda pending: send_tasks(grid, federation, pending, node_of, settings),
+                              settings.flower.min_replies, settings.flower.round_retries, t + 1)
+        except NotEnoughReplies as stop:
+            if run.round and not (Path(s.output_dir) / f"checkpoint-{run.round}").is_dir():
+                federation.save()  # a stop never loses finished rounds
+            raise SystemExit(f"{stop} Rounds 1-{run.round} are checkpointed in {s.output_dir}; bring the nodes "
+                             f"back and continue with run-config resume=true.") from None
+        results = [exchange.results[task.client] for task in tasks if task.client in exchange.results]
+        row = federation.finish_round(tasks, results, time.perf_counter() - start, failed=sorted(exchange.failed),
+                                      bytes_moved=(exchange.uploaded, exchange.downloaded))
+        logger.info("Round %d/%d: mean loss %.4f, %d replies, failed %s, %.1f s", run.round, f.num_rounds,
+                    row["mean_loss"], len(results), row["failed_clients"], row["round_time_s"])
+
+
+def send_tasks(grid: Grid, federation, tasks: list, node_of: dict, settings: RunSettings) -> Exchange:
+    """One exchange with the nodes of `tasks`' clients: a client whose node is gone, whose reply is an error or
+    that does not answer within round-timeout has failed."""
+    run, algorithm = federation.run, federation.algorithm
+    exchange = Exchange()
+    connected = set(grid.get_node_ids())
+    messages, client_of = [], {}
+    for task in tasks:
+        node = node_of[task.client]
+        if node not in connected:
+            exchange.failed[task.client] = f"node {node} is disconnected"
+            continue
+        content = task_content(task, federation.num_clients, run.x, run.server_state,
+                               run.client_store.get(task.client, {}), algorithm.shared_with_clients)
+        exchange.downloaded += payload_bytes(content)
+        messages.append(Message(content, node, "train", group_id=str(task.round_idx + 1)))
+        client_of[node] = task.client
+    replies = grid.send_and_receive(messages, timeout=settings.flower.round_timeout) if messages else []
+    for reply in replies:
+        k = client_of.get(reply.metadata.src_node_id)
+        if k is None:
+            continue
+        if reply.has_error():
+            exchange.failed[k] = f"error {reply.error.code}: {(reply.error.reason or '').strip()[-300:]}"
+            continue
+        exchange.results[k] = read_result(reply.content, run.x.device)
+        exchange.uploaded += payload_bytes(reply.content)
+    for k in client_of.values():
+        if k not in exchange.results and k not in exchange.failed:
+            exchange.failed[k] = f"no reply within {settings.flower.round_timeout:g} s"
+    return exchange
+
+
+def discover(grid: Grid, settings: RunSettings) -> dict[int, tuple[int, int]]:
+    """Ask the connected nodes which client they hold until every client of the run has one (or wait-for-nodes
+    runs out): client index -> (node id, its sample count). The run's clients are num-clients if given, else
+    the nodes' num-partitions."""
+    deadline = time.monotonic() + settings.flower.wait_for_nodes
+    answers: dict[int, dict] = {}  # node id -> its answer
+    while True:
+        new = [node for node in grid.get_node_ids() if node not in answers]
+        if new:
+            messages = [Message(RecordDict(), node, "query") for node in new]
+            for reply in grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())):
+                if reply.has_error():
+                    raise SystemExit(f"Node {reply.metadata.src_node_id} cannot join the run: "
+                                     f"{(reply.error.reason or '').strip()[-500:]}")
+                answers[reply.metadata.src_node_id] = dict(reply.content["node"])
+        clients = clients_of(answers, settings.fed_args.num_clients)
+        if clients is not None:
+            return clients
+        if time.monotonic() > deadline:
+            have = sorted(a["partition_id"] for a in answers.values() if a["num_samples"])
+            raise SystemExit(f"After wait-for-nodes {settings.flower.wait_for_nodes:g} s the nodes hold clients "
+                             f"{have}; the run needs clients 0 .. {expected_clients(answers, settings) - 1}: start "
+                             f"their SuperNodes (node-config partition-id) or lower num-clients.")
+        time.sleep(1.0)
+
+
+def expected_clients(answers: dict, settings: RunSettings) -> int:
+    declared = {a["num_partitions"] for a in answers.values() if "num_partitions" in a}
+    return settings.fed_args.num_clients or max(declared, default=0)
+
+
+def clients_of(answers: dict, num_clients: int | None) -> dict[int, tuple[int, int]] | None:
+    """client -> (node, samples) when clients 0 .. N-1 all have a node, N = num_clients or the partitions that
+    hold data (every node declaring num-partitions: all of them up to it); None while some are missing."""
+    holding = {}
+    for node, answer in answers.items():
+        if answer["num_samples"] > 0:
+            partition = answer["partition_id"]
+            if partition in holding:
+                raise SystemExit(f"Nodes {holding[partition][0]} and {node} both hold partition {partition}: give "
+                                 f"each SuperNode its own node-config partition-id.")
+            holding[partition] = (node, answer["num_samples"])
+    if num_clients is None:
+        declared = {a["num_partitions"] for a in answers.values() if "num_partitions" in a}
+        if not declared:
+            raise SystemExit("The nodes declare no num-partitions and run-config num-clients is not set: set one.")
+        answered = {a["partition_id"] for a in answers.values()}
+        if not all(p in answered for p in range(max(declared))):
+            return None
+        # A simulated federation may have more nodes than the dataset has clients: those hold no data.
+        num_clients = len(holding)
+    if all(k in holding for k in range(num_clients)):
+        return {k: holding[k] for k in range(num_clients)}
+    return None
