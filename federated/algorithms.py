@@ -40,7 +40,7 @@ class Algorithm:
     server_rule = "fedavg"
     weighting = "samples"  # "samples": w_i = n_i / sum n_j; "uniform": w_i = 1/K
     vectors_per_transfer = 1  # vectors each sampled client downloads and uploads per round
-    shared_with_clients: tuple[str, ...] = ()  # server-state entries client_hooks reads (sent to remote clients)
+    shared_with_clients = ()  # names of the server-state entries client_hooks reads (sent to remote clients)
     dp_mode = None  # the DP mode this name turns on (federated/privacy.py); None: only --dp_* flags do
 
     def init_state(self, x: torch.Tensor, num_clients: int) -> dict[str, torch.Tensor]:

@@ -74,7 +74,7 @@ def parse_run_config(run_config: dict, check: bool = True) -> RunSettings:
     values: dict[type, dict] = {cls: {} for cls in config_classes()}
     for key, value in run_config.items():
         name = key.replace("-", "_")
-        if name not in known:
+        if name not in known or "_" in key:
             raise SystemExit(f"Unknown run-config key {key!r}: the keys mirror the flags of main_sft.py/main_dpo.py "
                              f"with dashes (see [tool.flwr.app.config] in pyproject.toml).")
         values[known[name]][name] = None if value == "" else value

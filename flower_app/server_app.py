@@ -66,7 +66,7 @@ def gather(tasks: list, send, min_replies: int, retries: int, round_number: int)
         exchange.failed = {k: reason for k, reason in {**exchange.failed, **answer.failed}.items()
                            if k not in exchange.results}
         pending = [task for task in tasks if task.client in exchange.failed]
-        if not pending or len(exchange.results) >= needed:
+        if not pending or len(exchange.results) >= needed or attempt == retries:
             break
         logger.warning("Round %d: %d of %d clients answered (min-replies %d); asking clients %s again (retry %d of "
                        "%d)", round_number, len(exchange.results), len(tasks), needed,

@@ -1,0 +1,135 @@
+"""Flower processes on this machine, for tests and benchmarks: a SuperLink (simulation or deployment) and
+SuperNodes on free loopback ports, a private FLWR_HOME with the connection to that SuperLink, `flwr run` on this
+project, and a stop that ends exactly the processes started here (and their children) by pid.
+
+    with LocalFlower(home, simulation=True) as flower:
+        flower.run({"fed-alg": "scaffold", "output-dir": "/tmp/out", ...}, num_supernodes=4)
+
+Insecure (no TLS) on 127.0.0.1 only: docs/FLOWER.md shows the TLS and node-authentication flags for real use.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CONNECTION = "local-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def config_arg(config: dict) -> str:
+    """A --run-config / --node-config / --federation-config value: space-separated key=value pairs."""
+    return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
+
+
+class LocalFlower:
+    def __init__(self, home: str | Path, simulation: bool, log_dir: str | Path | None = None, env: dict | None = None):
+        self.home, self.simulation = Path(home), simulation
+        self.log_dir = Path(log_dir or home)
+        self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                    "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.port = free_port()
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def __enter__(self):
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        command = [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--disable-runtime-dependency-installation"]
+        self._start("superlink", command + (["--simulation"] if self.simulation else []))
+        self._wait_for_health()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    def _start(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.processes[name] = process
+        return process
+
+    def _wait_for_health(self, timeout: float = 60.0) -> None:
+        import httpx
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.processes["superlink"].poll() is not None:
+                raise RuntimeError(f"flower-superlink exited: see {self.log_dir / 'superlink.log'}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=0.5).is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"flower-superlink did not come up in {timeout:g} s: see {self.log_dir / 'superlink.log'}")
+
+    def start_supernode(self, name: str, node_config: dict) -> subprocess.Popen:
+        return self._start(name, [str(BIN / "flower-supernode"), "--insecure", "--superlink",
+                                  f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port", str(free_port()),
+                                  "--node-config", config_arg(node_config)])
+
+    def run_command(self, run_config: dict, num_supernodes: int | None = None,
+                    client_cpus: float | None = None) -> list[str]:
+        command = [str(BIN / "flwr"), "run", str(ROOT), CONNECTION, "--stream", "--run-config", config_arg(run_config)]
+        if self.simulation:
+            federation = {"num-supernodes": num_supernodes or 2}
+            if client_cpus is not None:
+                federation["client-resources-num-cpus"] = client_cpus
+            command += ["--federation-config", config_arg(federation)]
+        return command
+
+    def run(self, run_config: dict, name: str = "run", timeout: float = 600, **options) -> subprocess.Popen:
+        """Submit a run and return the streaming `flwr run` process (wait() on it: it ends with the run)."""
+        process = self._start(name, self.run_command(run_config, **options))
+        process.timeout = timeout
+        return process
+
+    def stop(self) -> None:
+        """Terminate every process started here and its descendants (a SuperLink's ServerApp or simulation,
+        a SuperNode's ClientApp, Ray's workers), by pid: TERM, then KILL after 10 s."""
+        family = []
+        for process in self.processes.values():
+            try:
+                family += [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+        for member in family:
+            try:
+                member.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(family, timeout=10)
+        for member in alive:
+            try:
+                member.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.wait(timeout=5)
