@@ -42,8 +42,6 @@ def node_client(context: Context):
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
     client = node_client(context)
-    if client is not None:
-        worker(context).trainer_for(client)  # model and trainer now: a node that cannot train fails at the start
     node = parse_node_config(context.node_config)
     answer = {"partition_id": node.partition_id, "num_samples": 0 if client is None else len(client.data)}
     if node.num_partitions is not None:

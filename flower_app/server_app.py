@@ -122,8 +122,8 @@ def serve(grid: Grid, settings: RunSettings) -> None:
 
 
 def send_tasks(grid: Grid, federation, tasks: list, node_of: dict, settings: RunSettings) -> Exchange:
-    """One exchange with the nodes of `tasks`' clients: a client whose node is gone, whose reply is an error or
-    that does not answer within round-timeout has failed."""
+    """One exchange with the nodes of `tasks`' clients: a client whose node is gone (before or while it trains),
+    whose reply is an error, or that does not answer within round-timeout has failed."""
     run, algorithm = federation.run, federation.algorithm
     exchange = Exchange()
     connected = set(grid.get_node_ids())
@@ -137,21 +137,43 @@ def send_tasks(grid: Grid, federation, tasks: list, node_of: dict, settings: Run
                                run.client_store.get(task.client, {}), algorithm.shared_with_clients)
         exchange.downloaded += payload_bytes(content)
         messages.append(Message(content, node, "train", group_id=str(task.round_idx + 1)))
-        client_of[node] = task.client
-    replies = grid.send_and_receive(messages, timeout=settings.flower.round_timeout) if messages else []
-    for reply in replies:
-        k = client_of.get(reply.metadata.src_node_id)
-        if k is None:
-            continue
-        if reply.has_error():
+    grid.push_messages(messages)
+    for message, task in zip(messages, [t for t in tasks if t.client not in exchange.failed]):
+        client_of[message.metadata.message_id] = task.client
+    for message_id, reply in collect_replies(grid, client_of, node_of, settings.flower.round_timeout).items():
+        k = client_of[message_id]
+        if isinstance(reply, str):
+            exchange.failed[k] = reply
+        elif reply.has_error():
             exchange.failed[k] = f"error {reply.error.code}: {(reply.error.reason or '').strip()[-300:]}"
-            continue
-        exchange.results[k] = read_result(reply.content, run.x.device)
-        exchange.uploaded += payload_bytes(reply.content)
-    for k in client_of.values():
-        if k not in exchange.results and k not in exchange.failed:
-            exchange.failed[k] = f"no reply within {settings.flower.round_timeout:g} s"
+        else:
+            exchange.results[k] = read_result(reply.content, run.x.device)
+            exchange.uploaded += payload_bytes(reply.content)
     return exchange
+
+
+POLL_S, LIVENESS_S = 0.2, 2.0  # how often replies are pulled, and how often the nodes' liveness is checked
+
+
+def collect_replies(grid: Grid, client_of: dict, node_of: dict, timeout: float) -> dict:
+    """message id -> its reply, or why there is none: the node left (the SuperLink no longer lists it: a
+    SuperNode that stopped, or one whose heartbeats lapsed) or the timeout passed. Grid.send_and_receive would
+    wait out the whole timeout for a node that is gone, and pulls every 3 s; this pulls every POLL_S."""
+    waiting, replies = set(client_of), {}
+    deadline, next_check = time.monotonic() + timeout, time.monotonic() + LIVENESS_S
+    while waiting and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(waiting)):
+            replies[reply.metadata.reply_to_message_id] = reply
+            waiting.discard(reply.metadata.reply_to_message_id)
+        if waiting and time.monotonic() > next_check:
+            connected, next_check = set(grid.get_node_ids()), time.monotonic() + LIVENESS_S
+            for message_id in [m for m in waiting if node_of[client_of[m]] not in connected]:
+                replies[message_id] = f"node {node_of[client_of[message_id]]} left during the round"
+                waiting.discard(message_id)
+        if waiting:
+            time.sleep(POLL_S)
+    replies.update({m: f"no reply within {timeout:g} s" for m in waiting})
+    return replies
 
 
 def discover(grid: Grid, settings: RunSettings) -> dict[int, tuple[int, int]]:
