@@ -238,6 +238,7 @@ class Federation:
                "local_steps": {str(k): v for k, v in steps_done.items()}, "learning_rate": lr,
                "round_time_s": round(round_time, 4),
                "train_time_s": round(sum(r.train_time for r in results), 4),
+               "client_train_time_s": {str(r.client): round(r.train_time, 4) for r in results},
                "peak_memory_mb": round(peak_memory_mb(), 1), "bytes_uploaded": bytes_moved[0],
                "bytes_downloaded": bytes_moved[1], "dropped_clients": dropped, "outlier_clients": outliers,
                "failed_clients": list(failed)}

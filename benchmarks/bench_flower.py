@@ -1,0 +1,147 @@
+"""Round wall time of the same federation in process, in Flower's Simulation Engine and in a Flower deployment on
+loopback, and the engine's own overhead per round (issue #13).
+
+Same model (SmolLM2 by default), data (fed-synthetic), 2 clients both sampled every round, same steps, batch and
+sequence length, the same total of CPU threads (--threads):
+  in-process   main_sft.py, the clients one after the other, each with all the threads;
+  simulation   `flwr run` on a simulation SuperLink, 2 nodes training at once (client-resources num-cpus = 1),
+               each with threads / 2;
+  deployment   `flwr run` on a SuperLink with 2 SuperNodes (separate processes, HTTP on 127.0.0.1), each ClientApp
+               with threads / 2.
+Each mode writes metrics.jsonl; the table reads round_time_s (plan to aggregated) and each client's training time
+(client_train_time_s). Engine overhead per round = round time - the slowest client's training: serialisation,
+transport, scheduling, and in a deployment the ClientApp process Flower 1.42 starts for every message (imports,
+model and data load). Serialisation alone is measured apart: the round's messages built, turned into their
+protobuf bytes and back, and read, for this model's LoRA vector.
+
+    python benchmarks/bench_flower.py                                   # SmolLM2, 2 rounds, 4 steps, batch 4
+    python benchmarks/bench_flower.py --model /path/to/tiny --steps 2 --seq_length 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run_config(args, out: Path) -> dict:
+    return {"model-name-or-path": args.model, "output-dir": str(out), "fed-alg": args.fed_alg,
+            "num-clients": 2, "sample-clients": 2, "num-rounds": args.rounds, "max-steps": args.steps,
+            "batch-size": args.batch_size, "seq-length": args.seq_length, "learning-rate": 1e-4, "eval-after": False,
+            "round-timeout": 3600.0}
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def in_process(args, work: Path) -> list[dict]:
+    import subprocess
+    out = work / "inprocess"
+    flags = [item for key, value in run_config(args, out).items() if key != "round-timeout"
+             for item in (f"--{key.replace('-', '_')}", str(value).lower() if isinstance(value, bool) else str(value))]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, str(ROOT / "main_sft.py"), *flags], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=open(work / "inprocess.log", "wb"))
+    return rows(out)
+
+
+def flower(args, work: Path, simulation: bool) -> list[dict]:
+    from flower_app.launch import LocalFlower
+    name = "simulation" if simulation else "deployment"
+    out, home = work / name, work / f"home-{name}"
+    threads = str(max(1, args.threads // 2))
+    env = {"OMP_NUM_THREADS": threads, "RAY_memory_monitor_refresh_ms": "0"}
+    with LocalFlower(home, simulation=simulation, env=env) as engine:
+        if not simulation:
+            for k in range(2):
+                engine.start_supernode(f"node{k}", {"partition-id": k, "num-partitions": 2})
+        process = engine.run(run_config(args, out), num_supernodes=2, client_cpus=1) if simulation \
+            else engine.run(run_config(args, out))
+        if process.wait(timeout=7200) != 0 or not (out / "metrics.jsonl").exists():
+            raise SystemExit(f"the {name} run failed: see {home}")
+    return rows(out)
+
+
+def serialisation_seconds(args, repeats: int = 5) -> tuple[float, int]:
+    """One round's messages (2 tasks, 2 results) built, encoded to protobuf bytes, decoded and read; seconds per
+    round, and the bytes of one task message."""
+    import torch
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+    from federated.flat import FlatParams
+    from federated.loop import ClientResult, ClientTask
+    from flower_app.messages import read_result, read_task, result_content, task_content
+    from utils.model import load_base_model, wrap_with_lora
+
+    model = wrap_with_lora(load_base_model(args.model))
+    x = FlatParams(model).get()
+    task = ClientTask(0, 0, 1e-4, args.steps, args.steps * args.batch_size, None, 1)
+
+    def wire_round_trip(content):
+        proto = recorddict_to_proto(content)
+        wire = proto.SerializeToString()
+        return recorddict_from_proto(type(proto).FromString(wire)), len(wire)
+
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for k in range(2):
+            received, task_bytes = wire_round_trip(task_content(task, 2, x, {}, {}, ()))
+            read_task(received, "cpu")
+            received, _ = wire_round_trip(result_content(ClientResult(k, x + 1, {}, {}, 1.0, 1)))
+            read_result(received, "cpu")
+    return (time.perf_counter() - start) / repeats, task_bytes
+
+
+def summary(name: str, mode_rows: list[dict]) -> dict:
+    last = mode_rows[-1]  # the last round: no first-round warm-up
+    slowest = max(last["client_train_time_s"].values())
+    return {"mode": name, "round_s": last["round_time_s"], "slowest_client_train_s": slowest,
+            "engine_overhead_s": last["round_time_s"] - slowest if name != "in-process" else None,
+            "all_rounds_s": [r["round_time_s"] for r in mode_rows]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--fed_alg", default="fedavg")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--seq_length", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2, help="total CPU threads of the clients, every mode")
+    parser.add_argument("--modes", default="in-process,simulation,deployment")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-flower-"))
+    runners = {"in-process": lambda: in_process(args, work), "simulation": lambda: flower(args, work, True),
+               "deployment": lambda: flower(args, work, False)}
+    results = []
+    for name in args.modes.split(","):
+        start = time.perf_counter()
+        results.append(summary(name, runners[name]()))
+        results[-1]["process_wall_s"] = round(time.perf_counter() - start, 1)
+        print(json.dumps(results[-1]), flush=True)
+    serialise_s, task_bytes = serialisation_seconds(args)
+    base = next((r["round_s"] for r in results if r["mode"] == "in-process"), None)
+    print(f"\n{args.model}, fed-synthetic, 2 clients x {args.steps} steps x batch {args.batch_size}, seq "
+          f"{args.seq_length}, {args.threads} threads in total; last of {args.rounds} rounds. Work folder: {work}")
+    print("| mode | round (s) | vs in-process | slowest client's training (s) | engine overhead (s) | overhead / round |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        ratio = f"{r['round_s'] / base:.2f}x" if base else "-"
+        overhead = "-" if r["engine_overhead_s"] is None else f"{r['engine_overhead_s']:.2f}"
+        share = "-" if r["engine_overhead_s"] is None else f"{100 * r['engine_overhead_s'] / r['round_s']:.1f}%"
+        print(f"| {r['mode']} | {r['round_s']:.2f} | {ratio} | {r['slowest_client_train_s']:.2f} | {overhead} | {share} |")
+    print(f"\nSerialisation of one round's messages (2 tasks + 2 results, {task_bytes} bytes per task on the wire): "
+          f"{serialise_s * 1000:.1f} ms per round")
+
+
+if __name__ == "__main__":
+    main()
