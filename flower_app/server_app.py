@@ -103,8 +103,10 @@ def serve(grid: Grid, settings: RunSettings) -> None:
     federation = Federation(s, f, model, flat, counts, lr_min(settings.task), privacy=privacy, algorithm=algorithm)
     run = federation.run
     node_of = {k: node for k, (node, _) in nodes.items()}
+    asked = set(node_of.values())
     for t in range(run.round, f.num_rounds):
         start = time.perf_counter()
+        rejoin(grid, node_of, counts, settings.flower.wait_for_nodes, asked)
         tasks = federation.plan(t)
         try:
             exchange = gather(tasks, lambda pending: send_tasks(grid, federation, pending, node_of, settings),
@@ -176,6 +178,18 @@ def collect_replies(grid: Grid, client_of: dict, node_of: dict, timeout: float) 
     return replies
 
 
+def ask(grid: Grid, nodes: list[int], timeout: float) -> dict[int, dict]:
+    """node id -> its answer to the query (which client it holds, how many samples it trains on)."""
+    answers = {}
+    replies = grid.send_and_receive([Message(RecordDict(), node, "query") for node in nodes], timeout=timeout)
+    for reply in replies:
+        if reply.has_error():
+            raise SystemExit(f"Node {reply.metadata.src_node_id} cannot join the run: "
+                             f"{(reply.error.reason or '').strip()[-500:]}")
+        answers[reply.metadata.src_node_id] = dict(reply.content["node"])
+    return answers
+
+
 def discover(grid: Grid, settings: RunSettings) -> dict[int, tuple[int, int]]:
     """Ask the connected nodes which client they hold until every client of the run has one (or wait-for-nodes
     runs out): client index -> (node id, its sample count). The run's clients are num-clients if given, else
@@ -185,12 +199,7 @@ def discover(grid: Grid, settings: RunSettings) -> dict[int, tuple[int, int]]:
     while True:
         new = [node for node in grid.get_node_ids() if node not in answers]
         if new:
-            messages = [Message(RecordDict(), node, "query") for node in new]
-            for reply in grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())):
-                if reply.has_error():
-                    raise SystemExit(f"Node {reply.metadata.src_node_id} cannot join the run: "
-                                     f"{(reply.error.reason or '').strip()[-500:]}")
-                answers[reply.metadata.src_node_id] = dict(reply.content["node"])
+            answers.update(ask(grid, new, max(1.0, deadline - time.monotonic())))
         clients = clients_of(answers, settings.fed_args.num_clients)
         if clients is not None:
             return clients
@@ -200,6 +209,25 @@ def discover(grid: Grid, settings: RunSettings) -> dict[int, tuple[int, int]]:
                              f"{have}; the run needs clients 0 .. {expected_clients(answers, settings) - 1}: start "
                              f"their SuperNodes (node-config partition-id) or lower num-clients.")
         time.sleep(1.0)
+
+
+def rejoin(grid: Grid, node_of: dict, counts: list[int], timeout: float, asked: set) -> None:
+    """A client whose node is gone gets the node that now holds its partition, if one has connected (a SuperNode
+    restarted, or started on another machine with the client's data); its sample count must be unchanged."""
+    connected = set(grid.get_node_ids())
+    orphans = {k for k, node in node_of.items() if node not in connected}
+    new = sorted(connected - set(node_of.values()) - asked)
+    if not (orphans and new):
+        return
+    asked.update(new)  # a node that holds no orphan is asked once
+    for node, answer in ask(grid, new, timeout).items():
+        k = answer["partition_id"]
+        if k in orphans and answer["num_samples"] == counts[k]:
+            logger.info("Client %d rejoined on node %d", k, node)
+            node_of[k] = node
+        elif k in orphans:
+            logger.warning("Node %d holds client %d with %d samples, not the run's %d: not used", node, k,
+                           answer["num_samples"], counts[k])
 
 
 def expected_clients(answers: dict, settings: RunSettings) -> int:
