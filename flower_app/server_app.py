@@ -104,13 +104,16 @@ def serve(grid: Grid, settings: RunSettings) -> None:
     run = federation.run
     node_of = {k: node for k, (node, _) in nodes.items()}
     asked = set(node_of.values())
+
+    def send(pending: list) -> Exchange:
+        rejoin(grid, node_of, counts, settings.flower.wait_for_nodes, asked)  # before every attempt
+        return send_tasks(grid, federation, pending, node_of, settings)
+
     for t in range(run.round, f.num_rounds):
         start = time.perf_counter()
-        rejoin(grid, node_of, counts, settings.flower.wait_for_nodes, asked)
         tasks = federation.plan(t)
         try:
-            exchange = gather(tasks, lambda pending: send_tasks(grid, federation, pending, node_of, settings),
-                              settings.flower.min_replies, settings.flower.round_retries, t + 1)
+            exchange = gather(tasks, send, settings.flower.min_replies, settings.flower.round_retries, t + 1)
         except NotEnoughReplies as stop:
             if run.round and not (Path(s.output_dir) / f"checkpoint-{run.round}").is_dir():
                 federation.save()  # a stop never loses finished rounds
