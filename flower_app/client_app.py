@@ -1,9 +1,11 @@
 """The Flower ClientApp: one node = one client of the federation (its partition-id).
 
-query: load and tokenise this node's data and build its trainer (once per run, kept in this process), answer
-with its partition and sample count. train: run the round's ClientTask through federated.loop.train_client, the
-same client part as the in-process loop (the algorithm's client hooks and hooks.finish included), and answer with
-the vector, the algorithm's uploads and the state the client keeps.
+query: load and tokenise this node's data, answer with its partition and sample count. train: build the model
+and trainer on first use, run the round's ClientTask through federated.loop.train_client, the same client part
+as the in-process loop (the algorithm's client hooks and hooks.finish included), and answer with the vector, the
+algorithm's uploads and the state the client keeps. Data, model and trainer are kept in the process for the run:
+a simulation actor serves all its messages from them; a Flower 1.42 SuperNode starts a new ClientApp process for
+every message, so there they are built again each time.
 
 The client's kept state (SCAFFOLD's c_i) lives on the server and comes with each task (docs/FLOWER.md: why).
 """

@@ -38,8 +38,9 @@ class Worker:
         from utils.model import load_tokenizer
 
         self.settings = settings
-        # The trainer's scratch folder stays on the node, never in the server's output folder.
-        self.script_args = replace(settings.script_args, output_dir=tempfile.mkdtemp(prefix="fedllm-node-"))
+        # The trainer's scratch folder stays on the node (removed with the process), never in the server's folder.
+        self.scratch = tempfile.TemporaryDirectory(prefix="fedllm-node-")
+        self.script_args = replace(settings.script_args, output_dir=self.scratch.name)
         self.tokenizer = load_tokenizer(self.script_args.model_name_or_path, self.script_args.seq_length)
         self.local_trainer = None
         self.clients: dict[int, NodeClient | None] = {}  # node id -> its client (None: no data in this run)
