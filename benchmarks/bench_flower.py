@@ -17,6 +17,7 @@ protobuf bytes and back, and read, for this model's LoRA vector.
     python benchmarks/bench_flower.py                                   # SmolLM2, 2 rounds, 4 steps, batch 4
     python benchmarks/bench_flower.py --model /path/to/tiny --steps 2 --seq_length 64
     python benchmarks/bench_flower.py --modes in-process,simulation,deployment,in-process   # load drift shown
+    python benchmarks/bench_flower.py --modes in-process,in-process@1   # the sequential clients at 1 thread
 """
 from __future__ import annotations
 
@@ -43,14 +44,13 @@ def rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def in_process(args, work: Path) -> list[dict]:
+def in_process(args, work: Path, threads: int, out: Path) -> list[dict]:
     import subprocess
-    out = work / "inprocess"
     flags = [item for key, value in run_config(args, out).items() if key != "round-timeout"
              for item in (f"--{key.replace('-', '_')}", str(value).lower() if isinstance(value, bool) else str(value))]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, str(ROOT / "main_sft.py"), *flags], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=open(work / "inprocess.log", "wb"))
+                   stdout=subprocess.DEVNULL, stderr=open(out.with_suffix(".log"), "wb"))
     return rows(out)
 
 
@@ -105,7 +105,7 @@ def summary(name: str, mode_rows: list[dict]) -> dict:
     last = mode_rows[-1]  # the last round: no first-round warm-up
     slowest = max(last["client_train_time_s"].values())
     return {"mode": name, "round_s": last["round_time_s"], "slowest_client_train_s": slowest,
-            "engine_overhead_s": last["round_time_s"] - slowest if name != "in-process" else None,
+            "engine_overhead_s": None if name.startswith("in-process") else last["round_time_s"] - slowest,
             "all_rounds_s": [r["round_time_s"] for r in mode_rows]}
 
 
@@ -121,18 +121,21 @@ def main():
     parser.add_argument("--modes", default="in-process,simulation,deployment")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-flower-"))
-    runners = {"in-process": lambda: in_process(args, work), "simulation": lambda: flower(args, work, True),
-               "deployment": lambda: flower(args, work, False)}
     results = []
-    for name in args.modes.split(","):
+    for i, mode in enumerate(args.modes.split(",")):
+        name, _, threads = mode.partition("@")  # in-process@1: one thread, for comparison
         start = time.perf_counter()
-        results.append(summary(name, runners[name]()))
+        if name == "in-process":
+            mode_rows = in_process(args, work, int(threads or args.threads), work / f"inprocess-{i}")
+        else:
+            mode_rows = flower(args, work, simulation=name == "simulation")
+        results.append(summary(mode, mode_rows))
         results[-1]["process_wall_s"] = round(time.perf_counter() - start, 1)
         print(json.dumps(results[-1]), flush=True)
     serialise_s, task_bytes = serialisation_seconds(args)
     # A mode may be listed twice (in-process first and last): the load of a shared machine drifts, and the
     # spread of the in-process rounds shows by how much.
-    in_process_rounds = [r["round_s"] for r in results if r["mode"] == "in-process"]
+    in_process_rounds = [r["round_s"] for r in results if r["mode"] == "in-process"]  # at --threads
     base = sum(in_process_rounds) / len(in_process_rounds) if in_process_rounds else None
     print(f"\n{args.model}, fed-synthetic, 2 clients x {args.steps} steps x batch {args.batch_size}, seq "
           f"{args.seq_length}, {args.threads} threads in total; last of {args.rounds} rounds. Work folder: {work}")

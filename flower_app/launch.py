@@ -5,7 +5,8 @@ project, and a stop that ends exactly the processes started here (and their chil
     with LocalFlower(home, simulation=True) as flower:
         flower.run({"fed-alg": "scaffold", "output-dir": "/tmp/out", ...}, num_supernodes=4)
 
-Insecure (no TLS) on 127.0.0.1 only: docs/FLOWER.md shows the TLS and node-authentication flags for real use.
+Without `certificates`, insecure (no TLS) on 127.0.0.1 only; with a folder holding ca.crt, server.pem and
+server.key (a server certificate for IP 127.0.0.1), every link is TLS as in a real deployment (docs/FLOWER.md).
 """
 from __future__ import annotations
 
@@ -43,9 +44,49 @@ def config_arg(config: dict) -> str:
     return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
 
 
+def make_test_certificates(folder: str | Path) -> Path:
+    """A throw-away CA and a server certificate for 127.0.0.1 (ca.crt, server.pem, server.key), for a TLS
+    deployment on loopback. Real deployments use their own PKI (docs/FLOWER.md)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject, key, issuer, issuer_key, ca: bool):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedllm test CA")])
+    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    ca = certificate(ca_name, ca_key, ca_name, ca_key, ca=True)
+    server = certificate(server_name, server_key, ca_name, ca_key, ca=False)
+    (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.key").write_bytes(server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return folder
+
+
 class LocalFlower:
-    def __init__(self, home: str | Path, simulation: bool, log_dir: str | Path | None = None, env: dict | None = None):
+    def __init__(self, home: str | Path, simulation: bool, log_dir: str | Path | None = None, env: dict | None = None,
+                 certificates: str | Path | None = None, node_auth: bool = False):
         self.home, self.simulation = Path(home), simulation
+        self.certificates = Path(certificates).resolve() if certificates else None
+        self.node_auth = node_auth  # only registered SuperNodes may join (needs TLS)
         self.log_dir = Path(log_dir or home)
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                     "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
@@ -54,11 +95,13 @@ class LocalFlower:
 
     def __enter__(self):
         self.home.mkdir(parents=True, exist_ok=True)
+        trust = f'root-certificates = "{self.certificates / "ca.crt"}"' if self.certificates else "insecure = true"
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
-        command = [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--disable-runtime-dependency-installation"]
+            f'address = "127.0.0.1:{self.port}"\n{trust}\n')
+        command = [str(BIN / "flower-superlink"), *self._tls("superlink"), "--host", "127.0.0.1", "--port",
+                   str(self.port), "--disable-runtime-dependency-installation"]
+        command += ["--enable-supernode-auth"] if self.node_auth else []
         self._start("superlink", command + (["--simulation"] if self.simulation else []))
         self._wait_for_health()
         return self
@@ -66,6 +109,15 @@ class LocalFlower:
     def __exit__(self, *exc):
         self.stop()
         return False
+
+    def _tls(self, role: str) -> list[str]:
+        if self.certificates is None:
+            return ["--insecure"]
+        c = self.certificates
+        if role == "superlink":
+            return ["--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.pem"),
+                    "--ssl-keyfile", str(c / "server.key")]
+        return ["--root-certificates", str(c / "ca.crt")]
 
     def _start(self, name: str, command: list[str]) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")
@@ -81,17 +133,42 @@ class LocalFlower:
             if self.processes["superlink"].poll() is not None:
                 raise RuntimeError(f"flower-superlink exited: see {self.log_dir / 'superlink.log'}")
             try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=0.5).is_success:
+                scheme, verify = ("https", str(self.certificates / "ca.crt")) if self.certificates else ("http", True)
+                if httpx.get(f"{scheme}://127.0.0.1:{self.port}/health", timeout=0.5, verify=verify).is_success:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
         raise RuntimeError(f"flower-superlink did not come up in {timeout:g} s: see {self.log_dir / 'superlink.log'}")
 
-    def start_supernode(self, name: str, node_config: dict) -> subprocess.Popen:
-        return self._start(name, [str(BIN / "flower-supernode"), "--insecure", "--superlink",
-                                  f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port", str(free_port()),
-                                  "--node-config", config_arg(node_config)])
+    def start_supernode(self, name: str, node_config: dict, register: bool = True) -> subprocess.Popen:
+        """A SuperNode; with node authentication its key is registered first (register=False: an intruder with a
+        key the SuperLink does not know)."""
+        command = [str(BIN / "flower-supernode"), *self._tls("supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                   "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", config_arg(node_config)]
+        if self.node_auth:
+            command += ["--auth-supernode-private-key", str(self.node_key(name, register))]
+        return self._start(name, command)
+
+    def node_key(self, name: str, register: bool) -> Path:
+        """An EC key pair for a SuperNode (OpenSSH format, as ssh-keygen -t ecdsa makes), its public key registered
+        with the SuperLink by `flwr supernode register`; returns the private key's path."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        keys = self.home / "keys"
+        keys.mkdir(exist_ok=True)
+        key = ec.generate_private_key(ec.SECP384R1())
+        private, public = keys / name, keys / f"{name}.pub"
+        private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                              serialization.NoEncryption()))
+        private.chmod(0o600)
+        public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                         serialization.PublicFormat.OpenSSH))
+        if register:
+            subprocess.run([str(BIN / "flwr"), "supernode", "register", str(public), CONNECTION], cwd=ROOT,
+                           env=self.env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        return private
 
     def run_command(self, run_config: dict, num_supernodes: int | None = None,
                     client_cpus: float | None = None) -> list[str]:

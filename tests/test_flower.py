@@ -179,18 +179,23 @@ def test_simulation_gives_main_sft_adapter_bit_for_bit(tiny_model_dir, tmp_path,
 
 @pytest.mark.slow
 def test_deployment_on_loopback_survives_a_supernode_stopped_mid_run(tiny_model_dir, tmp_path, one_thread):
-    """One SuperLink and two SuperNodes as separate processes, `flwr run` on this project, FedAvg for 2 rounds.
-    Round 1 equals main_sft.py's bit for bit; then SuperNode 1 is stopped (SIGTERM to its pid) and round 2
-    aggregates client 0 alone, with client 1 logged as failed."""
-    from flower_app.launch import LocalFlower
+    """One SuperLink and two SuperNodes as separate processes, over TLS (a throw-away CA) with node authentication
+    (a third SuperNode whose key is not registered claims partition 1 and is kept out), `flwr run` on this
+    project, FedAvg for 2 rounds. Round 1 equals main_sft.py's bit for bit; then SuperNode 1 is stopped (SIGTERM
+    to its pid) and round 2 aggregates client 0 alone, with client 1 logged as failed."""
+    from flower_app.launch import LocalFlower, make_test_certificates
 
     out = tmp_path / "flower"
     config = {**TINY_RUN, "fed-alg": "fedavg", "model-name-or-path": tiny_model_dir, "output-dir": str(out),
               "checkpoint-step": 1, "round-timeout": 300.0}
-    with LocalFlower(tmp_path / "home", simulation=False, env=QUIET_RAY) as flower:
+    certificates = make_test_certificates(tmp_path / "certificates")
+    with LocalFlower(tmp_path / "home", simulation=False, env=QUIET_RAY, certificates=certificates,
+                     node_auth=True) as flower:
         for k in range(2):
             flower.start_supernode(f"node{k}", {"partition-id": k, "num-partitions": 2})
-        process = flower.run(config)
+        # Were it admitted, two nodes would hold partition 1 and the run would stop at the start.
+        flower.start_supernode("intruder", {"partition-id": 1, "num-partitions": 2}, register=False)
+        process = flower.run(config, timeout=400)
         reference = in_process_reference(config, tmp_path / "inprocess", **{"num-clients": 2})  # meanwhile
         metrics = out / "metrics.jsonl"
         deadline = time.monotonic() + 300
@@ -206,5 +211,7 @@ def test_deployment_on_loopback_survives_a_supernode_stopped_mid_run(tiny_model_
     assert rows[1]["bytes_uploaded"] * 2 == rows[0]["bytes_uploaded"]  # one reply instead of two
     assert same_adapter(out / "checkpoint-1", reference / "checkpoint-1")
     assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file() and (out / "args.json").is_file()
+    assert "https://127.0.0.1" in (tmp_path / "home" / "superlink.log").read_text()  # TLS on every link
+    assert "Connection attempt failed" in (tmp_path / "home" / "intruder.log").read_text()
     losses = np.load(out / "training_loss.npy")
     assert losses.shape == (2, 2) and losses[1, 1] == -1.0 and losses[0, 1] > 0
