@@ -306,9 +306,11 @@ class HeteroRank(LoraMethod):
         for m in self.layout.modules:
             product = weighted_mean_product(m, client_vectors, weights)
             u, s, vh = torch.linalg.svd(product, full_matrices=False)
-            root = s[:m.rank].sqrt()  # split sqrt(S) into both factors: balanced norms for the next round
-            new[m.b] = (u[:, :m.rank] * root).reshape(-1)
-            new[m.a] = (root[:, None] * vh[:m.rank]).reshape(-1)
+            c = min(m.rank, s.numel())  # a layer narrower than r_max has fewer components; the rest stay zero
+            root = s[:c].sqrt()  # sqrt(S) into both factors: balanced norms for the next round's training
+            b_new, a_new = torch.zeros(m.b_shape, device=x.device), torch.zeros(m.a_shape, device=x.device)
+            b_new[:, :c], a_new[:c] = u[:, :c] * root, root[:, None] * vh[:c]
+            new[m.b], new[m.a] = b_new.reshape(-1), a_new.reshape(-1)
         return new
 
     def transfer_numel(self, client, numel):
