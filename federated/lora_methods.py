@@ -191,21 +191,25 @@ class ExactProduct(LoraMethod):
             self.dense.append(slice(offset, offset + m.dense_numel))
             offset += m.dense_numel
         self.dense_numel = offset
-        self.applied = torch.zeros(offset)  # the base delta this process's model weights already hold
+        self.applied, self.applied_rounds = None, 0  # the base delta this process's W already holds, and its age
 
     def init_state(self, x):
-        return {"base_delta": torch.zeros(self.dense_numel, device=x.device)}
+        return {"base_delta": torch.zeros(self.dense_numel, device=x.device),
+                "base_rounds": torch.zeros((), dtype=torch.int64)}  # residuals folded into base_delta so far
 
     @torch.no_grad()
     def sync_base(self, state: dict) -> None:
-        """Fold the part of the server's base delta that this model does not hold yet into its frozen W."""
-        delta = state["base_delta"].to("cpu")
-        if torch.equal(delta, self.applied):
+        """Fold the part of the server's base delta that this model does not hold yet into its frozen W (the
+        whole delta in a freshly loaded model, e.g. after a resume)."""
+        rounds = int(state["base_rounds"])
+        if rounds == self.applied_rounds:
             return
+        delta = state["base_delta"]
+        change = delta if self.applied is None else delta - self.applied
         for m, dense in zip(self.layout.modules, self.dense):
             w = m.base_weight
-            w.add_((delta[dense] - self.applied[dense]).view(m.b_shape[0], m.a_shape[1]).to(w.device, w.dtype))
-        self.applied = delta.clone()
+            w.add_(change[dense].view(m.b_shape[0], m.a_shape[1]).to(w.device, w.dtype))
+        self.applied, self.applied_rounds = delta.clone(), rounds
 
     def start_vector(self, client, x, state, client_store):
         self.sync_base(state)
@@ -219,6 +223,7 @@ class ExactProduct(LoraMethod):
             b_mean, a_mean = m.factors(mean)
             residual = weighted_mean_product(m, client_vectors, weights) - b_mean[0] @ a_mean[0]
             state["base_delta"][dense] += m.scaling * residual.reshape(-1)
+        state["base_rounds"] += 1
         return new
 
     def transfer_numel(self, client, numel):
