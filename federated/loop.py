@@ -1,8 +1,9 @@
 """The federated round loop, shared by main_sft.py and main_dpo.py.
 
-for each round t: sample clients, set the round's learning rate; for each sampled client: load the global
-vector, train locally on this round's subset, read its vector back; aggregate on the server; log a metrics row;
-checkpoint every --checkpoint_step rounds and at the end.
+for each round t: sample clients, set the round's learning rate; for each sampled client: load its start vector
+(the global vector, or a LoRA method's view of it), train locally on this round's subset, read back what it
+uploads; aggregate on the server; log a metrics row (bytes as the algorithm reports them); checkpoint every
+--checkpoint_step rounds and at the end.
 """
 from __future__ import annotations
 
