@@ -1,8 +1,9 @@
 """The federated round loop, shared by main_sft.py and main_dpo.py.
 
-for each round t: sample clients, set the round's learning rate; for each sampled client: load the global
-vector, train locally on this round's subset, read its vector back; aggregate on the server; log a metrics row;
-checkpoint every --checkpoint_step rounds and at the end.
+for each round t: sample clients, set the round's learning rate; for each sampled client: load its start vector
+(the global vector, or a LoRA method's view of it), train locally on this round's subset, read back what it
+uploads; aggregate on the server; log a metrics row (bytes as the algorithm reports them); checkpoint every
+--checkpoint_step rounds and at the end.
 """
 from __future__ import annotations
 
@@ -122,11 +123,11 @@ def run_federated(script_args, fed_args, model, local_trainer: LocalTrainer, cli
     num_clients, flat = len(client_data), local_trainer.flat
     sample_counts = [len(d) for d in client_data]
     algorithm = algorithm or make_algorithm(fed_args, num_clients)
+    algorithm.bind(model, flat)  # the flat layout, for the LoRA methods (federated/lora_methods.py)
     run = _start(output_dir, script_args.resume, flat.get(), algorithm, num_clients, fed_args)
     if privacy is not None and "privacy" in run.extra:
         privacy.load_state_dict(run.extra["privacy"])
     checkpoint_step = fed_args.save_model_freq or script_args.checkpoint_step
-    bytes_per_vector = flat.numel * 4
     bar = tqdm(range(run.round, fed_args.num_rounds), initial=run.round, total=fed_args.num_rounds, desc="rounds")
     for t in bar:
         round_start = time.perf_counter()
@@ -140,8 +141,8 @@ def run_federated(script_args, fed_args, model, local_trainer: LocalTrainer, cli
             per_step = script_args.batch_size * script_args.gradient_accumulation_steps
             data = round_subset(client_data[k], t, per_step * steps,
                                 ordered_over_rounds=fed_args.num_rounds if script_args.quality_order else None)
-            flat.set(run.x)
             hooks = algorithm.client_hooks(k, run.x, run.server_state, run.client_store)
+            flat.set(hooks.start_vector(run.x))  # the global vector, or the LoRA method's view of it
             train_start = time.perf_counter()
             losses[k], steps_done[k] = local_trainer.train(data, steps, lr, hooks, client_seed(script_args.seed, t, k))
             train_time += time.perf_counter() - train_start
@@ -150,7 +151,7 @@ def run_federated(script_args, fed_args, model, local_trainer: LocalTrainer, cli
                 dropped.append(k)  # a diverged client must not poison the global model
                 logger.warning("Round %d: client %d produced NaN/inf; dropped from aggregation", t + 1, k)
                 continue
-            finished[k] = (y, *hooks.finish(y, steps_done[k], lr))
+            finished[k] = (hooks.upload_vector(y), *hooks.finish(y, steps_done[k], lr))
         outliers = outlier_clients(run.x, [f[0] for f in finished.values()], list(finished), fed_args.outlier_ratio,
                                    t + 1)
         if fed_args.drop_outliers:
@@ -170,18 +171,18 @@ def run_federated(script_args, fed_args, model, local_trainer: LocalTrainer, cli
                 stacked, counts = privacy.privatize(run.x, stacked, counts, t, clients)
             run.x = server_step(algorithm, run.x, stacked, counts, run.server_state, t,
                                 {key: torch.stack(v) for key, v in uploads.items()})
-        flat.set(run.x)
+        algorithm.load_global(flat, run)
         run.round = t + 1
         for k in range(num_clients):
             run.loss_history[k].append(losses[k] if k in losses and k not in dropped else -1.0)
 
         round_time = time.perf_counter() - round_start
-        transfer = bytes_per_vector * algorithm.vectors_per_transfer * len(clients)
+        up, down = (sum(sent) for sent in zip(*(algorithm.transfer_bytes(k, flat.numel) for k in clients)))
         row = {"round": run.round, "clients": clients, "client_loss": {str(k): v for k, v in losses.items()},
                "local_steps": {str(k): v for k, v in steps_done.items()}, "learning_rate": lr,
                "round_time_s": round(round_time, 4), "train_time_s": round(train_time, 4),
-               "peak_memory_mb": round(peak_memory_mb(), 1), "bytes_uploaded": transfer,
-               "bytes_downloaded": transfer, "dropped_clients": dropped, "outlier_clients": outliers}
+               "peak_memory_mb": round(peak_memory_mb(), 1), "bytes_uploaded": up,
+               "bytes_downloaded": down, "dropped_clients": dropped, "outlier_clients": outliers}
         if privacy is not None:
             row.update(privacy.metrics(run))
         with open(output_dir / "metrics.jsonl", "a") as f:
