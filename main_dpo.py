@@ -67,6 +67,8 @@ def main():
     script_args, fed_args, dpo_args = parser.parse_args_into_dataclasses()
     configure_console(script_args.log_level, quantizes=script_args.load_in_8bit or script_args.load_in_4bit)
     check_arguments(script_args, fed_args)
+    from federated.lora_methods import check_reference_model
+    check_reference_model(fed_args)
     if not (math.isfinite(dpo_args.dpo_beta) and dpo_args.dpo_beta > 0):
         raise SystemExit(f"--dpo_beta {dpo_args.dpo_beta!r} is invalid: it must be a finite number > 0.")
     with RunGuard(script_args.output_dir):
@@ -95,7 +97,7 @@ def train(script_args, fed_args, dpo_args):
     tokenizer = load_tokenizer(script_args.model_name_or_path, script_args.seq_length)
     client_data = tokenize_clients(clients, tokenizer, script_args.template, script_args.seq_length,
                                    dataset.client_ids[:len(clients)])
-    model = load_lora_model(script_args)
+    model = load_lora_model(script_args, fed_args)
 
     first_pair = pair_texts(script_args.template, tokenizer, clients[0][0])
     trainer = build_dpo_trainer(model, tokenizer, script_args, dpo_args, first_pair)

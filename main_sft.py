@@ -76,7 +76,7 @@ def train(script_args, fed_args):
     tokenizer = load_tokenizer(script_args.model_name_or_path, script_args.seq_length)
     client_data = tokenize_clients(clients, tokenizer, script_args.template, script_args.seq_length,
                                    dataset.client_ids[:len(clients)])
-    model = load_lora_model(script_args)
+    model = load_lora_model(script_args, fed_args)
     trainer = build_sft_trainer(model, tokenizer, script_args, client_data[0])
     local = local_trainer(trainer, model, script_args)
     initial = local.flat.get()
@@ -84,8 +84,8 @@ def train(script_args, fed_args):
     for name, members, run_args, run_fed, algorithm, privacy in runs:
         output_dir = Path(run_args.output_dir)
         local.flat.set(initial)  # every federation starts from the same LoRA initialisation
-        run_federated(run_args, run_fed, model, local, [client_data[i] for i in members], lr_min=LR_MIN,
-                      algorithm=algorithm, privacy=privacy)
+        run = run_federated(run_args, run_fed, model, local, [client_data[i] for i in members], lr_min=LR_MIN,
+                            algorithm=algorithm, privacy=privacy)
         if script_args.eval_after and dataset.test:
             from data.synthetic import balanced_subset
             from evaluation.exact_match import score_exact_match
@@ -93,6 +93,25 @@ def train(script_args, fed_args):
             scores = score_exact_match(model, tokenizer, script_args.template, test)
             (output_dir / "eval_exact_match.json").write_text(json.dumps(scores, indent=2))
             print(f"[{name}] exact match on the {scores['n']} held-out samples: {scores['accuracy']:.3f}")
+            evaluate_client_models(model, tokenizer, script_args, test, local.flat, algorithm, run, scores,
+                                   [dataset.client_metadata[i] for i in members] if dataset.client_metadata else [],
+                                   output_dir, name)
+
+
+def evaluate_client_models(model, tokenizer, script_args, test, flat, algorithm, run, global_scores, metadata,
+                           output_dir, name):
+    """With a method that keeps a model per client (--lora_method personal): each one on its client's own test
+    distribution (its task mixture, fed-synthetic), beside the global model on the same weighting."""
+    client_models = algorithm.client_models(run)
+    if not client_models or not all("task_mixture" in m for m in metadata):
+        return
+    from evaluation.exact_match import score_personal_models
+    scores = score_personal_models(model, tokenizer, script_args.template, test, flat.set, client_models,
+                                   [m["task_mixture"] for m in metadata], global_scores["per_task"])
+    algorithm.load_global(flat, run)  # the model is the global one again
+    (output_dir / "eval_personal.json").write_text(json.dumps(scores, indent=2))
+    print(f"[{name}] own test distribution of the {len(client_models)} clients with a personal model: personal "
+          f"{scores['mean_personal']:.3f}, global {scores['mean_global']:.3f} (mean over clients)")
 
 
 if __name__ == "__main__":

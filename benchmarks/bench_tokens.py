@@ -171,7 +171,8 @@ def main() -> None:
     parser.add_argument("--length_scale", type=float, default=1.0, help="multiply Table 1's means and stds (with a "
                         "proportionally smaller --seq_length: the same shape at a fraction of the cost)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="GPU peak for MFU (default: by GPU name)")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--json", default=None, help="write the results to this file after every worker; a rerun "
+                        "with the same file keeps what finished and runs the rest")
     parser.add_argument("--worker", nargs=2, metavar=("SHAPE", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -179,32 +180,56 @@ def main() -> None:
         args.shape, args.path = args.worker
         worker(args)
         return
-    results = []
+    results = load_finished(args.json)
     passthrough = sys.argv[1:]
     for shape in args.datasets.split(","):
         if shape not in SHAPES:
             raise SystemExit(f"Unknown dataset shape {shape!r}: choose from {', '.join(SHAPES)}.")
         for path in PATHS:
-            proc = subprocess.run([sys.executable, __file__, *passthrough, "--worker", shape, path],
-                                  capture_output=True, text=True)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                raise SystemExit(f"{shape} {path} failed:\n{proc.stderr[-3000:]}")
-            results.append(json.loads(line[len("RESULT "):]))
+            if any(r["shape"] == shape and r["path"] == path for r in results):
+                print(f"kept from {args.json}: {shape} {path}", file=sys.stderr, flush=True)
+                continue
+            results.append(run_worker(passthrough, shape, path))
+            if args.json:  # written after every worker: a later crash or OOM loses nothing finished
+                Path(args.json).write_text(json.dumps(results, indent=2))
             print(f"done: {shape} {path}", file=sys.stderr, flush=True)
     report(results, args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    if any("failed" in r for r in results):
+        raise SystemExit(1)
+
+
+def load_finished(json_path: str | None) -> list[dict]:
+    """The results of an earlier run with the same --json file (rerun to complete it); failed ones are retried."""
+    if not json_path or not Path(json_path).exists():
+        return []
+    return [r for r in json.loads(Path(json_path).read_text()) if "failed" not in r]
+
+
+def run_worker(passthrough: list[str], shape: str, path: str) -> dict:
+    """One shape on one path in its own process; a failure (out of memory included) becomes a result row."""
+    proc = subprocess.run([sys.executable, __file__, *passthrough, "--worker", shape, path],
+                          capture_output=True, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is not None:
+        return json.loads(line[len("RESULT "):])
+    reason = ("killed (signal 9: out of memory?)" if proc.returncode == -9 else
+              next((l for l in reversed(proc.stderr.splitlines()) if "Error" in l), f"exit {proc.returncode}"))
+    print(f"{shape} {path} failed: {reason}\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
+    return {"shape": shape, "path": path, "failed": reason[:300]}
 
 
 def report(results: list[dict], args) -> None:
     mfu = any("mfu" in r for r in results)
+    device = next((r["device"] for r in results if "device" in r), "n/a")
     print(f"model={args.model} batch={args.batch_size} seq_length={args.seq_length} steps={args.steps} "
-          f"length_scale={args.length_scale} token_budget={args.token_budget} device={results[0]['device']}")
+          f"length_scale={args.length_scale} token_budget={args.token_budget} device={device}")
     head = "| dataset shape | path | useful tokens | computed tokens | s | useful tok/s | peak MB |"
     print(head + (" TFLOP/s | MFU |" if mfu else "") + "\n|" + "---|" * (7 + 2 * mfu))
     by = {(r["shape"], r["path"]): r for r in results}
     for r in results:
+        if "failed" in r:
+            print(f"| {r['shape']} | {r['path']} | failed: {r['failed']} |")
+            continue
         row = (f"| {r['shape']} | {r['path']} | {r['useful_tokens']} | {r['computed_tokens']} | {r['seconds']:.1f} | "
                f"{r['useful_tokens'] / r['seconds']:.1f} | {r['peak_mb']:.0f} |")
         if mfu:
@@ -213,10 +238,12 @@ def report(results: list[dict], args) -> None:
     print("\n| dataset shape | useful tok/s, padding-free / padded | peak memory, padding-free / padded |\n"
           "|---|---|---|")
     for shape in dict.fromkeys(r["shape"] for r in results):
-        a, b = by[(shape, "padding-free")], by[(shape, "padded")]
+        a, b = by.get((shape, "padding-free"), {}), by.get((shape, "padded"), {})
+        if "seconds" not in a or "seconds" not in b:
+            print(f"| {shape} | n/a (a path failed) | n/a |")
+            continue
         speed = (a["useful_tokens"] / a["seconds"]) / (b["useful_tokens"] / b["seconds"])
         print(f"| {shape} | {speed:.2f}x | {a['peak_mb'] / max(b['peak_mb'], 1e-9):.2f}x |")
-
 
 if __name__ == "__main__":
     main()

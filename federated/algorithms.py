@@ -21,6 +21,15 @@ import kernels
 class ClientHooks:
     """Trainer-agnostic hooks into local training; the default does nothing (FedAvg and the FedOpt family)."""
 
+    def start_vector(self, x: torch.Tensor) -> torch.Tensor:
+        """The vector the client loads before training, from the global one (a LoRA method's personal B or rank
+        truncation: federated/lora_methods.py)."""
+        return x
+
+    def upload_vector(self, y: torch.Tensor) -> torch.Tensor:
+        """What the server receives of the trained vector y, in the flat layout (personal B: not sent)."""
+        return y
+
     def loss_term(self, flat) -> torch.Tensor | None:
         """An extra term added to the local loss (FedProx)."""
         return None
@@ -48,6 +57,21 @@ class Algorithm:
 
     def client_hooks(self, client: int, x: torch.Tensor, state: dict, client_store: dict) -> ClientHooks:
         return ClientHooks()
+
+    def bind(self, model, flat) -> None:
+        """Learn the flat layout (FlatParams) of the run's model, once before the first round."""
+
+    def transfer_bytes(self, client: int, numel: int) -> tuple[int, int]:
+        """Bytes client `client` uploads and downloads in a round it is sampled (fp32 vectors of numel)."""
+        return 4 * numel * self.vectors_per_transfer, 4 * numel * self.vectors_per_transfer
+
+    def load_global(self, flat, run) -> None:
+        """Load the global model into the trainable parameters (after every server step, and for evaluation)."""
+        flat.set(run.x)
+
+    def client_models(self, run) -> dict[int, torch.Tensor]:
+        """Each client's own model vector, where the method keeps one; empty for a shared model."""
+        return {}
 
     def weights(self, sample_counts: list[int]) -> torch.Tensor:
         counts = torch.tensor(sample_counts, dtype=torch.float32)
@@ -204,7 +228,8 @@ def check_algorithm_arguments(fed_args) -> None:
 
 
 def make_algorithm(fed_args, num_clients: int) -> Algorithm:
-    """The algorithm named by --fed_alg; local<k> trains client k alone and keeps its model (FedAvg of one)."""
+    """The algorithm named by --fed_alg, composed with --lora_method; local<k> trains client k alone and keeps its
+    model (FedAvg of one)."""
     check_algorithm_arguments(fed_args)
     name = fed_args.fed_alg
     local = parse_local(name)
@@ -216,7 +241,8 @@ def make_algorithm(fed_args, num_clients: int) -> Algorithm:
     else:
         algorithm = ALGORITHMS[name](fed_args)
     algorithm.num_clients = num_clients
-    return algorithm
+    from federated.lora_methods import compose  # the LoRA methods build on this module
+    return compose(algorithm, fed_args)
 
 
 def server_step(algorithm: Algorithm, x: torch.Tensor, client_vectors: torch.Tensor, sample_counts: list[int],

@@ -10,6 +10,14 @@ class FedArguments:
     fed_alg: str = field(default="fedavg", metadata={"help": "fedavg, fedprox, scaffold, fedavgm, fedadagrad, "
                                                              "fedyogi, fedadam, feddp (fedavg + DP paper mode), "
                                                              "or local<k> (client k alone)"})
+    lora_method: str = field(default="standard", metadata={
+        "help": "how LoRA's factors are federated, with any --fed_alg that fits (federated/lora_methods.py): "
+                "standard (averaged as weights), ffa (A frozen, only B trained and sent), exact (FedEx-LoRA: the "
+                "mean of the products, residual folded into the base weights), hetero_rank (FlexLoRA: per-client "
+                "ranks, SVD redistribution; needs --client_ranks), personal (FedSA-LoRA: A shared, B per client)"})
+    client_ranks: str | None = field(default=None, metadata={
+        "help": "hetero_rank: client ranks, a comma list cycled over the clients (4,8,16) or a JSON file (a list, "
+                "or {client index: rank}); each at most --peft_lora_r, the model's rank"})
     num_clients: int | None = field(default=None, metadata={"help": "clients in the run (default: all of the "
                                                                       "dataset's; fewer takes the first N)"})
     sample_clients: int = field(default=2, metadata={"help": "clients sampled per round"})
@@ -154,6 +162,7 @@ def _check_number(flag: str, value, *, integer=False, low=None, low_open=True, h
 def check_arguments(script_args: ScriptArguments, fed_args: FedArguments) -> None:
     """Every flag checked before any data or model is loaded: each failure one line naming the flag and the fix."""
     from federated.algorithms import check_algorithm_arguments, parse_local
+    from federated.lora_methods import check_lora_arguments
     from federated.privacy import check_privacy_arguments
     from utils.model import check_quantization
     from utils.templates import check_template
@@ -195,4 +204,5 @@ def check_arguments(script_args: ScriptArguments, fed_args: FedArguments) -> Non
     check_template(script_args.template)
     check_algorithm_arguments(fed_args)
     check_privacy_arguments(fed_args)
+    check_lora_arguments(fed_args, script_args)
     check_quantization(script_args.load_in_8bit, script_args.load_in_4bit)

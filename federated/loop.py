@@ -1,9 +1,10 @@
 """The federated round loop, shared by main_sft.py, main_dpo.py and the Flower app (flower_app/).
 
 A round has a server part (Federation.plan: sample clients, set the round's learning rate, one ClientTask per
-client; Federation.finish_round: aggregate the results, log a metrics row, checkpoint every --checkpoint_step
-rounds and at the end) and a client part (train_client: load the global vector, train locally on this round's
-subset with the algorithm's hooks, read the vector back). run_federated runs the client part in a plain loop in
+client; Federation.finish_round: aggregate the results, log a metrics row (bytes as the algorithm reports them,
+or as a transport really sent them), checkpoint every --checkpoint_step rounds and at the end) and a client part
+(train_client: load its start vector (the global vector, or a LoRA method's view of it), train locally on this
+round's subset with the algorithm's hooks, read back what it uploads). run_federated runs the client part in a plain loop in
 this process; the Flower ServerApp sends each ClientTask to a node whose ClientApp calls train_client.
 """
 from __future__ import annotations
@@ -151,8 +152,8 @@ def train_client(local_trainer: LocalTrainer, algorithm, task: ClientTask, data,
     ClientApp both call this."""
     flat = local_trainer.flat
     subset = round_subset(data, task.round_idx, task.num_samples, ordered_over_rounds=task.ordered_over_rounds)
-    flat.set(x)
     hooks = algorithm.client_hooks(task.client, x, server_state, client_store)
+    flat.set(hooks.start_vector(x))  # the global vector, or the LoRA method's view of it
     start = time.perf_counter()
     loss, steps = local_trainer.train(subset, task.steps, task.lr, hooks, task.seed)
     train_time = time.perf_counter() - start
@@ -160,7 +161,7 @@ def train_client(local_trainer: LocalTrainer, algorithm, task: ClientTask, data,
     if not (is_finite(y) and math.isfinite(loss)):
         return ClientResult(task.client, None, {}, {}, loss, steps, train_time)  # the server drops it
     uploads, state = hooks.finish(y, steps, task.lr)
-    return ClientResult(task.client, y, uploads, state, loss, steps, train_time)
+    return ClientResult(task.client, hooks.upload_vector(y), uploads, state, loss, steps, train_time)
 
 
 class Federation:
@@ -175,6 +176,7 @@ class Federation:
         self.sample_counts, self.lr_min, self.privacy = sample_counts, lr_min, privacy
         self.num_clients = len(sample_counts)
         self.algorithm = algorithm or make_algorithm(fed_args, self.num_clients)
+        self.algorithm.bind(model, flat)  # the flat layout, for the LoRA methods (federated/lora_methods.py)
         self.output_dir = Path(script_args.output_dir)
         self.checkpoint_step = fed_args.save_model_freq or script_args.checkpoint_step
         self.run = _start(self.output_dir, script_args.resume, flat.get(), self.algorithm, self.num_clients,
@@ -226,14 +228,14 @@ class Federation:
                 stacked, counts = self.privacy.privatize(run.x, stacked, counts, t, clients)
             run.x = server_step(self.algorithm, run.x, stacked, counts, run.server_state, t,
                                 {key: torch.stack(v) for key, v in uploads.items()})
-        self.flat.set(run.x)
+        self.algorithm.load_global(self.flat, run)
         run.round = t + 1
         for k in range(self.num_clients):
             run.loss_history[k].append(losses[k] if k in losses and k not in dropped else -1.0)
 
-        if bytes_moved is None:
-            transfer = self.flat.numel * 4 * self.algorithm.vectors_per_transfer * len(clients)
-            bytes_moved = (transfer, transfer)
+        if bytes_moved is None:  # in process: as the algorithm reports them
+            bytes_moved = tuple(sum(sent) for sent in zip(*(self.algorithm.transfer_bytes(k, self.flat.numel)
+                                                            for k in clients)))
         row = {"round": run.round, "clients": clients, "client_loss": {str(k): v for k, v in losses.items()},
                "local_steps": {str(k): v for k, v in steps_done.items()}, "learning_rate": lr,
                "round_time_s": round(round_time, 4),

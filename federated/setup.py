@@ -96,14 +96,19 @@ def drop_untrainable(tokenized: list[list[dict]], trainable: Callable[[dict], bo
     return kept
 
 
-def load_lora_model(script_args):
-    """The LoRA-wrapped base model, seeded so that LoRA's initial A matrices are reproducible."""
+def load_lora_model(script_args, fed_args=None):
+    """The LoRA-wrapped base model, seeded so that LoRA's initial A matrices are reproducible, prepared for
+    fed_args' --lora_method (ffa freezes every lora_A) before any optimizer or flat vector is built on it."""
     from transformers import set_seed  # transformers' trainer utilities import peft: not before the data is loaded
 
     set_seed(script_args.seed)
     model = load_base_model(script_args.model_name_or_path, script_args.load_in_8bit, script_args.load_in_4bit)
-    return wrap_with_lora(model, r=script_args.peft_lora_r, alpha=script_args.peft_lora_alpha,
-                          dropout=script_args.peft_lora_dropout)
+    model = wrap_with_lora(model, r=script_args.peft_lora_r, alpha=script_args.peft_lora_alpha,
+                           dropout=script_args.peft_lora_dropout)
+    if fed_args is not None:
+        from federated.lora_methods import make_lora_method
+        make_lora_method(fed_args).prepare_model(model)
+    return model
 
 
 def load_model_with_lora(script_args):

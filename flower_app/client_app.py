@@ -64,5 +64,6 @@ def train(msg: Message, context: Context) -> Message:
     if task.client != client.partition_id:
         raise RuntimeError(f"node {context.node_id} holds client {client.partition_id}, not {task.client}")
     algorithm = make_algorithm(worker(context).settings.fed_args, num_clients)
+    algorithm.bind(trainer.trainer.model, trainer.flat)  # the flat layout, as the in-process loop binds it
     result = train_client(trainer, algorithm, task, client.data, x, server_state, {task.client: kept})
     return Message(result_content(result), reply_to=msg)

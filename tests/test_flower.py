@@ -56,6 +56,7 @@ def test_run_config_maps_onto_the_entry_scripts_dataclasses():
     ({"task": "rlhf"}, "Run-config task 'rlhf' is invalid"),
     ({"min-replies": 0}, "min-replies 0 is invalid"),
     ({"client-groups": "same_language"}, "does not"),
+    ({"lora-method": "ffa"}, "not supported by the Flower app"),
 ])
 def test_bad_run_config_is_one_clear_line(run_config, message):
     with pytest.raises(SystemExit, match=message):
