@@ -96,10 +96,11 @@ def check_flower_arguments(script_args, fed_args, dpo_args, flower: FlowerArgume
     from federated.config import check_arguments
 
     check_arguments(script_args, fed_args)
-    if fed_args.lora_method != "standard":
-        raise SystemExit(f"Run-config lora-method {fed_args.lora_method!r} is not supported by the Flower app yet "
-                         f"(its state, rank layout or folded base weights are not carried to the nodes): use "
-                         f"main_sft.py/main_dpo.py, or lora-method \"standard\".")
+    from federated.lora_methods import LORA_METHODS
+    if LORA_METHODS[fed_args.lora_method].folds_into_base:
+        raise SystemExit(f"Run-config lora-method {fed_args.lora_method!r} is not supported by the Flower app yet: "
+                         f"its residual is folded into the frozen base weights, which are not sent to the nodes. "
+                         f"Use main_sft.py, or lora-method standard, ffa, hetero_rank or personal.")
     if script_args.client_groups:
         raise SystemExit("Run-config client-groups runs one federation per language group, which the Flower app does "
                          "not: start one Flower run per group (num-clients and the groups' data files), or use "

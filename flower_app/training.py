@@ -67,7 +67,7 @@ class Worker:
             from federated.setup import load_lora_model, local_trainer
 
             s = self.script_args
-            model = load_lora_model(s)
+            model = load_lora_model(s, self.settings.fed_args)  # ffa freezes A before the flat view
             if self.settings.task == "sft":
                 trainer = _entry("sft").build_sft_trainer(model, self.tokenizer, s, client.data)
             else:
@@ -107,5 +107,5 @@ def load_server_model(settings: RunSettings):
     from federated.flat import FlatParams
     from federated.setup import load_lora_model
 
-    model = load_lora_model(settings.script_args)
+    model = load_lora_model(settings.script_args, settings.fed_args)
     return model, FlatParams(model)
