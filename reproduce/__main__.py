@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--judge_base_url", default=None, help="OpenAI-compatible judge endpoint")
     parser.add_argument("--judge_model", default="gpt-4-1106-preview")
     parser.add_argument("--eval_data_dir", default=None, help="local evaluation data (default: downloaded, cached)")
+    parser.add_argument("--jobs", type=int, default=1, help="steps run side by side (independent trainings and "
+                        "evaluations), each with cores/jobs torch threads; 2 suits the smoke on a 2-core machine")
     return parser.parse_args(argv)
 
 
@@ -49,7 +51,9 @@ def main(argv=None) -> int:
 
     work = plan(presets, tables, args.smoke)
     steps = steps_for(ctx, work)
-    execute(steps, ctx, dry_run=args.dry_run)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs} is invalid: give 1 or more steps to run at a time.")
+    execute(steps, ctx, dry_run=args.dry_run, jobs=args.jobs)
     if args.dry_run:
         return 0
 

@@ -10,6 +10,8 @@ import os
 import random
 import subprocess
 import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -231,34 +233,71 @@ def choose_local_client(step: Step, run: Run, out: Path) -> str | None:
 # Execution
 # ------------------------------------------------------------------------------------------------------------
 
-def execute(steps: list[Step], ctx: Context, dry_run: bool = False, echo: Callable[[str], None] = print) -> None:
-    blocked: set[str] = set()  # runs whose training did not finish: their evaluations wait
-    for step in steps:
-        if step.skip:
-            step.status = f"skipped: {step.skip}"
-        elif step.done.exists():
-            step.status = "done earlier"
-        elif step.run in blocked:
-            step.status = "skipped: its training run did not finish"
-        elif dry_run:
-            step.status = "would run"
-            resumes = step.name.startswith("train") and (step.done.parent / "args.json").exists()
-            echo(step.command() + (" --resume" if resumes else ""))
-            continue
-        else:
-            reason = step.before(step) if step.before else None
-            step.status = f"skipped: {reason}" if reason else run_step(step, ctx.results / "logs", echo)
-        if step.name.startswith("train") and not step.done.exists():
-            blocked.add(step.run)
-        echo(f"[{step.status}] {step.name}")
+def execute(steps: list[Step], ctx: Context, dry_run: bool = False, echo: Callable[[str], None] = print,
+            jobs: int = 1) -> None:
+    """Run the steps, `jobs` at a time (independent trainings and evaluations side by side; a run's evaluations
+    start when its training has finished). With jobs > 1 every command gets cores // jobs torch threads."""
+    if dry_run or jobs <= 1:
+        for step in steps:
+            settle(step, ctx, dry_run, echo, blocked_by=None)
+        return
+    lock = threading.Lock()
+
+    def echo_locked(line: str) -> None:
+        with lock:
+            echo(line)
+
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    trainings: dict[str, Future] = {}
+    futures = []
+    # Steps that wait for a training go last: a waiting step holds a worker, so it must not stand before a
+    # training in the queue (and since the training was queued first, waiting for it never deadlocks).
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for step in sorted(steps, key=waits_for_training):
+            training = trainings.get(step.run) if not step.name.startswith("train") else None
+            futures.append(pool.submit(settle, step, ctx, False, echo_locked, training, env))
+            if step.name.startswith("train"):
+                trainings[step.run] = futures[-1]
+    for future in futures:
+        future.result()  # an error in the executor itself (not a failed command) surfaces here
 
 
-def run_step(step: Step, logs: Path, echo: Callable[[str], None]) -> str:
+def settle(step: Step, ctx: Context, dry_run: bool, echo: Callable[[str], None], blocked_by: Future | None,
+           env: dict | None = None) -> None:
+    """Decide and run one step: skipped, done earlier, waiting for a training that failed, or run now."""
+    if blocked_by is not None:
+        blocked_by.result()
+    if step.skip:
+        step.status = f"skipped: {step.skip}"
+    elif step.done.exists():
+        step.status = "done earlier"
+    elif dry_run:
+        step.status = "would run"
+        resumes = step.name.startswith("train") and (step.done.parent / "args.json").exists()
+        echo(step.command() + (" --resume" if resumes else ""))
+        return
+    elif waits_for_training(step) and not training_done(ctx, step.run):
+        step.status = "skipped: its training run did not finish"
+    else:
+        reason = step.before(step) if step.before else None
+        step.status = f"skipped: {reason}" if reason else run_step(step, ctx.results / "logs", echo, env)
+    echo(f"[{step.status}] {step.name}")
+
+
+def waits_for_training(step: Step) -> bool:
+    return step.run is not None and not step.name.startswith("train")
+
+
+def training_done(ctx: Context, run: str) -> bool:
+    return (ctx.runs_dir / run / DONE).exists()
+
+
+def run_step(step: Step, logs: Path, echo: Callable[[str], None], env: dict | None = None) -> str:
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / (step.name.replace(" ", "_").replace(",", "").replace("/", "-")[:150] + ".log")
     step.done.parent.mkdir(parents=True, exist_ok=True)
     echo(f"$ {step.command()}  (log: {log})")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**(env or {}), **os.environ, "PYTHONPATH": str(ROOT)}  # the user's own thread settings win
     with open(log, "w", encoding="utf-8") as out:
         rc = subprocess.call(step.argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     if rc != 0:

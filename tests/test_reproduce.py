@@ -245,6 +245,33 @@ def test_finished_step_is_skipped_and_interrupted_run_resumes(tmp_path):
     assert evaluation.status == "skipped: its training run did not finish"
 
 
+def test_jobs_run_trainings_side_by_side_and_evaluations_after_their_training(tmp_path):
+    """--jobs 2: two trainings that can only finish together (each waits for the other's start file) both finish,
+    so they ran at the same time; each evaluation starts after its own training's done marker; an evaluation of a
+    failed training is skipped as in a sequential run."""
+    ctx = ctx_for(tmp_path, smoke=True)
+
+    def waiting_for(me: str, other: str, done: Path) -> list[str]:
+        code = (f"import pathlib, time; d = pathlib.Path({str(tmp_path)!r}); (d / {me!r}).touch()\n"
+                f"for _ in range(600):\n    if (d / {other!r}).exists(): break\n    time.sleep(0.05)\n"
+                f"else: raise SystemExit('ran alone')\npathlib.Path({str(done)!r}).touch()")
+        return [sys.executable, "-c", code]
+
+    steps = []
+    for me, other in (("a", "b"), ("b", "a")):
+        done = ctx.runs_dir / me / rs.DONE
+        done.parent.mkdir(parents=True)
+        steps.append(rs.Step(f"train {me}", waiting_for(me, other, done), done, run=me))
+        check = f"import pathlib; assert pathlib.Path({str(done)!r}).exists(); pathlib.Path({str(tmp_path / (me + '.eval'))!r}).touch()"
+        steps.append(rs.Step(f"evaluate {me}", [sys.executable, "-c", check], tmp_path / f"{me}.eval", run=me))
+    failed = ctx.runs_dir / "c" / rs.DONE
+    steps += [rs.Step("train c", [sys.executable, "-c", "raise SystemExit(2)"], failed, run="c"),
+              rs.Step("evaluate c", ["true"], tmp_path / "c.eval", run="c")]
+    rs.execute(steps, ctx, echo=lambda _: None, jobs=2)
+    assert [s.status for s in steps] == ["ran"] * 4 + ["failed (exit 2; see " + str(ctx.results / "logs" / "train_c.log") + ")",
+                                                     "skipped: its training run did not finish"]
+
+
 def test_missing_entry_or_flag_is_skipped_with_a_reason(tmp_path):
     no_dpo = ctx_for(tmp_path, flags_of=lambda entry: None if entry == "main_dpo.py" else everything(entry))
     steps = rs.steps_for(no_dpo, rp.plan(PRESETS, ["table5"], False))
@@ -337,9 +364,10 @@ def test_losses_are_plotted_per_run(tmp_path):
 
 @pytest.mark.slow
 def test_full_smoke_run_end_to_end(tmp_path):
-    """bash run_all.sh --smoke: every row of every table from real tiny CPU runs; a rerun skips everything."""
+    """bash run_all.sh --smoke --jobs 2: every row of every table from real tiny CPU runs, two at a time; a rerun
+    skips everything."""
     results = tmp_path / "smoke"
-    command = ["bash", str(ROOT / "run_all.sh"), "--smoke", "--results_dir", str(results)]
+    command = ["bash", str(ROOT / "run_all.sh"), "--smoke", "--jobs", "2", "--results_dir", str(results)]
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=2400)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for name, published in PAPER.items():
