@@ -58,8 +58,9 @@ class Algorithm:
     def client_hooks(self, client: int, x: torch.Tensor, state: dict, client_store: dict) -> ClientHooks:
         return ClientHooks()
 
-    def bind(self, model, flat) -> None:
-        """Learn the flat layout (FlatParams) of the run's model, once before the first round."""
+    def bind(self, model, flat, x: torch.Tensor) -> None:
+        """Learn the flat layout (FlatParams) of the run's model before training on it; x is the global vector
+        whose shared values a method may keep (the initial one in process, the round's on a Flower node)."""
 
     def transfer_bytes(self, client: int, numel: int) -> tuple[int, int]:
         """Bytes client `client` uploads and downloads in a round it is sampled (fp32 vectors of numel)."""

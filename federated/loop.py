@@ -176,11 +176,11 @@ class Federation:
         self.sample_counts, self.lr_min, self.privacy = sample_counts, lr_min, privacy
         self.num_clients = len(sample_counts)
         self.algorithm = algorithm or make_algorithm(fed_args, self.num_clients)
-        self.algorithm.bind(model, flat)  # the flat layout, for the LoRA methods (federated/lora_methods.py)
+        initial = flat.get()
+        self.algorithm.bind(model, flat, initial)  # the flat layout, for the LoRA methods (federated/lora_methods.py)
         self.output_dir = Path(script_args.output_dir)
         self.checkpoint_step = fed_args.save_model_freq or script_args.checkpoint_step
-        self.run = _start(self.output_dir, script_args.resume, flat.get(), self.algorithm, self.num_clients,
-                          fed_args)
+        self.run = _start(self.output_dir, script_args.resume, initial, self.algorithm, self.num_clients, fed_args)
         if privacy is not None and "privacy" in self.run.extra:
             privacy.load_state_dict(self.run.extra["privacy"])
 

@@ -83,10 +83,6 @@ class LoraLayout:
         self.b_mask = torch.zeros(self.numel, dtype=torch.bool)
         for m in self.modules:
             self.b_mask[m.b] = True
-        self.a_mask = torch.zeros(self.numel, dtype=torch.bool)
-        for m in self.modules:
-            self.a_mask[m.a] = True
-        self.lora_A_frozen = any(".lora_A." in n for n, p in model.named_parameters() if not p.requires_grad)
 
     def rank_mask(self, rank: int) -> torch.Tensor:
         """True on the coordinates a client of `rank` trains: A's first `rank` rows, B's first `rank` columns,
@@ -408,8 +404,7 @@ class LoraAlgorithm:
     def __getattr__(self, name):  # weights, vectors_per_transfer, fed_args, num_clients, dp_mode, ...
         return getattr(self.rule, name)
 
-    def bind(self, model, flat) -> None:
-        x = flat.get()
+    def bind(self, model, flat, x) -> None:
         self.method.bind(LoraLayout(flat, model), x)
 
     def init_state(self, x, num_clients):

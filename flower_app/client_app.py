@@ -64,9 +64,8 @@ def train(msg: Message, context: Context) -> Message:
     if task.client != client.partition_id:
         raise RuntimeError(f"node {context.node_id} holds client {client.partition_id}, not {task.client}")
     algorithm = make_algorithm(worker(context).settings.fed_args, num_clients)
-    # Bound on the global vector, as the in-process loop binds on the initial one: an actor's model holds the
-    # last client it trained, and a method may read shared values at bind (personal: B's common init).
-    trainer.flat.set(x)
-    algorithm.bind(trainer.trainer.model, trainer.flat)
+    # Bound on the round's global vector, not on the model, which in a Ray actor holds the last client it trained
+    # (personal adapters keep B's shared init from it).
+    algorithm.bind(trainer.trainer.model, trainer.flat, x)
     result = train_client(trainer, algorithm, task, client.data, x, server_state, {task.client: kept})
     return Message(result_content(result), reply_to=msg)

@@ -40,7 +40,7 @@ def composed(method_name, model, **flags):
     fed_args = FedArguments(lora_method=method_name, **flags)
     algorithm = make_algorithm(fed_args, num_clients=4)
     flat = FlatParams(model)
-    algorithm.bind(model, flat)
+    algorithm.bind(model, flat, flat.get())
     return algorithm, flat
 
 
