@@ -271,6 +271,20 @@ def test_a_client_clips_its_own_delta_as_the_server_would():
     assert torch.equal(clip_delta(x, y, 10.0), y)
 
 
+def test_clip_mode_dp_on_a_securely_summed_mean_is_the_same_mechanism():
+    """Clients clip their own deltas, the server noises their uniform mean: the in-process result (server clips
+    each vector, same seed and round: the same noise), and the same privacy accounting."""
+    from federated.privacy import ClippedDP, clip_delta
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, generator=generator)
+    vectors = x + torch.randn(3, 1000, generator=generator) * torch.tensor([[0.01], [0.1], [1.0]])
+    in_process, secure = (ClippedDP(0.5, 1.2, 0.5, 1e-5, seed=7) for _ in range(2))
+    expected, _ = in_process.privatize(x, vectors, [5, 9, 2], 3, [0, 1, 2])
+    mean = x + torch.stack([clip_delta(x, y, 0.5) for y in vectors]).mean(0)
+    assert torch.allclose(secure.noise_mean(x, mean, 3, 3), expected[0], atol=1e-6)
+    assert secure.epsilon() == in_process.epsilon()
+
+
 @pytest.mark.slow
 def test_secure_aggregation_in_simulation_matches_the_in_process_run(tiny_model_dir, tmp_path, one_thread):
     """FedAvg, 3 simulated nodes, all 3 sampled, 2 rounds, through SecAgg+, against main_sft.py: every round's
