@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 MODULUS_RANGE = 2 ** 32  # the masks' range (Flower's default and maximum)
 
 
-def refusal(script_args, fed_args, flower) -> str | None:
+def refusal(fed_args) -> str | None:
     """Why this run cannot be served by secure aggregation (the fix included), or None when it can."""
     from federated.algorithms import parse_local
     from federated.privacy import resolve_mode
@@ -53,7 +53,7 @@ def refusal(script_args, fed_args, flower) -> str | None:
 
 def check_secure_aggregation(script_args, fed_args, flower) -> None:
     """Refuse, before any training, what secure aggregation cannot serve, and bad SecAgg+ parameters."""
-    reason = refusal(script_args, fed_args, flower)
+    reason = refusal(fed_args)
     if reason is not None:
         raise SystemExit(f"Run-config secagg=true cannot serve this run: {reason}.")
     c, q = flower.secagg_clipping_range, flower.secagg_quantization_range
