@@ -8,7 +8,8 @@ sequence length, the same total of CPU threads (--threads):
                each with threads / 2;
   deployment   `flwr run` on a SuperLink with 2 SuperNodes (separate processes, HTTP on 127.0.0.1), each ClientApp
                with threads / 2.
-Each mode writes metrics.jsonl; the table reads round_time_s (plan to aggregated) and each client's training time
+A Flower mode with "+secagg" (simulation+secagg) runs the same with secure aggregation (SecAgg+: four message
+rounds instead of one, masking and unmasking). Each mode writes metrics.jsonl; the table reads round_time_s (plan to aggregated) and each client's training time
 (client_train_time_s). Engine overhead per round = round time - the slowest client's training: serialisation,
 transport, scheduling, and in a deployment the ClientApp process Flower 1.42 starts for every message (imports,
 model and data load). Serialisation alone is measured apart: the round's messages built, turned into their
@@ -18,6 +19,7 @@ protobuf bytes and back, and read, for this model's LoRA vector.
     python benchmarks/bench_flower.py --model /path/to/tiny --steps 2 --seq_length 64
     python benchmarks/bench_flower.py --modes in-process,simulation,deployment,in-process   # load drift shown
     python benchmarks/bench_flower.py --modes in-process,in-process@1   # the sequential clients at 1 thread
+    python benchmarks/bench_flower.py --modes simulation,simulation+secagg,simulation   # SecAgg+'s cost
 """
 from __future__ import annotations
 
@@ -54,18 +56,18 @@ def in_process(args, work: Path, threads: int, out: Path) -> list[dict]:
     return rows(out)
 
 
-def flower(args, work: Path, simulation: bool) -> list[dict]:
+def flower(args, work: Path, simulation: bool, secagg: bool = False, index: int = 0) -> list[dict]:
     from flower_app.launch import LocalFlower
-    name = "simulation" if simulation else "deployment"
-    out, home = work / name, work / f"home-{name}"
+    name = ("simulation" if simulation else "deployment") + ("+secagg" if secagg else "")
+    out, home = work / f"{name}-{index}", work / f"home-{name}-{index}"
     threads = str(max(1, args.threads // 2))
     env = {"OMP_NUM_THREADS": threads, "RAY_memory_monitor_refresh_ms": "0"}
     with LocalFlower(home, simulation=simulation, env=env) as engine:
         if not simulation:
             for k in range(2):
                 engine.start_supernode(f"node{k}", {"partition-id": k, "num-partitions": 2})
-        process = engine.run(run_config(args, out), num_supernodes=2, client_cpus=1) if simulation \
-            else engine.run(run_config(args, out))
+        config = {**run_config(args, out), "secagg": secagg}
+        process = engine.run(config, num_supernodes=2, client_cpus=1) if simulation else engine.run(config)
         if process.wait(timeout=7200) != 0 or not (out / "metrics.jsonl").exists():
             raise SystemExit(f"the {name} run failed: see {home}")
     return rows(out)
@@ -128,7 +130,8 @@ def main():
         if name == "in-process":
             mode_rows = in_process(args, work, int(threads or args.threads), work / f"inprocess-{i}")
         else:
-            mode_rows = flower(args, work, simulation=name == "simulation")
+            engine, _, option = name.partition("+")
+            mode_rows = flower(args, work, simulation=engine == "simulation", secagg=option == "secagg", index=i)
         results.append(summary(mode, mode_rows))
         results[-1]["process_wall_s"] = round(time.perf_counter() - start, 1)
         print(json.dumps(results[-1]), flush=True)

@@ -145,6 +145,17 @@ class ClientResult:
     train_time: float = 0.0
 
 
+@dataclass
+class SummedUpdate:
+    """A round's update as secure aggregation delivers it: the weighted mean of the summed clients' deltas
+    y_k - x (weights as the algorithm's, or uniform under clip-mode DP), without any client's own vector. The
+    server never sees the individual updates, so it cannot check them (NaN and outliers: a client that diverged
+    withdraws itself with weight 0). `metrics` go into the round's row."""
+    mean_delta: torch.Tensor
+    clients: list[int]  # the clients whose updates are in the sum
+    metrics: dict
+
+
 def train_client(local_trainer: LocalTrainer, algorithm, task: ClientTask, data, x: torch.Tensor,
                  server_state: dict, client_store: dict) -> ClientResult:
     """The client part of a round: start from the global vector, train locally with the algorithm's hooks on this
@@ -197,13 +208,51 @@ class Federation:
         return tasks
 
     def finish_round(self, tasks: list[ClientTask], results: list[ClientResult], round_time: float,
-                     failed: list[int] = (), bytes_moved: tuple[int, int] | None = None) -> dict:
+                     failed: list[int] = (), bytes_moved: tuple[int, int] | None = None,
+                     summed: SummedUpdate | None = None) -> dict:
         """Aggregate round t's results (`failed`: clients that never answered), log, save; returns the row.
-        bytes_moved: (uploaded, downloaded) as really sent by a transport; in process, the vectors' size."""
+        bytes_moved: (uploaded, downloaded) as really sent by a transport; in process, the vectors' size.
+        summed: the round's update from secure aggregation (the results then carry no vectors)."""
         run, t = self.run, tasks[0].round_idx
         clients, lr = [task.client for task in tasks], tasks[0].lr
         losses = {r.client: r.loss for r in results}
         steps_done = {r.client: r.steps for r in results}
+        if summed is None:
+            dropped, outliers = self._aggregate(t, clients, results)
+        else:
+            dropped, outliers = self._apply_sum(t, results, summed), []
+        aggregated = [k for k in losses if k not in dropped]
+        self.algorithm.load_global(self.flat, run)
+        run.round = t + 1
+        for k in range(self.num_clients):
+            run.loss_history[k].append(losses[k] if k in losses and k not in dropped else -1.0)
+
+        if bytes_moved is None:  # in process: as the algorithm reports them
+            bytes_moved = tuple(sum(sent) for sent in zip(*(self.algorithm.transfer_bytes(k, self.flat.numel)
+                                                            for k in clients)))
+        row = {"round": run.round, "clients": clients, "client_loss": {str(k): v for k, v in losses.items()},
+               "local_steps": {str(k): v for k, v in steps_done.items()}, "learning_rate": lr,
+               "round_time_s": round(round_time, 4),
+               "train_time_s": round(sum(r.train_time for r in results), 4),
+               "client_train_time_s": {str(r.client): round(r.train_time, 4) for r in results},
+               "peak_memory_mb": round(peak_memory_mb(), 1), "bytes_uploaded": bytes_moved[0],
+               "bytes_downloaded": bytes_moved[1], "dropped_clients": dropped, "outlier_clients": outliers,
+               "failed_clients": list(failed)}
+        if self.privacy is not None:
+            row.update(self.privacy.metrics(run))
+        row.update(summed.metrics if summed is not None else {})
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        np.save(self.output_dir / "training_loss.npy", np.array(run.loss_history))
+        row["mean_loss"] = float(np.mean([losses[k] for k in aggregated])) if aggregated else float("nan")
+        if run.round % self.checkpoint_step == 0 or run.round == self.fed_args.num_rounds:
+            self.save()
+        return row
+
+    def _aggregate(self, t: int, clients: list[int], results: list[ClientResult]) -> tuple[list[int], list[int]]:
+        """The next global vector from the clients' own vectors (NaN/inf and outlier checks, DP, server step);
+        returns (dropped clients, outlier clients)."""
+        run = self.run
         dropped = [r.client for r in results if r.vector is None]
         for k in dropped:  # a diverged client must not poison the global model
             logger.warning("Round %d: client %d produced NaN/inf; dropped from aggregation", t + 1, k)
@@ -228,32 +277,22 @@ class Federation:
                 stacked, counts = self.privacy.privatize(run.x, stacked, counts, t, clients)
             run.x = server_step(self.algorithm, run.x, stacked, counts, run.server_state, t,
                                 {key: torch.stack(v) for key, v in uploads.items()})
-        self.algorithm.load_global(self.flat, run)
-        run.round = t + 1
-        for k in range(self.num_clients):
-            run.loss_history[k].append(losses[k] if k in losses and k not in dropped else -1.0)
+        return dropped, outliers
 
-        if bytes_moved is None:  # in process: as the algorithm reports them
-            bytes_moved = tuple(sum(sent) for sent in zip(*(self.algorithm.transfer_bytes(k, self.flat.numel)
-                                                            for k in clients)))
-        row = {"round": run.round, "clients": clients, "client_loss": {str(k): v for k, v in losses.items()},
-               "local_steps": {str(k): v for k, v in steps_done.items()}, "learning_rate": lr,
-               "round_time_s": round(round_time, 4),
-               "train_time_s": round(sum(r.train_time for r in results), 4),
-               "client_train_time_s": {str(r.client): round(r.train_time, 4) for r in results},
-               "peak_memory_mb": round(peak_memory_mb(), 1), "bytes_uploaded": bytes_moved[0],
-               "bytes_downloaded": bytes_moved[1], "dropped_clients": dropped, "outlier_clients": outliers,
-               "failed_clients": list(failed)}
-        if self.privacy is not None:
-            row.update(self.privacy.metrics(run))
-        with open(self.output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        np.save(self.output_dir / "training_loss.npy", np.array(run.loss_history))
-        row["mean_loss"] = float(np.mean([losses[k] for k in losses if k not in dropped])) if vectors \
-            else float("nan")
-        if run.round % self.checkpoint_step == 0 or run.round == self.fed_args.num_rounds:
-            self.save()
-        return row
+    def _apply_sum(self, t: int, results: list[ClientResult], summed: SummedUpdate) -> list[int]:
+        """The next global vector from a securely summed mean update: the server step on the one vector
+        x + mean delta (weight 1), after clip-mode DP's noise (the clients clipped their own deltas). Returns
+        the clients left out of the sum (diverged: they withdrew)."""
+        run = self.run
+        dropped = [r.client for r in results if r.client not in summed.clients]
+        for k in dropped:
+            logger.warning("Round %d: client %d produced NaN/inf and withdrew from the sum", t + 1, k)
+        if summed.clients:
+            mean = run.x + summed.mean_delta.to(run.x.device, torch.float32)
+            if self.privacy is not None:
+                mean = self.privacy.noise_mean(run.x, mean, len(summed.clients), t)
+            run.x = server_step(self.algorithm, run.x, mean.unsqueeze(0), [1], run.server_state, t)
+        return dropped
 
     def save(self) -> Path:
         """A checkpoint of the rounds done so far (also written before a run stops early: no finished round

@@ -110,6 +110,16 @@ class ClippedDP:
                            "dp_delta_norm_mean": float(norms.mean()), "dp_delta_norm_max": float(norms.max())}
         return y.unsqueeze(0), [1]
 
+    def noise_mean(self, x, mean, k, round_idx):
+        """The same mechanism when the clients clipped their own deltas (clip_delta) and only their uniform mean
+        x + sum_k f_k (y_k - x) / k reached the server (secure aggregation): the same noise, the same accounting.
+        The per-client norms stay unknown, so the row has no norm diagnostics."""
+        noise_std = self.noise_multiplier * self.clip / k
+        y = kernels.dp_aggregate(x, mean.unsqueeze(0), torch.ones(1), None, noise_std, self.seed, round_idx)
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.last_round = {"dp_noise_std": noise_std}
+        return y
+
     def epsilon(self) -> float:
         return float(self.accountant.get_epsilon(delta=self.delta))
 
@@ -124,6 +134,13 @@ class ClippedDP:
         check_same_mode(self.mode, state)
         # JSON turns the accountant's (noise_multiplier, sample_rate, steps) tuples into lists; restore them.
         self.accountant.history = [tuple(entry) for entry in state["history"]]
+
+
+def clip_delta(x: torch.Tensor, y: torch.Tensor, clip: float) -> torch.Tensor:
+    """A client's own clip-mode step: its delta y - x scaled to L2 norm at most C, exactly as the server clips it
+    in process (kernels.clip_factors), for a server that sees only the sum (secure aggregation)."""
+    norm = kernels.client_delta_norms(x, y.unsqueeze(0))
+    return (y.to(torch.float32) - x.to(torch.float32)) * kernels.clip_factors(norm, clip)[0]
 
 
 def check_same_mode(mode: str, state: dict) -> None:

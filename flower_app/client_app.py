@@ -8,16 +8,23 @@ a simulation actor serves all its messages from them; a Flower 1.42 SuperNode st
 every message, so there they are built again each time.
 
 The client's kept state (SCAFFOLD's c_i) lives on the server and comes with each task (docs/FLOWER.md: why).
+
+With run-config secagg, train messages are SecAgg+ stages and go through Flower's secaggplus_mod: in its
+masked-vector stage the node trains and answers in the legacy FitRes layout (its update y - x and its weight),
+which the mod masks; nothing else of the node's training leaves it but its loss, steps and time. A node of a
+secure run refuses a plain train message (it would send its own update in the clear).
 """
 from __future__ import annotations
 
 import logging
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from flower_app.config import parse_node_config, parse_run_config
-from flower_app.messages import read_task, result_content
+from flower_app.messages import read_secure_task, read_task, result_content, secure_reply
 
 logger = logging.getLogger(__name__)
 
@@ -53,19 +60,46 @@ def describe(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from federated.algorithms import make_algorithm
-    from federated.loop import train_client
+    secure = RECORD_KEY_CONFIGS in msg.content.config_records
+    if secure != worker(context).settings.flower.secagg:
+        raise RuntimeError("this run has run-config secagg=true: a node never sends its update outside SecAgg+"
+                           if not secure else "a SecAgg+ message in a run without run-config secagg")
+    if secure:
+        return secaggplus_mod(msg, context, train_for_secure_sum)
+    client, trainer = node_trainer(context)
+    task, num_clients, x, server_state, kept = read_task(msg.content, trainer.flat.device)
+    result = run_task(context, client, trainer, task, num_clients, x, server_state, kept)
+    return Message(result_content(result), reply_to=msg)
 
+
+def train_for_secure_sum(msg: Message, context: Context) -> Message:
+    """SecAgg+'s masked-vector stage: train, answer with the update and its weight for secaggplus_mod to mask."""
+    from flower_app.secure import secure_update
+
+    client, trainer = node_trainer(context)
+    task, num_clients, weight, x = read_secure_task(msg.content, trainer.flat.device)
+    result = run_task(context, client, trainer, task, num_clients, x, {}, {})
+    settings = worker(context).settings
+    update, metrics = secure_update(result, x, settings.fed_args, settings.flower.secagg_clipping_range)
+    weight = 0 if result.vector is None else weight  # a diverged client withdraws from the sum
+    return Message(secure_reply(result, update, weight, metrics), reply_to=msg)
+
+
+def node_trainer(context: Context):
     client = node_client(context)
     if client is None:
         raise RuntimeError(f"node {context.node_id} holds no client of this run but was sent a task")
-    trainer = worker(context).trainer_for(client)
-    task, num_clients, x, server_state, kept = read_task(msg.content, trainer.flat.device)
+    return client, worker(context).trainer_for(client)
+
+
+def run_task(context: Context, client, trainer, task, num_clients: int, x, server_state: dict, kept: dict):
+    from federated.algorithms import make_algorithm
+    from federated.loop import train_client
+
     if task.client != client.partition_id:
         raise RuntimeError(f"node {context.node_id} holds client {client.partition_id}, not {task.client}")
     algorithm = make_algorithm(worker(context).settings.fed_args, num_clients)
     # Bound on the round's global vector, not on the model, which in a Ray actor holds the last client it trained
     # (personal adapters keep B's shared init from it).
     algorithm.bind(trainer.trainer.model, trainer.flat, x)
-    result = train_client(trainer, algorithm, task, client.data, x, server_state, {task.client: kept})
-    return Message(result_content(result), reply_to=msg)
+    return train_client(trainer, algorithm, task, client.data, x, server_state, {task.client: kept})

@@ -27,6 +27,20 @@ class FlowerArguments:
                                                                    "client that has not answered by then failed"})
     wait_for_nodes: float = field(default=120.0, metadata={"help": "seconds to wait at the start for the nodes of "
                                                                    "every client (partition) to connect"})
+    secagg: bool = field(default=False, metadata={"help": "Flower's secure aggregation (SecAgg+): the server sees "
+                                                          "only the weighted sum of the clients' updates "
+                                                          "(FedAvg-family rules; docs/FLOWER.md)"})
+    secagg_num_shares: float = field(default=1.0, metadata={"help": "SecAgg+: nodes each client's key is shared "
+                                                                    "with, itself included: an integer > 2, or a "
+                                                                    "fraction <= 1 of the round's clients (1.0: all)"})
+    secagg_reconstruction_threshold: float = field(default=0.67, metadata={
+        "help": "SecAgg+: shares needed to rebuild a key: an integer >= 2, or a fraction <= 1 of num-shares"})
+    secagg_clipping_range: float = field(default=1.0, metadata={
+        "help": "SecAgg+: each coordinate of a client's update (y - x, times its weight / the largest weight) is "
+                "clipped to [-range, range] before quantization"})
+    secagg_quantization_range: int = field(default=4194304, metadata={
+        "help": "SecAgg+: levels of the quantization of [-clipping-range, clipping-range] (2^22); the mean's error "
+                "per coordinate is at most 2 clipping-range / quantization-range for equal weights"})
 
 
 def _dpo_arguments():
@@ -112,6 +126,9 @@ def check_flower_arguments(script_args, fed_args, dpo_args, flower: FlowerArgume
     for key, value in (("round-timeout", flower.round_timeout), ("wait-for-nodes", flower.wait_for_nodes)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise SystemExit(f"Run-config {key} {value!r} is invalid: it must be a number of seconds > 0.")
+    if flower.secagg:
+        from flower_app.secure import check_secure_aggregation
+        check_secure_aggregation(script_args, fed_args, flower)
     if flower.task == "dpo" and not (math.isfinite(dpo_args.dpo_beta) and dpo_args.dpo_beta > 0):
         raise SystemExit(f"Run-config dpo-beta {dpo_args.dpo_beta!r} is invalid: it must be a finite number > 0.")
 

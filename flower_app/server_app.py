@@ -6,7 +6,9 @@ refusal, args.json and --resume; checkpoints and metrics through Federation). Ea
 the sampled clients' tasks, each goes to its node with the global vector (and what the algorithm's client hooks
 read), the replies go to Federation.finish_round. A node that fails or does not answer is logged as a failed
 client and the round aggregates the others; with fewer than min-replies answers its failed clients are asked
-again (round-retries), then the run stops with a checkpoint of every finished round.
+again (round-retries), then the run stops with a checkpoint of every finished round. With run-config secagg the
+round's exchange is Flower's SecAgg+ workflow instead (flower_app/secure.py): the same tasks out, only the
+weighted mean update back, and a retry redoes the whole round.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def main(grid: Grid, context: Context) -> None:
     configure_console(s.log_level, quantizes=s.load_in_8bit or s.load_in_4bit)
     with RunGuard(s.output_dir, command=f"flwr run . <connection> --run-config "
                                         f"'output-dir=\"{s.output_dir}\" resume=true' (and the same other keys)"):
-        serve(grid, settings)
+        serve(grid, settings, context)
 
 
 class NotEnoughReplies(SystemExit):
@@ -50,24 +52,30 @@ class Exchange:
     failed: dict = field(default_factory=dict)  # client -> reason
     uploaded: int = 0
     downloaded: int = 0
+    summed: object = None  # SummedUpdate: the round's mean update from secure aggregation (results: no vectors)
 
 
-def gather(tasks: list, send, min_replies: int, retries: int, round_number: int) -> Exchange:
+def gather(tasks: list, send, min_replies: int, retries: int, round_number: int,
+           whole_round: bool = False) -> Exchange:
     """Send the round's tasks with `send(tasks) -> Exchange`; while fewer than min_replies clients answered, send
-    the failed clients' tasks again, at most `retries` times. Never returns fewer than min(min_replies, tasks)
-    results: raises NotEnoughReplies instead (an empty set is never aggregated)."""
+    the failed clients' tasks again, at most `retries` times (whole_round: every task again, and the new attempt
+    replaces the last: a secure round's sum cannot be merged with another's). Never returns fewer than
+    min(min_replies, tasks) results: raises NotEnoughReplies instead (an empty set is never aggregated)."""
     needed = min(min_replies, len(tasks))
     exchange, pending = Exchange(), list(tasks)
     for attempt in range(retries + 1):
         answer = send(pending)
+        if whole_round:
+            exchange.results, exchange.failed, exchange.summed = {}, {}, answer.summed
         exchange.results.update(answer.results)
         exchange.uploaded += answer.uploaded
         exchange.downloaded += answer.downloaded
         exchange.failed = {k: reason for k, reason in {**exchange.failed, **answer.failed}.items()
                            if k not in exchange.results}
-        pending = [task for task in tasks if task.client in exchange.failed]
-        if not pending or len(exchange.results) >= needed or attempt == retries:
+        failed = [task for task in tasks if task.client in exchange.failed]
+        if not failed or len(exchange.results) >= needed or attempt == retries:
             break
+        pending = list(tasks) if whole_round else failed
         logger.warning("Round %d: %d of %d clients answered (min-replies %d); asking clients %s again (retry %d of "
                        "%d)", round_number, len(exchange.results), len(tasks), needed,
                        [task.client for task in pending], attempt + 1, retries)
@@ -81,7 +89,7 @@ def gather(tasks: list, send, min_replies: int, retries: int, round_number: int)
     return exchange
 
 
-def serve(grid: Grid, settings: RunSettings) -> None:
+def serve(grid: Grid, settings: RunSettings, context: Context) -> None:
     from federated.algorithms import make_algorithm
     from federated.loop import Federation
     from federated.privacy import make_privacy
@@ -105,15 +113,22 @@ def serve(grid: Grid, settings: RunSettings) -> None:
     node_of = {k: node for k, (node, _) in nodes.items()}
     asked = set(node_of.values())
 
+    if settings.flower.secagg:  # a round is all or nothing: a retry sends every task again (flower_app/secure.py)
+        from flower_app.secure import client_weights, secure_exchange
+        max_weight = float(max(client_weights(federation)))
+
     def send(pending: list) -> Exchange:
         rejoin(grid, node_of, counts, settings.flower.wait_for_nodes, asked)  # before every attempt
+        if settings.flower.secagg:
+            return secure_exchange(grid, context, federation, pending, node_of, settings, max_weight)
         return send_tasks(grid, federation, pending, node_of, settings)
 
     for t in range(run.round, f.num_rounds):
         start = time.perf_counter()
         tasks = federation.plan(t)
         try:
-            exchange = gather(tasks, send, settings.flower.min_replies, settings.flower.round_retries, t + 1)
+            exchange = gather(tasks, send, settings.flower.min_replies, settings.flower.round_retries, t + 1,
+                              whole_round=settings.flower.secagg)
         except NotEnoughReplies as stop:
             if run.round and not (Path(s.output_dir) / f"checkpoint-{run.round}").is_dir():
                 federation.save()  # a stop never loses finished rounds
@@ -121,7 +136,7 @@ def serve(grid: Grid, settings: RunSettings) -> None:
                              f"back and continue with run-config resume=true.") from None
         results = [exchange.results[task.client] for task in tasks if task.client in exchange.results]
         row = federation.finish_round(tasks, results, time.perf_counter() - start, failed=sorted(exchange.failed),
-                                      bytes_moved=(exchange.uploaded, exchange.downloaded))
+                                      bytes_moved=(exchange.uploaded, exchange.downloaded), summed=exchange.summed)
         logger.info("Round %d/%d: mean loss %.4f, %d replies, failed %s, %.1f s", run.round, f.num_rounds,
                     row["mean_loss"], len(results), row["failed_clients"], row["round_time_s"])
 

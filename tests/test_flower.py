@@ -225,3 +225,105 @@ def test_deployment_on_loopback_survives_a_supernode_stopped_mid_run(tiny_model_
     assert "Connection attempt failed" in (tmp_path / "home" / "intruder.log").read_text()
     losses = np.load(out / "training_loss.npy")
     assert losses.shape == (2, 2) and losses[1, 1] == -1.0 and losses[0, 1] > 0
+
+
+# --- secure aggregation (SecAgg+) ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("run_config, message", [
+    ({"fed-alg": "scaffold"}, "SCAFFOLD's c_i is kept by the server"),
+    ({"fed-alg": "feddp", "dp-epsilon": 1.0}, "DP paper mode noises every client's vector"),
+    ({"dp-sigma": 0.1}, "DP paper mode"),
+    ({"drop-outliers": True}, "drop-outliers compares each client's update norm"),
+    ({"lora-method": "personal"}, "every client's own B"),
+    ({"lora-method": "hetero_rank", "client-ranks": "2,4"}, "the SVD of the mean"),
+    ({"fed-alg": "local0"}, "trains one client alone"),
+    ({"sample-clients": 1}, "sample >= 2"),
+    ({"secagg-quantization-range": 2 ** 30}, "the masked sum overflows"),
+    ({"secagg-clipping-range": 0.0}, "secagg-clipping-range 0.0 is invalid"),
+    ({"secagg-num-shares": 2.5}, "above 1 it is a count"),
+    ({"secagg-num-shares": 5, "secagg-reconstruction-threshold": 5}, "must be less than `num_shares`"),
+])
+def test_secure_aggregation_refuses_what_it_cannot_serve(run_config, message):
+    with pytest.raises(SystemExit, match=message) as refused:
+        parse_run_config({"secagg": True, "sample-clients": 5, **run_config})
+    assert "\n" not in str(refused.value)
+
+
+def test_secure_aggregation_serves_the_fedavg_family():
+    for run_config in ({"fed-alg": "fedavg"}, {"fed-alg": "fedprox"}, {"fed-alg": "fedadam"},
+                       {"fed-alg": "fedavgm", "lora-method": "ffa"}, {"fed-alg": "fedyogi", "dp-clip": 0.5,
+                                                                      "dp-noise-multiplier": 1.0}):
+        settings = parse_run_config({"secagg": True, "sample-clients": 3, **run_config})
+        assert settings.flower.secagg and settings.flower.secagg_quantization_range == 2 ** 22
+
+
+def test_secure_error_bound_is_one_quantization_level_for_equal_weights():
+    from flower_app.secure import error_bound
+    assert error_bound([1, 1, 1], 1.0, 1.0, 2 ** 22) == pytest.approx(2 / 2 ** 22)
+    # Sample weights: each client's rounding error is relative to its share of the largest weight.
+    assert error_bound([10, 5], 10.0, 1.0, 2 ** 22) == pytest.approx(2 * 2 / (1.5 * 2 ** 22), rel=1e-6)
+
+
+def test_a_client_clips_its_own_delta_as_the_server_would():
+    from federated.privacy import clip_delta
+    x, y = torch.zeros(4), torch.tensor([3.0, 4.0, 0.0, 0.0])
+    assert torch.allclose(clip_delta(x, y, 1.0), torch.tensor([0.6, 0.8, 0.0, 0.0]))
+    assert torch.equal(clip_delta(x, y, 10.0), y)
+
+
+def test_clip_mode_dp_on_a_securely_summed_mean_is_the_same_mechanism():
+    """Clients clip their own deltas, the server noises their uniform mean: the in-process result (server clips
+    each vector, same seed and round: the same noise), and the same privacy accounting."""
+    from federated.privacy import ClippedDP, clip_delta
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, generator=generator)
+    vectors = x + torch.randn(3, 1000, generator=generator) * torch.tensor([[0.01], [0.1], [1.0]])
+    in_process, secure = (ClippedDP(0.5, 1.2, 0.5, 1e-5, seed=7) for _ in range(2))
+    expected, _ = in_process.privatize(x, vectors, [5, 9, 2], 3, [0, 1, 2])
+    mean = x + torch.stack([clip_delta(x, y, 0.5) for y in vectors]).mean(0)
+    assert torch.allclose(secure.noise_mean(x, mean, 3, 3), expected[0], atol=1e-6)
+    assert secure.epsilon() == in_process.epsilon()
+
+
+@pytest.mark.slow
+def test_secure_aggregation_in_simulation_matches_the_in_process_run(tiny_model_dir, tmp_path, one_thread):
+    """FedAvg, 3 simulated nodes, all 3 sampled, 2 rounds, through SecAgg+, against main_sft.py: every round's
+    global adapter is within the quantization bound the run logs of the plain aggregate of the same training
+    (round 2 against main_sft.py resumed from the secure round 1, so that both start round 2 from the same
+    vector), and metrics.jsonl has the rows of the plain run plus the bound."""
+    import shutil
+
+    from flower_app.launch import LocalFlower
+
+    config = {**TINY_RUN, "synthetic-num-clients": 3, "sample-clients": 3, "fed-alg": "fedavg",
+              "model-name-or-path": tiny_model_dir, "checkpoint-step": 1, "output-dir": str(tmp_path / "flower")}
+    with LocalFlower(tmp_path / "home", simulation=True, env=QUIET_RAY) as flower:
+        process = flower.run({**config, "secagg": True}, num_supernodes=3, client_cpus=1)
+        reference = in_process_reference(config, tmp_path / "inprocess")  # meanwhile
+        wait(process, "run", tmp_path / "home")
+    ours = tmp_path / "flower"
+    resumed = tmp_path / "resumed"  # main_sft.py's round 2 from the secure checkpoint-1
+    resumed.mkdir()
+    shutil.copytree(ours / "checkpoint-1", resumed / "checkpoint-1")
+    for name in ("args.json", "metrics.jsonl"):
+        shutil.copy(ours / name, resumed / name)
+    in_process_reference(config, resumed, resume=True)
+
+    rows = [json.loads(line) for line in (ours / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    for round_number, plain in ((1, reference), (2, resumed)):
+        mine, theirs = adapter(ours / f"checkpoint-{round_number}"), adapter(plain / f"checkpoint-{round_number}")
+        difference = max(float((mine[k] - theirs[k]).abs().max()) for k in theirs)
+        scale = max(float(v.abs().max()) for v in theirs.values())
+        bound = rows[round_number - 1]["secagg_error_bound"]
+        print(f"round {round_number}: max |secure - plain| = {difference:.3g}, bound {bound:.3g}")
+        assert 0 < difference <= bound + 4 * scale * torch.finfo(torch.float32).eps  # + fp32 rounding of x + mean
+    final = max(float((adapter(ours / "checkpoint-2")[k] - adapter(reference / "checkpoint-2")[k]).abs().max())
+                for k in adapter(reference / "checkpoint-2"))
+    print(f"final adapter against main_sft.py's uninterrupted run: max difference {final:.3g}")
+    for row, ref in zip(rows, expected, strict=True):
+        assert set(row) == set(ref) | {"secure_aggregation", "secagg_error_bound", "secagg_out_of_range"}
+        assert (row["clients"], row["failed_clients"], row["secagg_out_of_range"]) == (ref["clients"], [], 0)
+    assert rows[0]["client_loss"] == expected[0]["client_loss"]  # the same training from the same x
+    assert rows[0]["bytes_uploaded"] > 2 * expected[0]["bytes_uploaded"]  # int64 masked vectors, keys, shares
+    assert np.load(ours / "training_loss.npy").shape == (3, 2)
