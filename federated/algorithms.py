@@ -66,6 +66,11 @@ class Algorithm:
         """Bytes client `client` uploads and downloads in a round it is sampled (fp32 vectors of numel)."""
         return 4 * numel * self.vectors_per_transfer, 4 * numel * self.vectors_per_transfer
 
+    def keep_client_state(self, run, client: int, state: dict, round_number: int) -> None:
+        """Keep what `client` carries to its next round (hooks.finish's state) as of round `round_number` (1-based),
+        in the run's client store (on disk: federated/client_store.py)."""
+        run.client_store.put(client, state, round_number)
+
     def load_global(self, flat, run) -> None:
         """Load the global model into the trainable parameters (after every server step, and for evaluation)."""
         flat.set(run.x)
@@ -228,9 +233,9 @@ def check_algorithm_arguments(fed_args) -> None:
                              "--fedopt_bias_correction/--fedopt_weighted, or use --fedopt_variant fedllm-bench.")
 
 
-def make_algorithm(fed_args, num_clients: int) -> Algorithm:
-    """The algorithm named by --fed_alg, composed with --lora_method; local<k> trains client k alone and keeps its
-    model (FedAvg of one)."""
+def make_rule(fed_args, num_clients: int) -> Algorithm:
+    """The server rule named by --fed_alg (federated.methods.make_algorithm composes it with --lora_method); local<k>
+    trains client k alone and keeps its model (FedAvg of one)."""
     check_algorithm_arguments(fed_args)
     name = fed_args.fed_alg
     local = parse_local(name)
@@ -242,8 +247,7 @@ def make_algorithm(fed_args, num_clients: int) -> Algorithm:
     else:
         algorithm = ALGORITHMS[name](fed_args)
     algorithm.num_clients = num_clients
-    from federated.lora_methods import compose  # the LoRA methods build on this module
-    return compose(algorithm, fed_args)
+    return algorithm
 
 
 def server_step(algorithm: Algorithm, x: torch.Tensor, client_vectors: torch.Tensor, sample_counts: list[int],

@@ -1,16 +1,20 @@
 """Run state: everything the round loop needs to continue exactly where it stopped (nanoGPT's lesson).
 
 checkpoint-<r>/ holds the PEFT adapter (loadable with PeftModel.from_pretrained) and the run state:
-run_state.safetensors (global vector, server state, per-client state, torch RNG) and run_state.json (round,
-Python and NumPy RNG states, loss history), and checksums.json: the SHA-256 of every other file, written last.
-A checkpoint is written to a temporary folder and renamed, so a crash never leaves a half-written one under its
-final name; a resume verifies the checksums and falls back to the previous good checkpoint when one fails.
+run_state.safetensors (global vector, server state, torch RNG) and run_state.json (round, Python and NumPy RNG
+states, the sampled clients' losses per round, and the client-state store's manifest), and checksums.json: the
+SHA-256 of every other file, written last. The clients' own state (SCAFFOLD's c_i, personal B's) is not copied
+into a checkpoint: it lives in <output_dir>/client_state/ (federated/client_store.py), and the checkpoint refers to
+it, so a checkpoint's size does not grow with the number of clients. A checkpoint is written to a temporary folder,
+fsync'd and renamed, so a crash or a power loss never leaves a half-written one under its final name; a resume
+verifies the checksums and falls back to the previous good checkpoint when one fails.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -19,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from federated.client_store import ClientStore, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -30,17 +36,15 @@ REQUIRED = ("run_state.json", "run_state.safetensors", "adapter_model.safetensor
 class RunState:
     x: torch.Tensor  # global vector (fp32, on the server device: federated/flat.py)
     server_state: dict[str, torch.Tensor]
-    client_store: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # e.g. SCAFFOLD c_i, on CPU
+    client_store: ClientStore | dict = field(default_factory=dict)  # client -> its kept state (SCAFFOLD c_i), on disk
     round: int = 0  # rounds completed
-    loss_history: list[list[float]] = field(default_factory=list)  # [num_clients][rounds], -1 = not sampled
+    round_losses: list[dict[int, float]] = field(default_factory=list)  # per round: sampled client -> loss (-1 dropped)
     extra: dict = field(default_factory=dict)  # JSON-able state of optional parts (e.g. a privacy accountant)
 
 
 def _tensors(run: RunState) -> dict[str, torch.Tensor]:
     tensors = {"x": run.x, "torch_rng": torch.get_rng_state()}
     tensors.update({f"server/{k}": v for k, v in run.server_state.items()})
-    for client, state in run.client_store.items():
-        tensors.update({f"client/{client}/{k}": v for k, v in state.items()})
     return {k: v.contiguous() for k, v in tensors.items()}
 
 
@@ -52,14 +56,31 @@ def save_checkpoint(output_dir: str | Path, run: RunState, model) -> Path:
     save_file(_tensors(run), tmp / "run_state.safetensors")
     py_state = random.getstate()
     np_state = np.random.get_state()
-    meta = {"round": run.round, "loss_history": run.loss_history, "extra": run.extra,
-            "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
+    meta = {"round": run.round, "round_losses": [sorted(losses.items()) for losses in run.round_losses],
+            "extra": run.extra, "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
             "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    if isinstance(run.client_store, ClientStore):
+        run.client_store.sync()
+        meta["client_store"] = run.client_store.manifest()
     (tmp / "run_state.json").write_text(json.dumps(meta))
     write_checksums(tmp)
+    for path in [*tmp.rglob("*"), tmp]:  # durable before it is renamed into place
+        if path.is_dir():
+            fsync_dir(path)
+        else:
+            _fsync_file(path)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    fsync_dir(final.parent)
+    if isinstance(run.client_store, ClientStore):
+        rounds = [checkpoint_round(p) for p in checkpoints(output_dir)]
+        run.client_store.prune([r for r in rounds if r <= run.round])
     return final
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def sha256(path: Path) -> str:
@@ -130,12 +151,27 @@ def load_checkpoint(path: Path) -> RunState:
     random.setstate((version, tuple(internal), gauss))
     np_state = meta["numpy_rng"]
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    run = RunState(x=tensors.pop("x"), server_state={}, round=meta["round"], loss_history=meta["loss_history"],
-                   extra=meta.get("extra", {}))
+    run = RunState(x=tensors.pop("x"), server_state={}, round=meta["round"], extra=meta.get("extra", {}))
+    run.round_losses = [{int(k): v for k, v in losses} for losses in meta["round_losses"]] \
+        if "round_losses" in meta else _sparse(meta["loss_history"])
+    folder = path.parent / "client_state"
+    if "client_store" in meta:
+        run.client_store = ClientStore.restore(folder, meta["client_store"])
+    else:  # written before the store existed: the clients' states are inside run_state.safetensors
+        run.client_store = ClientStore.fresh(folder)
+    old_states: dict[int, dict] = {}
     for key, value in tensors.items():
         scope, *rest = key.split("/")
         if scope == "server":
             run.server_state[rest[0]] = value
         else:
-            run.client_store.setdefault(int(rest[0]), {})[rest[1]] = value
+            old_states.setdefault(int(rest[0]), {})[rest[1]] = value
+    for client, state in sorted(old_states.items()):
+        run.client_store.put(client, state, run.round)
     return run
+
+
+def _sparse(loss_history: list[list[float]]) -> list[dict[int, float]]:
+    """The [num_clients][rounds] loss table of older checkpoints as per-round {client: loss} of sampled clients."""
+    rounds = len(loss_history[0]) if loss_history else 0
+    return [{k: row[t] for k, row in enumerate(loss_history) if row[t] != -1.0} for t in range(rounds)]

@@ -23,8 +23,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from federated.algorithms import make_algorithm, parse_local, server_step
+from federated.algorithms import parse_local, server_step
+from federated.methods import make_algorithm
 from federated.checkpoint import RunState, latest_good_checkpoint, save_checkpoint
+from federated.client_store import ClientStore
 from federated.client import LocalTrainer, client_seed, is_finite, local_steps, round_subset
 
 logger = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ def rebuilt_row(run: RunState, fed_args, num_clients: int, round_number: int) ->
     (the loss history; -1 marks a dropped client). Timings and memory were not checkpointed and stay absent."""
     t = round_number - 1
     clients = sample_clients(fed_args, num_clients, t)
-    losses = {k: run.loss_history[k][t] for k in clients}
+    losses = {k: run.round_losses[t].get(k, -1.0) for k in clients}
     return {"round": round_number, "clients": clients,
             "client_loss": {str(k): v for k, v in losses.items() if v != -1.0},
             "dropped_clients": [k for k, v in losses.items() if v == -1.0], "rebuilt_from_checkpoint": True}
@@ -92,12 +94,34 @@ def _start(output_dir: Path, resume: bool, x0: torch.Tensor, algorithm, num_clie
     if checkpoint is None:
         (output_dir / "metrics.jsonl").write_text("")
         return RunState(x=x0, server_state=algorithm.init_state(x0, num_clients),
-                        loss_history=[[] for _ in range(num_clients)])
+                        client_store=ClientStore.fresh(output_dir / "client_state"))
     logger.info("Resuming from %s (round %d)", checkpoint, run.round)
     run.x = run.x.to(x0.device)  # the server's device (federated/flat.py); client state stays on the CPU
     run.server_state = {k: v.to(x0.device) for k, v in run.server_state.items()}
     restore_metrics(output_dir / "metrics.jsonl", run, lambda r: rebuilt_row(run, fed_args, num_clients, r))
     return run
+
+
+def write_loss_table(path: Path, round_losses: list[dict[int, float]], num_clients: int,
+                     rows_per_chunk: int = 4096) -> None:
+    """training_loss.npy in the reference's layout, [num_clients, rounds] float64 with -1 where a client was not
+    sampled (or was dropped), written in chunks of clients so that memory stays bounded at any client count."""
+    by_client = defaultdict(list)  # client -> [(round, loss)], only the sampled ones
+    for t, losses in enumerate(round_losses):
+        for k, loss in losses.items():
+            by_client[k].append((t, loss))
+    shape = (num_clients, len(round_losses))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float64)),
+                                                 "fortran_order": False, "shape": shape})
+        for start in range(0, num_clients, rows_per_chunk):
+            chunk = np.full((min(rows_per_chunk, num_clients - start), shape[1]), -1.0)
+            for k in range(start, start + len(chunk)):
+                for t, loss in by_client.get(k, ()):
+                    chunk[k - start, t] = loss
+            f.write(chunk.tobytes())
+    tmp.replace(path)
 
 
 def outlier_clients(x: torch.Tensor, vectors: list[torch.Tensor], clients: list[int], ratio: float,
@@ -224,8 +248,7 @@ class Federation:
         aggregated = [k for k in losses if k not in dropped]
         self.algorithm.load_global(self.flat, run)
         run.round = t + 1
-        for k in range(self.num_clients):
-            run.loss_history[k].append(losses[k] if k in losses and k not in dropped else -1.0)
+        run.round_losses.append({k: -1.0 if k in dropped else loss for k, loss in losses.items()})
 
         if bytes_moved is None:  # in process: as the algorithm reports them
             bytes_moved = tuple(sum(sent) for sent in zip(*(self.algorithm.transfer_bytes(k, self.flat.numel)
@@ -243,7 +266,6 @@ class Federation:
         row.update(summed.metrics if summed is not None else {})
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        np.save(self.output_dir / "training_loss.npy", np.array(run.loss_history))
         row["mean_loss"] = float(np.mean([losses[k] for k in aggregated])) if aggregated else float("nan")
         if run.round % self.checkpoint_step == 0 or run.round == self.fed_args.num_rounds:
             self.save()
@@ -269,8 +291,9 @@ class Federation:
             counts.append(self.sample_counts[r.client])
             for key, value in r.uploads.items():
                 uploads[key].append(value)
-            if r.state:
-                run.client_store[r.client] = r.state
+        for r in sorted(finished, key=lambda r: r.client):  # in client order: a running sum is then order-free
+            if r.state and r.client not in dropped:  # to disk now: RAM holds no state of a client outside a round
+                self.algorithm.keep_client_state(run, r.client, r.state, t + 1)
         if vectors:
             stacked = torch.stack(vectors)
             if self.privacy is not None:
@@ -299,6 +322,7 @@ class Federation:
         is lost)."""
         if self.privacy is not None:
             self.run.extra["privacy"] = self.privacy.state_dict()
+        write_loss_table(self.output_dir / "training_loss.npy", self.run.round_losses, self.num_clients)
         path = save_checkpoint(self.output_dir, self.run, self.model)
         logger.info("Round %d: checkpoint written to %s", self.run.round, path)
         return path

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from federated.algorithms import ALGORITHMS, Algorithm, ClientHooks, FedAvgM, FedOpt, Scaffold, parse_local, to_host
+from federated.privacy import resolve_mode
 
 logger = logging.getLogger(__name__)
 
@@ -145,10 +147,14 @@ class LoraMethod:
         """Coordinates client `client` uploads and downloads per round (fp32, excluding a rule's extra vectors)."""
         return numel, numel
 
+    def keep_client_state(self, state: dict, client_store, client: int, kept: dict, round_number: int) -> None:
+        """Store what `client` keeps (the rule's state and client_state's) as of round `round_number`."""
+        client_store.put(client, kept, round_number)
+
     def load_global(self, flat, x: torch.Tensor, state: dict, client_store: dict) -> None:
         flat.set(x)
 
-    def client_models(self, x, state, client_store) -> dict[int, torch.Tensor]:
+    def client_models(self, x, state, client_store) -> Mapping[int, torch.Tensor]:
         """Each client's own model, where the method keeps one (personalised adapters)."""
         return {}
 
@@ -332,6 +338,12 @@ class PersonalB(LoraMethod):
         self.b_mask = layout.b_mask.to(x.device)
         self.b0 = x[self.b_mask].clone()  # the shared LoRA init of B (peft: zeros), a function of the seed
 
+    def init_state(self, x):
+        # The scored global B is the mean of the clients' own B's. It is kept as a running sum (fp64) and a count,
+        # updated as a client's B changes, so it costs O(sampled clients) per round, whatever the number of clients.
+        return {"b_sum": torch.zeros(int(self.b_mask.sum()), dtype=torch.float64, device=x.device),
+                "b_clients": torch.zeros((), dtype=torch.int64)}
+
     def start_vector(self, client, x, state, client_store):
         own = client_store.get(client, {}).get("lora_B")
         start = x.clone()
@@ -346,6 +358,16 @@ class PersonalB(LoraMethod):
     def client_state(self, client, y):
         return {"lora_B": to_host(y[self.b_mask])}
 
+    def keep_client_state(self, state, client_store, client, kept, round_number):
+        change = kept["lora_B"].to(state["b_sum"].device, torch.float64)
+        old = client_store.get(client, {}).get("lora_B")
+        if old is None:
+            state["b_clients"] += 1
+        else:
+            change = change - old.to(change.device, torch.float64)
+        state["b_sum"] += change
+        client_store.put(client, kept, round_number)
+
     def aggregate(self, rule, x, client_vectors, sample_counts, state, t, uploads):
         new = rule.step(x, client_vectors, sample_counts, state, t, uploads)
         new[self.b_mask] = self.b0  # DP noise on the unsent coordinates is dropped, not applied to anyone's B
@@ -356,15 +378,32 @@ class PersonalB(LoraMethod):
         return n, n
 
     def load_global(self, flat, x, state, client_store):
-        own = [s["lora_B"] for s in client_store.values() if "lora_B" in s]
         model = x.clone()
-        if own:
-            model[self.b_mask] = torch.stack(own).to(x.device).mean(0)
+        clients = int(state["b_clients"])
+        if clients:
+            model[self.b_mask] = (state["b_sum"] / clients).to(x.device, torch.float32)
         flat.set(model)
 
     def client_models(self, x, state, client_store):
-        return {k: self.start_vector(k, x, state, client_store) for k in sorted(client_store)
-                if "lora_B" in client_store[k]}
+        return ClientModels(self, x, state, client_store)
+
+
+class ClientModels(Mapping):
+    """client -> its own model vector, built when asked for: one vector at a time, never one per client in RAM."""
+
+    def __init__(self, method: LoraMethod, x: torch.Tensor, state: dict, client_store):
+        self.method, self.x, self.state, self.client_store = method, x, state, client_store
+
+    def __getitem__(self, client: int) -> torch.Tensor:
+        if client not in self.client_store:
+            raise KeyError(client)
+        return self.method.start_vector(client, self.x, self.state, self.client_store)
+
+    def __iter__(self):
+        return iter(sorted(self.client_store))
+
+    def __len__(self) -> int:
+        return len(self.client_store)
 
 
 LORA_METHODS: dict[str, type[LoraMethod]] = {
@@ -423,6 +462,9 @@ class LoraAlgorithm:
         extra = (self.rule.vectors_per_transfer - 1) * numel  # e.g. SCAFFOLD's control variates, full size
         return 4 * (up + extra), 4 * (down + extra)
 
+    def keep_client_state(self, run, client: int, state: dict, round_number: int) -> None:
+        self.method.keep_client_state(run.server_state, run.client_store, client, state, round_number)
+
     def load_global(self, flat, run) -> None:
         self.method.load_global(flat, run.x, run.server_state, run.client_store)
 
@@ -443,8 +485,6 @@ def compose(rule: Algorithm, fed_args):
 
 def check_lora_arguments(fed_args, script_args) -> None:
     """--lora_method and --client_ranks, and the method's fit with the rule, DP and quantisation (before loading)."""
-    from federated.privacy import resolve_mode
-
     name = fed_args.lora_method
     if name not in LORA_METHODS:
         raise SystemExit(f"Unknown --lora_method {name!r}: choose one of {', '.join(LORA_METHODS)}.")

@@ -196,6 +196,7 @@ def _remove_run(output_dir: Path) -> None:
     for name in RUN_FILES:
         (output_dir / name).unlink(missing_ok=True)
     shutil.rmtree(output_dir / "trainer", ignore_errors=True)
+    shutil.rmtree(output_dir / "client_state", ignore_errors=True)  # federated/client_store.py
 
 
 def prepare_run_dir(output_dir: str | Path, settings: dict, resume: bool, overwrite: bool) -> None:

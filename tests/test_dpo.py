@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import federated.loop
+from federated.client_store import ClientStore
 import main_dpo
 from conftest import run_entry
 from data import load_federated_dataset
@@ -78,7 +79,9 @@ def test_two_rounds_every_method(method, two_round_run, tiny_model_dir):
     assert args["fed_alg"] == method and args["dpo_beta"] == 0.1 and args["dataset"] == "fed-synthetic-pref"
     state = load_file(checkpoint / "run_state.safetensors")
     if method == "scaffold":
-        assert "server/c" in state and any(k.startswith("client/") for k in state)
+        manifest = json.loads((checkpoint / "run_state.json").read_text())["client_store"]
+        stored = ClientStore.restore(out / "client_state", manifest)  # every sampled client's c_i, on disk
+        assert "server/c" in state and sorted(stored) == sorted(set(rows[0]["clients"] + rows[1]["clients"]))
     if method in ("fedavgm", "fedadagrad", "fedyogi", "fedadam"):
         assert "server/m" in state
 

@@ -33,7 +33,7 @@ class AdapterStub(torch.nn.Module):
 
 def a_run(round_number: int) -> RunState:
     return RunState(x=torch.full((4,), float(round_number)), server_state={"m": torch.ones(4)}, round=round_number,
-                    loss_history=[[0.5] * round_number, [-1.0] * round_number])
+                    round_losses=[{0: 0.5}] * round_number)
 
 
 def test_a_new_run_refuses_another_runs_checkpoints_and_overwrite_removes_them(tmp_path):

@@ -1,0 +1,152 @@
+"""The client-state store (federated/client_store.py) and what the round loop does with it at many clients: states on
+disk, read only for the sampled clients, checkpoints that refer to them instead of copying them, resume bit for bit,
+damaged files named; personal adapters' global B from a running sum; the loss table written in bounded chunks."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from federated.checkpoint import latest_good_checkpoint
+from federated.client_store import ClientStateError, ClientStore
+from federated.loop import write_loss_table
+from test_loop_wiring import make, run
+
+
+def states(store):
+    return {k: {name: t.clone() for name, t in store[k].items()} for k in store}
+
+
+def test_a_state_round_trips_and_a_restore_forgets_later_rounds(tmp_path):
+    store = ClientStore.fresh(tmp_path)
+    store.put(3, {"c": torch.arange(4.0)}, 1)
+    store.put(5, {"c": torch.ones(2)}, 1)
+    manifest = store.manifest()
+    store.put(3, {"c": torch.zeros(4)}, 2)  # after the checkpoint: a round that will be redone
+    store.put(7, {"c": torch.full((3,), 2.0)}, 2)
+    assert torch.equal(store[3]["c"], torch.zeros(4)) and sorted(store) == [3, 5, 7]
+    restored = ClientStore.restore(tmp_path, manifest)
+    assert sorted(restored) == [3, 5] and torch.equal(restored[3]["c"], torch.arange(4.0))
+    assert not (tmp_path / "3-r2.safetensors").exists() and not (tmp_path / "7-r2.safetensors").exists()
+    assert len((tmp_path / "index.jsonl").read_text().splitlines()) == 2  # the later lines are cut off
+
+
+def test_a_damaged_or_missing_state_is_named(tmp_path):
+    store = ClientStore.fresh(tmp_path)
+    store.put(4, {"c": torch.arange(1000.0)}, 1)
+    path = tmp_path / "4-r1.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x01  # one bit of one value
+    path.write_bytes(bytes(data))
+    with pytest.raises(ClientStateError, match="4-r1.safetensors .*does not match the SHA-256"):
+        store[4]
+    manifest = store.manifest()
+    path.unlink()
+    with pytest.raises(ClientStateError, match="4-r1.safetensors .*missing"):
+        ClientStore.restore(tmp_path, manifest)
+    with pytest.raises(ClientStateError, match="SHA-256"):
+        ClientStore.restore(tmp_path, {**manifest, "sha256": "0" * 64})
+
+
+def test_prune_keeps_what_each_checkpoint_and_the_next_round_read(tmp_path):
+    store = ClientStore.fresh(tmp_path)
+    for version in (1, 2, 3, 5):
+        store.put(0, {"c": torch.full((2,), float(version))}, version)
+    store.prune([2, 4])  # checkpoint-2 reads version 2, checkpoint-4 version 3, the next round version 5
+    kept = sorted(p.name for p in tmp_path.glob("0-r*.safetensors"))
+    assert kept == ["0-r2.safetensors", "0-r3.safetensors", "0-r5.safetensors"]
+
+
+def test_scaffold_at_many_clients_keeps_states_on_disk_and_resumes_bit_identically(tmp_path):
+    """60 clients, 3 sampled per round, 6 rounds, a checkpoint every 2: the checkpoint holds no client state, the
+    store holds every sampled client's c_i, and a run stopped after round 2 ends equal to the uninterrupted one."""
+    delta = lambda k, t: torch.sin(torch.arange(4.0) * (k + 1) + t)  # noqa: E731
+    flags = dict(fed_alg="scaffold", num_rounds=6, sample_clients=3, checkpoint_step=2)
+    full = run(tmp_path / "full", make(delta), sizes=[4 + k % 5 for k in range(60)], **flags)
+    seen = {k for line in (tmp_path / "full/metrics.jsonl").read_text().splitlines() for k in json.loads(line)["clients"]}
+    assert sorted(full.client_store) == sorted(seen) and len(seen) > 10
+    checkpoint = load_file(tmp_path / "full/checkpoint-6/run_state.safetensors")
+    assert not [k for k in checkpoint if k.startswith("client/")]  # referred to, not copied
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    for later in ("checkpoint-4", "checkpoint-6"):
+        shutil.rmtree(tmp_path / "resumed" / later)
+    resumed = run(tmp_path / "resumed", make(delta), sizes=[4 + k % 5 for k in range(60)], resume=True, **flags)
+    assert torch.equal(full.x, resumed.x) and torch.equal(full.server_state["c"], resumed.server_state["c"])
+    a, b = states(full.client_store), states(resumed.client_store)
+    assert a.keys() == b.keys() and all(torch.equal(a[k]["c"], b[k]["c"]) for k in a)
+    assert np.array_equal(np.load(tmp_path / "full/training_loss.npy"), np.load(tmp_path / "resumed/training_loss.npy"))
+
+
+def test_a_checkpoints_size_does_not_grow_with_the_clients(tmp_path):
+    sizes = {}
+    for clients in (6, 120):
+        out = tmp_path / str(clients)
+        run(out, make(lambda k, t: torch.full((4,), 0.1 * (k + 1))), sizes=[5] * clients, fed_alg="scaffold",
+            num_rounds=8, sample_clients=3, checkpoint_step=8)
+        sizes[clients] = (out / "checkpoint-8/run_state.safetensors").stat().st_size
+    assert sizes[120] == sizes[6]
+
+
+def test_resume_with_a_damaged_client_state_stops_with_its_name(tmp_path):
+    flags = dict(fed_alg="scaffold", num_rounds=2, sample_clients=2, checkpoint_step=1)
+    run(tmp_path, make(lambda k, t: torch.full((4,), 0.5)), sizes=[4, 4], **flags)
+    shutil.rmtree(tmp_path / "checkpoint-2")
+    damaged = sorted((tmp_path / "client_state").glob("*-r1.safetensors"))[0]
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0x10
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ClientStateError, match=damaged.name):
+        run(tmp_path, make(lambda k, t: torch.full((4,), 0.5)), sizes=[4, 4], resume=True, **flags)
+
+
+def test_the_loss_table_in_chunks_equals_the_dense_one(tmp_path):
+    round_losses = [{0: 0.5, 7: 1.5}, {3: -1.0, 7: 2.5}, {}, {9: 0.25}]
+    write_loss_table(tmp_path / "loss.npy", round_losses, num_clients=10, rows_per_chunk=3)
+    dense = np.full((10, 4), -1.0)
+    for t, losses in enumerate(round_losses):
+        for k, loss in losses.items():
+            dense[k, t] = loss
+    assert np.array_equal(np.load(tmp_path / "loss.npy"), dense)
+
+
+def test_an_old_checkpoint_with_states_inside_still_resumes(tmp_path):
+    """Checkpoints written before the store kept c_i inside run_state.safetensors and a dense loss table."""
+    from safetensors.torch import save_file
+    run(tmp_path, make(lambda k, t: torch.full((4,), 0.5)), sizes=[4, 4, 4], fed_alg="scaffold", num_rounds=1,
+        sample_clients=2, checkpoint_step=1)
+    folder = tmp_path / "checkpoint-1"
+    tensors = load_file(folder / "run_state.safetensors")
+    tensors["client/2/c"] = torch.arange(4.0)
+    save_file(tensors, folder / "run_state.safetensors")
+    meta = json.loads((folder / "run_state.json").read_text())
+    del meta["client_store"], meta["round_losses"]
+    meta["loss_history"] = [[0.5], [-1.0], [0.75]]
+    (folder / "run_state.json").write_text(json.dumps(meta))
+    (folder / "checksums.json").unlink()
+    _, state = latest_good_checkpoint(tmp_path)
+    assert torch.equal(state.client_store[2]["c"], torch.arange(4.0))
+    assert state.round_losses == [{0: 0.5, 2: 0.75}]
+
+
+def test_personal_global_b_is_the_mean_of_every_stored_b_without_stacking_them(tmp_path):
+    """The scored global B = mean over every client that has a B (kept as a running sum and count): after clients
+    are stored, replaced and added over rounds, it equals the mean computed from the store."""
+    from test_lora_methods import composed, toy_model
+    algorithm, flat = composed("personal", toy_model())
+    mask = algorithm.method.layout.b_mask
+    x = flat.get()
+    run_state = type("Run", (), {})()
+    run_state.x, run_state.server_state = x, algorithm.init_state(x, 4)
+    run_state.client_store = ClientStore.fresh(tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    for round_number, clients in enumerate([[0, 2], [1, 2], [2, 3], [0, 3]], start=1):
+        for k in clients:
+            b = torch.randn(int(mask.sum()), generator=generator)
+            algorithm.keep_client_state(run_state, k, {"lora_B": b}, round_number)
+    algorithm.load_global(flat, run_state)
+    stored = torch.stack([run_state.client_store[k]["lora_B"] for k in run_state.client_store])
+    assert int(run_state.server_state["b_clients"]) == 4
+    assert torch.allclose(flat.get()[mask], stored.mean(0), atol=1e-6, rtol=0)
+    assert torch.equal(flat.get()[~mask], x[~mask])
