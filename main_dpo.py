@@ -82,7 +82,7 @@ def train(script_args, fed_args, dpo_args):
     dataset = load_dataset_for(script_args, kinds=("preference",), entry="main_dpo.py")
     # The training stack imports transformers' trainer and peft (which imports bitsandbytes): after
     # configure_console, and after the data, so that a missing dataset or no network fails at once.
-    from federated.algorithms import make_algorithm
+    from federated.methods import make_algorithm
     from federated.loop import run_federated
     from federated.privacy import make_privacy
     from federated.setup import load_lora_model, local_trainer

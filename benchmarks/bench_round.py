@@ -28,7 +28,8 @@ from transformers import PrinterCallback, TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import load_federated_dataset  # noqa: E402
-from federated.algorithms import make_algorithm, server_step  # noqa: E402
+from federated.algorithms import server_step  # noqa: E402
+from federated.methods import make_algorithm  # noqa: E402
 from federated.algorithms import ClientHooks  # noqa: E402
 from federated.client import LocalTrainer, client_seed, round_subset  # noqa: E402
 from federated.config import FedArguments, ScriptArguments  # noqa: E402

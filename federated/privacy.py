@@ -23,7 +23,7 @@ import math
 import torch
 
 import kernels
-from federated.algorithms import ALGORITHMS, Algorithm, make_algorithm, parse_local
+from federated.algorithms import ALGORITHMS, Algorithm, make_rule, parse_local
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,8 @@ def make_paper(fed_args, script_args, sample_counts: list[int], sample_rate: flo
         sigma = paper_sigma(fed_args.dp_epsilon, fed_args.dp_delta, script_args.learning_rate, clip_norm(fed_args),
                             sum(sample_counts), len(sample_counts), sample_rate, fed_args.num_rounds)
     claimed = fed_args.dp_epsilon if fed_args.dp_sigma is None else None
-    return PaperDP(sigma, make_algorithm(fed_args, len(sample_counts)), script_args.seed, claimed, fed_args.dp_delta)
+    rule = make_rule(fed_args, len(sample_counts))  # its weights: what the noised vectors are averaged with
+    return PaperDP(sigma, rule, script_args.seed, claimed, fed_args.dp_delta)
 
 
 def make_clip(fed_args, script_args, sample_counts: list[int], sample_rate: float) -> ClippedDP:

@@ -93,7 +93,7 @@ def node_trainer(context: Context):
 
 
 def run_task(context: Context, client, trainer, task, num_clients: int, x, server_state: dict, kept: dict):
-    from federated.algorithms import make_algorithm
+    from federated.methods import make_algorithm
     from federated.loop import train_client
 
     if task.client != client.partition_id:

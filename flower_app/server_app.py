@@ -90,7 +90,7 @@ def gather(tasks: list, send, min_replies: int, retries: int, round_number: int,
 
 
 def serve(grid: Grid, settings: RunSettings, context: Context) -> None:
-    from federated.algorithms import make_algorithm
+    from federated.methods import make_algorithm
     from federated.loop import Federation
     from federated.privacy import make_privacy
     from federated.run_dir import prepare_run_dir, settings_of

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from federated.algorithms import ALGORITHMS, make_algorithm, parse_local, server_step
+from federated.algorithms import ALGORITHMS, parse_local, server_step
+from federated.methods import make_algorithm
 from federated.client import local_steps, round_subset
 from federated.config import FedArguments, ScriptArguments, check_arguments
 from federated.flat import FlatParams

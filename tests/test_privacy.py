@@ -9,7 +9,8 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
-from federated.algorithms import make_algorithm, server_step
+from federated.algorithms import server_step
+from federated.methods import make_algorithm
 from federated.config import FedArguments
 from federated.privacy import CALIBRATION_TOLERANCE, ClippedDP, PaperDP, make_privacy, paper_sigma
 
