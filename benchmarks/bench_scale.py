@@ -7,8 +7,9 @@ layout of Llama-2-7B, r16 on q_proj and v_proj (32 layers: 8,388,608 parameters,
 local training is replaced by a seeded random update, so no forward pass runs. Each (method, total clients) pair
 runs in its own process, so peak RSS is that configuration's alone.
 
-    python benchmarks/bench_scale.py --out docs/scale                    # the table and plot of docs/SCALE.md
-    python benchmarks/bench_scale.py --code /path/to/old/checkout ...    # the same harness on other code (before)
+    python benchmarks/bench_scale.py --jsonl scale.jsonl                 # every method x 100 ... 100,000 clients
+    python benchmarks/bench_scale.py --jsonl scale.jsonl --report docs/scale   # docs/scale.md and docs/scale.png
+    python benchmarks/bench_scale.py --code before=/path/to/old/checkout after=.   # side by side, alternating
     python benchmarks/bench_scale.py --one scaffold 747 --rounds 12      # one configuration, JSON on stdout
 
 Columns: peak RSS of the process; bytes the process wrote (write syscalls, /proc/self/io wchar) per round outside
@@ -114,12 +115,16 @@ def run_one(method: str, num_clients: int, rounds: int, sample: int, checkpoint_
             layers: int) -> dict:
     import torch
     torch.set_num_threads(1)
-    from federated.methods import make_algorithm
+    try:
+        from federated.methods import make_algorithm
+    except ImportError:  # code from before federated/methods.py
+        from federated.algorithms import make_algorithm
     from federated.config import FedArguments, ScriptArguments
     from federated.flat import FlatParams
     from federated.loop import Federation, train_client
     from federated.privacy import make_privacy
 
+    folder.mkdir(parents=True, exist_ok=True)
     model = standin_model(layers, 4096, 16)
     flat = FlatParams(model)
     script = ScriptArguments(output_dir=str(folder), learning_rate=1e-3, max_steps=1, batch_size=1,
@@ -160,11 +165,14 @@ def run_one(method: str, num_clients: int, rounds: int, sample: int, checkpoint_
 
 
 def run_all(args) -> list[dict]:
+    """Every (method, clients) pair on every --code checkout, alternating the checkouts per pair so that a change
+    in the machine's load falls on both alike."""
     rows = []
+    codes = [code.split("=", 1) if "=" in code else ("this", code) for code in args.code]
     for method in args.methods.split(","):
-        for clients in map(int, args.clients.split(",")):
+        for clients, (label, code) in ((c, lc) for c in map(int, args.clients.split(",")) for lc in codes):
             with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
-                env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(args.code).resolve())}
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(code).resolve())}
                 command = [sys.executable, __file__, "--one", method, str(clients), "--rounds", str(args.rounds),
                            "--sample_clients", str(args.sample_clients), "--checkpoint_step",
                            str(args.checkpoint_step), "--layers", str(args.layers), "--folder", scratch]
@@ -173,10 +181,41 @@ def run_all(args) -> list[dict]:
                     row = {"method": method, "clients": clients, "error": done.stderr.strip().splitlines()[-1:]}
                 else:
                     row = json.loads(done.stdout.strip().splitlines()[-1])
-            row["code"] = args.label
+            row["code"] = label
             print(json.dumps(row), flush=True)
             rows.append(row)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(row) + "\n")
     return rows
+
+
+def report(rows: list[dict], out: Path) -> None:
+    """A markdown table (out.md) and a plot (out.png) of peak RSS, checkpoint bytes and server time per round against
+    the total number of clients, one line per method and checkout."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = ["code", "method", "clients", "clients_seen", "peak_rss_mb", "bytes_per_checkpoint_mb",
+               "bytes_per_round_mb", "server_s_per_round", "checkpoint_s", "resume_s"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, row.get("error", ""))) for c in columns) + " |" for row in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    panels = [("peak_rss_mb", "peak RSS (MB)"), ("bytes_per_checkpoint_mb", "MB written per checkpoint"),
+              ("server_s_per_round", "server s per round")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.2))
+    for ax, (key, title) in zip(axes, panels):
+        for (code, method) in dict.fromkeys((r["code"], r["method"]) for r in rows if key in r):
+            points = sorted((r["clients"], r[key]) for r in rows if (r["code"], r["method"]) == (code, method)
+                            and key in r)
+            ax.plot(*zip(*points), marker="o", linestyle="--" if code == "before" else "-", label=f"{method} ({code})")
+        ax.set_xscale("log")
+        ax.set_xlabel("total clients (10 sampled per round)")
+        ax.set_title(title)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
 
 
 def main():
@@ -188,11 +227,12 @@ def main():
     parser.add_argument("--sample_clients", type=int, default=10)
     parser.add_argument("--checkpoint_step", type=int, default=4)
     parser.add_argument("--layers", type=int, default=32, help="32: Llama-2-7B's 8.39M LoRA parameters")
-    parser.add_argument("--code", default=str(ROOT), help="the checkout whose federated/ is measured")
-    parser.add_argument("--label", default="this")
+    parser.add_argument("--code", nargs="+", default=[str(ROOT)],
+                        help="the checkouts whose federated/ is measured, each PATH or LABEL=PATH")
     parser.add_argument("--folder", help="with --one: the run folder")
     parser.add_argument("--scratch", default=None, help="where the run folders go (default: the system's temp)")
     parser.add_argument("--jsonl", help="append the rows to this file")
+    parser.add_argument("--report", help="write PATH.md and PATH.png from the rows of --jsonl (no run)")
     args = parser.parse_args()
     if args.one:
         sys.path.insert(0, os.environ.get("PYTHONPATH", str(ROOT)).split(":")[0])
@@ -202,10 +242,10 @@ def main():
         shutil.rmtree(folder, ignore_errors=True)
         print(json.dumps(row))
         return
-    rows = run_all(args)
-    if args.jsonl:
-        with open(args.jsonl, "a") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+    if args.report:
+        report([json.loads(line) for line in Path(args.jsonl).read_text().splitlines()], Path(args.report))
+        return
+    run_all(args)
 
 
 if __name__ == "__main__":

@@ -33,16 +33,17 @@ class ClientStateError(RuntimeError):
     """A client-state file or the index does not match what was recorded (damaged, missing or cut)."""
 
 
-def write_durably(path: Path, data: bytes, sync_folder: bool = True) -> None:
-    """Write `data` to `path` atomically (temporary file, fsync, rename, and unless told not to, fsync of the folder
-    that makes the rename itself durable)."""
+def write_durably(path: Path, data: bytes, sync: bool = True) -> None:
+    """Write `data` to `path` atomically (temporary file, rename); with `sync`, durably too (fsync of the file before
+    the rename, and of the folder after it)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    if sync_folder:
+    if sync:
         fsync_dir(path.parent)
 
 
@@ -63,6 +64,7 @@ class ClientStore(Mapping):
         self.current: dict[int, dict] = {}  # client -> its latest index entry (no tensors)
         self.versions: dict[int, list[int]] = {}  # client -> versions written, oldest first (for pruning)
         self.touched: set[int] = set()  # clients written since the last prune
+        self.unsynced: list[Path] = []  # files written since the last sync()
         self.lines = 0
         self.digest = hashlib.sha256()
 
@@ -115,7 +117,9 @@ class ClientStore(Mapping):
     def put(self, client: int, state: dict[str, torch.Tensor], version: int) -> None:
         """Store `client`'s state as of round `version` (1-based); it replaces the client's earlier state."""
         data = save_tensors({name: t.detach().cpu().contiguous() for name, t in state.items()})
-        write_durably(self.path(client, version), data, sync_folder=False)  # sync() makes the rename durable
+        # Durable at the next sync(), before a checkpoint refers to it: a crash before that redoes the round anyway.
+        write_durably(self.path(client, version), data, sync=False)
+        self.unsynced.append(self.path(client, version))
         entry = {"client": client, "version": version, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         line = (json.dumps(entry) + "\n").encode()
         with open(self.folder / INDEX, "ab") as f:
@@ -150,13 +154,13 @@ class ClientStore(Mapping):
         return {"lines": self.lines, "sha256": self.digest.hexdigest()}
 
     def sync(self) -> None:
-        """Make every state and index line written so far durable (before a checkpoint refers to them): each state
-        file was fsync'd when written; what is left is the index and the folder's renames."""
-        index = self.folder / INDEX
-        if index.exists():
-            with open(index, "rb") as f:
-                os.fsync(f.fileno())
+        """Make every state and index line written so far durable, before a checkpoint refers to them."""
+        for path in [*self.unsynced, self.folder / INDEX]:
+            if path.exists():  # a state pruned since it was written needs no fsync
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
         fsync_dir(self.folder)
+        self.unsynced.clear()
 
     def prune(self, checkpoint_rounds: list[int]) -> None:
         """Remove the states no checkpoint in `checkpoint_rounds` and no later round can read: for every client
