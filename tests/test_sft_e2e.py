@@ -74,9 +74,11 @@ def test_resume_from_a_checkpoint_is_bit_identical(method, tiny_model_dir, tmp_p
 
 
 def test_killed_run_resumes_bit_identical(tiny_model_dir, tmp_path):
-    """A real kill (SIGKILL) once checkpoint-1 exists, then --resume, against an uninterrupted run."""
+    """A real kill (SIGKILL) once checkpoint-1 exists, then --resume, against an uninterrupted run: SCAFFOLD over
+    12 clients, 3 a round, so the client-state store on disk holds states of rounds the kill may cut."""
     full, killed = tmp_path / "full", tmp_path / "killed"
-    args = ["--fed_alg", "fedavgm", "--num_rounds", 3, "--checkpoint_step", 1, "--max_steps", 3]
+    args = ["--fed_alg", "scaffold", "--num_rounds", 3, "--checkpoint_step", 1, "--max_steps", 3,
+            "--synthetic_num_clients", 12, "--sample_clients", 3]
     run_entry(main_sft, tiny_args(tiny_model_dir, full, *args))
     command = [sys.executable, str(ROOT / "main_sft.py"), *map(str, tiny_args(tiny_model_dir, killed, *args))]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -89,6 +91,10 @@ def test_killed_run_resumes_bit_identical(tiny_model_dir, tmp_path):
     run_entry(main_sft, tiny_args(tiny_model_dir, killed, *args, "--resume", "true"))
     a, b = adapter(full / "checkpoint-3"), adapter(killed / "checkpoint-3")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    from federated.checkpoint import latest_good_checkpoint
+    stores = [latest_good_checkpoint(out)[1].client_store for out in (full, killed)]
+    assert sorted(stores[0]) == sorted(stores[1]) and len(stores[0]) >= 3
+    assert all(torch.equal(stores[0][k]["c"], stores[1][k]["c"]) for k in stores[0])
 
 
 def test_nan_client_is_dropped_and_the_run_goes_on(tiny_model_dir, tmp_path):
