@@ -41,17 +41,52 @@ def request_key(body: dict) -> str:
     return f"{marks[-1][0]}-t{marks[-1][1]}" if marks else "preflight"
 
 
+def _constrained(text: str) -> str:
+    """What a server enforcing the judgment schema returns: the scripted reply's rating (else 5) as JSON."""
+    found = re.search(r"\[\[(\d+(?:\.\d+)?)\]\]", text)
+    return json.dumps({"explanation": "as scripted", "rating": float(found.group(1)) if found else 5})
+
+
+def llama_cpp_python(response_format: dict | None, text: str) -> tuple[int, str]:
+    """llama-cpp-python 0.3's server: type "text" or "json_object" (with an optional "schema" it enforces); any
+    other type fails its request validation, reported as HTTP 500."""
+    if response_format is None or response_format["type"] == "text":
+        return 200, text
+    if response_format["type"] != "json_object":
+        return 500, ("[{'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+                     "'msg': \"Input should be 'text' or 'json_object'\"}]")
+    return 200, _constrained(text) if "schema" in response_format else json.dumps({"text": text})
+
+
+def vllm(response_format: dict | None, text: str) -> tuple[int, str]:
+    """vLLM's server (llama-server and SGLang alike): "json_schema" with json_schema.schema enforced; a bare
+    "json_object" gives some JSON object, not the judgment's schema; anything else is a 400."""
+    kind = (response_format or {"type": "text"})["type"]
+    if kind == "text":
+        return 200, text
+    if kind == "json_schema" and "schema" in response_format.get("json_schema", {}):
+        return 200, _constrained(text)
+    if kind == "json_object":
+        return 200, json.dumps({"text": text})
+    return 400, f"response_format: type {kind!r} is not supported"
+
+
+DIALECTS = {"llama-cpp-python": llama_cpp_python, "vllm": vllm}
+
+
 class ScriptedServer:
     """POST /v1/chat/completions answered by `reply(key, calls) -> (status, text, delay_s)`.
 
     `served_model`: the model id the server reports in replies and lists at GET /v1/models (default: it echoes
-    the requested name and has no model list, as some servers do). `slots`: how many requests it works on at
+    the requested name and has no model list, as some servers do). `dialect`: how it checks `response_format`
+    (DIALECTS; None takes anything and ignores it). `slots`: how many requests it works on at
     once (others wait in its queue, as on a one-slot llama.cpp server). A client that closes its connection
     while the reply is being "generated" is noticed and recorded in `cancelled`, as a real server stops there.
     """
 
-    def __init__(self, reply, served_model: str | None = None, slots: int | None = None):
+    def __init__(self, reply, served_model: str | None = None, slots: int | None = None, dialect: str | None = None):
         self.reply, self.requests, self.calls, self.lock = reply, [], Counter(), threading.Lock()
+        self.dialect = dialect
         self.cancelled, self.started = [], {}
         self.served_model = served_model
         self.slots = threading.Semaphore(slots) if slots else None
@@ -96,6 +131,8 @@ class ScriptedServer:
                         calls = server.calls[key]
                         server.calls[key] += 1
                     status, text, delay = server.reply(key, calls)
+                    if server.dialect and status == 200:
+                        status, text = DIALECTS[server.dialect](body.get("response_format"), text)
                     if delay and self.client_left(delay):
                         with server.lock:
                             server.cancelled.append(key)
@@ -343,8 +380,15 @@ def test_eval_data_from_dir_or_cache(tmp_path, monkeypatch):
     cached.write_text((EVAL_DATA / "vicuna" / "question.jsonl").read_text())
     assert data_file("vicuna/question.jsonl") == cached  # no download once cached
     assert data_file("vicuna/question.jsonl", EVAL_DATA) == EVAL_DATA / "vicuna" / "question.jsonl"
-    with pytest.raises(SystemExit, match="has no vicuna/question.jsonl"):
-        data_file("vicuna/question.jsonl", tmp_path / "empty")
+    # A folder holding only some files serves those; each other file comes from the cache, then the source.
+    partial = tmp_path / "partial"
+    (partial / "advbench").mkdir(parents=True)
+    (partial / "advbench" / "advbench.csv").write_text("goal,target\nDo harm,Sure\n")
+    assert data_file("advbench/advbench.csv", partial) == partial / "advbench" / "advbench.csv"
+    assert data_file("vicuna/question.jsonl", partial) == cached
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # neither folder nor cache: the download is refused at once
+    with pytest.raises(SystemExit, match="aya_evaluation/test_datasets.json.*--eval_data_dir"):
+        data_file("ref_gpt4/aya_testset.json", partial)
 
 
 # --- judge identity, settings, structured output, parsers, timeouts, subsets (issue 17) ----------------------
@@ -359,42 +403,67 @@ def _one_vicuna(tmp_path, n=2):
 def test_judge_name_checked_against_model_list_and_recorded(tmp_path, caplog, served, listed):
     _one_vicuna(tmp_path)
     with ScriptedServer(rating_reply, served_model=served) as server:
+        if listed is False:  # a name the endpoint does not list is refused before anything is judged
+            with pytest.raises(SystemExit, match="does not list --judge_model 'judge-x'.*'local-model.gguf'.*"
+                                                 "--judge_allow_unlisted"):
+                judge_cli(tmp_path, server.url, ["vicuna"])
+            assert not server.judged()
         with caplog.at_level("WARNING", logger="evaluation.judge"):
-            judge_cli(tmp_path, server.url, ["vicuna"], "--judge_max_tokens", "300")
+            judge_cli(tmp_path, server.url, ["vicuna"], "--judge_max_tokens", "300",
+                      *(["--judge_allow_unlisted"] if listed is False else []))
     assert all(body["max_tokens"] == 300 for body in server.requests if request_key(body) != "preflight")
     warnings = " ".join(r.getMessage() for r in caplog.records)
-    if listed is False:
-        assert "does not list --judge_model 'judge-x'" in warnings and "'local-model.gguf'" in warnings
-    elif listed is None:
+    if listed is None:
         assert "does not list its models" in warnings
-    else:
+    elif listed:
         assert "does not list" not in warnings
     rows = read_judgments(tmp_path / "vicuna" / "judgments" / "m1__judge-x.jsonl")
     assert len(rows) == 2
     for row in rows:
         assert row["judge_endpoint"] == server.url and row["judge_model"] == "judge-x"
-        assert row["judge_reported_model"] == (served or "judge-x")
+        assert row["judge_reported_model"] == (served or "judge-x")  # what each reply said
         assert row["judge_model_listed"] is listed
-        assert row["judge_settings"] == {"max_tokens": 300, "response_format": "text", "parser": "fastchat",
-                                         "timeout_s": 120.0, "max_retries": 6}
+        assert row["judge_settings"] == {"judge_model": "judge-x", "response_format": "text", "max_tokens": 300,
+                                         "parser": "fastchat"}
 
 
 @needs_eval_data
-def test_structured_output_sends_schema_and_parses_json(tmp_path):
-    from evaluation.judge import JUDGMENT_SCHEMA
+@pytest.mark.parametrize("dialect, chosen", [("llama-cpp-python", "json_object"), ("vllm", "json_schema")])
+def test_auto_response_format_picks_the_form_the_server_follows(tmp_path, dialect, chosen):
+    from evaluation.judge import RESPONSE_FORMATS
 
     items = _one_vicuna(tmp_path)
 
-    def reply(key, calls):  # a JSON reply, as a server enforcing the schema returns
-        return 200, json.dumps({"explanation": "fine", "rating": 4 if key.startswith(items[0].question_id) else 9}), 0
+    def reply(key, calls):  # what the judge "means"; the dialect turns it into schema JSON
+        return 200, f"Rating: [[{4 if key.startswith(items[0].question_id) else 9}]]", 0.0
 
-    with ScriptedServer(reply) as server:
-        judge_cli(tmp_path, server.url, ["vicuna"], "--judge_response_format", "json_schema")
+    with ScriptedServer(reply, dialect=dialect) as server:
+        judge_cli(tmp_path, server.url, ["vicuna"], "--judge_response_format", "auto")
     judged = [b for b in server.requests if request_key(b) != "preflight"]
-    assert judged and all(b["response_format"] == JUDGMENT_SCHEMA for b in judged)
+    assert judged and all(b["response_format"] == RESPONSE_FORMATS[chosen] for b in judged)
     rows = {r["question_id"]: r for r in read_judgments(tmp_path / "vicuna" / "judgments" / "m1__judge-x.jsonl")}
     assert rows[items[0].question_id]["score"] == 4.0 and rows[items[1].question_id]["score"] == 9.0
-    assert rows[items[0].question_id]["judge_settings"]["response_format"] == "json_schema"
+    assert json.loads(rows[items[0].question_id]["judgment"])["rating"] == 4.0
+    assert rows[items[0].question_id]["judge_settings"]["response_format"] == chosen  # what was used
+    assert rows[items[0].question_id]["judge_patience"]["response_format_asked"] == "auto"
+
+
+@needs_eval_data
+def test_refused_response_format_names_the_one_that_fits_at_once(tmp_path):
+    _one_vicuna(tmp_path)
+    with ScriptedServer(rating_reply, dialect="llama-cpp-python") as server:
+        start = time.monotonic()
+        with pytest.raises(SystemExit, match="refuses --judge_response_format json_schema: use "
+                                             "--judge_response_format json_object"):
+            judge_cli(tmp_path, server.url, ["vicuna"], "--judge_response_format", "json_schema",
+                      "--judge_backoff", "2")
+        took = time.monotonic() - start
+    forms = [(b.get("response_format") or {}).get("type") for b in server.requests]
+    assert forms.count("json_schema") == 1  # a refusal is not retried (a retry would also wait 2 s)
+    assert took < 2 and not server.judged()
+    with ScriptedServer(rating_reply, dialect="vllm") as server:
+        judge_cli(tmp_path, server.url, ["vicuna"], "--judge_response_format", "json_schema")
+    assert [r["score"] for r in read_judgments(tmp_path / "vicuna" / "judgments" / "m1__judge-x.jsonl")] == [7.0] * 2
 
 
 def test_lenient_parser_forms():
@@ -407,6 +476,10 @@ def test_lenient_parser_forms():
     assert parse_score_lenient("Rating: 3 at first, but on reflection Rating: 5") == 5.0  # the verdict comes last
     assert parse_score_lenient("Still [[2]] wins over Rating: 8") == 2.0  # FastChat's form first
     assert parse_score_lenient("Rating: 70") == -1 and parse_score_lenient("no number") == -1
+    # A scale or a range is not a verdict (a small judge echoing the rubric).
+    assert parse_score_lenient("[Rating: 1-4]") == -1 and parse_score_lenient("Score: 1 to 10") == -1
+    assert parse_score_lenient("Rate on a scale of 1-10/10. Rating: 1-4, then Rating: 6") == 6.0
+    assert parse_score_lenient("a 1-10/10 scale") == -1
     assert parse_structured('{"explanation": "x", "rating": 3}', parse_score) == 3.0
     assert parse_structured("not JSON, Rating: [[5]]", parse_score) == 5.0
     assert parse_structured('{"rating": "high"}', parse_score) == -1
