@@ -55,16 +55,20 @@ REF_GPT4_CHOICES = ("authors", "own")
 
 def ref_gpt4_prompts(choice: str, eval_data_dir=None) -> dict[str, JudgePrompt]:
     """The Ref-GPT4 prompts: the authors' (read at run time from their judge scripts at a pinned commit) or our
-    own wording; our wording, labelled a fallback, when the authors' scripts cannot be had."""
-    if choice == "authors":
+    own wording; our wording, labelled a fallback, for a script that cannot be had."""
+    chosen = {}
+    for name, (system, template) in OWN_REF_GPT4.items():
+        chosen[name] = JudgePrompt(system, template, "own wording")
+        if choice != "authors":
+            continue
         try:
-            return {name: JudgePrompt(p.system, p.template, p.source) for name, p in
-                    ((name, data.read_authors_prompt(rel, eval_data_dir)) for name, rel in AUTHORS_REF_GPT4.items())}
+            p = data.read_authors_prompt(AUTHORS_REF_GPT4[name], eval_data_dir)
+            chosen[name] = JudgePrompt(p.system, p.template, p.source)
         except SystemExit as err:
-            logger.warning("The authors' Ref-GPT4 judge prompts are not available (%s); judging with this project's "
-                           "own wording, labelled 'own wording (fallback)' in every row.", err)
-            return {n: JudgePrompt(*p, "own wording (fallback)") for n, p in OWN_REF_GPT4.items()}
-    return {n: JudgePrompt(*p, "own wording") for n, p in OWN_REF_GPT4.items()}
+            logger.warning("The authors' %s judge prompt is not available (%s); judging with this project's own "
+                           "wording, labelled 'own wording (fallback)' in every row.", name, err)
+            chosen[name] = JudgePrompt(system, template, "own wording (fallback)")
+    return chosen
 
 
 # A grader scores one request locally and returns (score, explanation); None means "ask the LLM judge".

@@ -244,6 +244,7 @@ def judge_benchmark(args, bench: Benchmark, items, assets: Assets, judge: LLMJud
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    models = judge_models(args)
     open_benches = {n: BENCHMARKS[n] for n in args.benchmarks if n in BENCHMARKS}
     answering = args.stage in ("all", "answer")
     # Everything that can fail fast does so before the (slow) model work: every benchmark's data, then the judge.
@@ -254,7 +255,6 @@ def main(argv=None) -> None:
         bench = CLOSED[name]()
         closed[name] = bench, select(name, bench.load(args), bench.question_id, bench.stratum, args)
     judging = args.stage in ("all", "judge") and bool(open_benches)
-    models = judge_models(args)
     needs_llm = [n for n, b in open_benches.items() if b.graders[grader_name(b, args)] is None] if judging else []
     ref_gpt4 = any(n in ("aya", "chatbot", "wildchat") for n in needs_llm)
     assets = Assets(load_judge_prompts(args.eval_data_dir) if judging else {},

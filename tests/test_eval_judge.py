@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from contextlib import suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -596,3 +597,148 @@ def test_judge_stage_and_finished_answers_load_no_model(tmp_path):
                       "--include_base", "--limit", "2", "--subset_seed", "0")
     rows = read_judgments(tmp_path / "vicuna" / "judgments" / "base_no-such-model__judge-x.jsonl")
     assert len(rows) == 2 and len(server.judged()) == 2  # judged once; the second stage found it done
+
+
+# --- judgments keyed by their settings; per-request timeouts; patient pre-flight (issue 25) -------------------
+@needs_eval_data
+def test_changed_settings_make_new_judgments_and_a_parser_change_asks_no_one(tmp_path):
+    from evaluation.show_results import report
+
+    _one_vicuna(tmp_path)
+    path = tmp_path / "vicuna" / "judgments" / "m1__judge-x.jsonl"
+    with ScriptedServer(lambda key, calls: (200, "Helpful.\nRating: 7", 0.0)) as server:
+        judge_cli(tmp_path, server.url, ["vicuna"])
+        asked = len(server.judged())
+        judge_cli(tmp_path, server.url, ["vicuna"], "--judge_parser", "lenient")  # the stored replies re-read
+        assert len(server.judged()) == asked == 2
+        judge_cli(tmp_path, server.url, ["vicuna"], "--judge_parser", "lenient")  # nothing new to do
+        judge_cli(tmp_path, server.url, ["vicuna"], "--judge_max_tokens", "300")  # a new reply is needed
+        assert len(server.judged()) == 4
+    rows = read_judgments(path)
+    by_settings = Counter((r["judge_settings"]["parser"], r["judge_settings"]["max_tokens"], r["score"]) for r in rows)
+    assert by_settings == {("fastchat", 2048, -1.0): 2, ("lenient", 2048, 7.0): 2, ("fastchat", 300, -1.0): 2}
+    assert {r.get("reparsed_from") for r in rows if r["judge_settings"]["parser"] == "lenient"} == {"fastchat"}
+    text = report(tmp_path)  # three columns, each with its settings
+    columns = re.findall(r"Vicuna \[judge-x #(\w{6})\]", text.split("\n\n")[1])
+    assert len(set(columns)) == 3
+    settings_lines = [line for line in text.splitlines()
+                      if line.startswith("| vicuna | judge-x #") and line.count(" | ") == 8]
+    assert sorted(line.split(" | ")[6:8] for line in settings_lines) == [["fastchat", "2048"], ["fastchat", "300"],
+                                                                          ["lenient", "2048"]]
+
+
+@needs_eval_data
+def test_rejudge_failures_rereads_with_the_new_parser_then_asks_for_the_rest(tmp_path):
+    items = _one_vicuna(tmp_path)
+    say = {items[0].question_id: "Helpful.\nRating: 7", items[1].question_id: "Helpful."}
+
+    def reply(key, calls):  # the second answer gets a rating only when asked again
+        return 200, say[key.rsplit("-t", 1)[0]] if calls == 0 else "Rating: [[3]]", 0.0
+
+    with ScriptedServer(reply) as server:
+        judge_cli(tmp_path, server.url, ["vicuna"])
+        judge_cli(tmp_path, server.url, ["vicuna"], "--judge_parser", "lenient", "--rejudge_failures")
+    assert Counter(server.judged()) == {f"{items[0].question_id}-t1": 1, f"{items[1].question_id}-t1": 2}
+    lenient = {r["question_id"]: r["score"] for r in read_judgments(tmp_path / "vicuna" / "judgments" /
+                                                                      "m1__judge-x.jsonl")
+               if r["judge_settings"]["parser"] == "lenient"}
+    assert lenient == {items[0].question_id: 7.0, items[1].question_id: 3.0}
+
+
+def test_a_request_held_up_by_another_client_times_out_alone(tmp_path):
+    """A one-slot server busy with another client's request for 3 s: of four requests sent together with a 2 s
+    timeout only the oldest times out; the others' clocks start when it is given up on. (Counting every
+    request's time from the last reply to this run failed all four at 2 s.)"""
+    from evaluation.judge import JudgeRequest, judge_all
+    import urllib.request
+
+    def reply(key, calls):
+        return 200, "Rating: [[6]]", 3.0 if key == "other-t1" else 0.3
+
+    with ScriptedServer(reply, slots=1) as server:
+        def other_client():
+            body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "ANS-other-t1"}]}).encode()
+            with suppress(OSError):
+                urllib.request.urlopen(urllib.request.Request(server.url + "/chat/completions", body,
+                                                              {"Content-Type": "application/json"}), timeout=30)
+        threading.Thread(target=other_client, daemon=True).start()
+        while "other-t1" not in server.started:
+            time.sleep(0.01)
+        judge = LLMJudge(JudgeConfig(model="judge-x", base_url=server.url, timeout_s=2.0, max_retries=0))
+        requests = [JudgeRequest(f"q{i}", 1, "p", "", f"answer ANS-q{i}-t1", 0.0) for i in range(4)]
+        try:
+            counts = judge_all(requests, judge.grade, tmp_path / "j.jsonl", {}, concurrency=4)
+        finally:
+            judge.close()
+    assert counts["errors"] == 1 and counts["judged"] == 3
+    assert [r["score"] for r in read_judgments(tmp_path / "j.jsonl")] == [6.0] * 3
+
+
+def test_preflight_waits_for_a_busy_server_within_its_bound():
+    def reply(key, calls):  # the first two pre-flight requests wait 3 s, longer than the 1 s timeout
+        return 200, "OK", 3.0 if calls < 2 else 0.0
+
+    with ScriptedServer(reply) as server:
+        patient = LLMJudge(JudgeConfig(model="judge-x", base_url=server.url, timeout_s=1.0, max_retries=0,
+                                       backoff_s=0.01, preflight_s=30))
+        try:
+            patient.preflight()  # timeouts of 1 s, then 2 s, then 4 s: the third try is answered
+        finally:
+            patient.close()
+        assert server.calls["preflight"] == 3
+        hasty = LLMJudge(JudgeConfig(model="judge-x", base_url=server.url, timeout_s=1.0, max_retries=0,
+                                     backoff_s=0.01, preflight_s=0.5))
+        server.calls.clear()
+        try:
+            with pytest.raises(SystemExit, match="is not usable.*JudgeTimeout"):
+                hasty.preflight()
+        finally:
+            hasty.close()
+
+
+@needs_eval_data
+def test_authors_prompts_read_from_their_script_or_own_wording_labelled(tmp_path, monkeypatch):
+    from evaluation.judge import prompt_hash
+
+    monkeypatch.setenv("FEDLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    items = BENCHMARKS["chatbot"].load(EVAL_DATA)[:1]
+    write_answers(tmp_path, "chatbot", "m1", items)
+    path = tmp_path / "chatbot" / "judgments" / "m1__judge-x.jsonl"
+    with ScriptedServer(rating_reply) as server:
+        judge_cli(tmp_path, server.url, ["chatbot"])  # offline, no copy: this project's wording, labelled
+        fallback = read_judgments(path)
+        assert [r["prompt_source"] for r in fallback] == ["own wording (fallback)"]
+        # The authors' script as their repository has it at the pinned commit, in the cache (a stand-in text).
+        system, template = "SYSTEM-S", "[Instruction]\nT-MARK {question}\n[A]\n{answer}\n[/A]"
+        script = tmp_path / "cache" / "eval_data" / "fedllm_bench" / "gen_judge_bench.py"
+        script.parent.mkdir(parents=True)
+        script.write_text(f"import json\ntemplate = {template!r}\n"
+                          f"messages = [{{'role': 'system', 'content': {system!r}}}, {{'role': 'user', 'content': 'x'}}]\n")
+        judge_cli(tmp_path, server.url, ["chatbot"])  # another prompt: a new judgment, not the old one reused
+    body = server.requests[-1]
+    assert body["messages"] == [{"role": "system", "content": system}, {"role": "user", "content": template.format(
+        question=items[0].turns[0], answer=f"answer ANS-{items[0].question_id}-t1")}]
+    rows = read_judgments(path)
+    assert len(rows) == 2 and len(server.judged()) == 2
+    authors = next(r for r in rows if r["prompt_source"] != "own wording (fallback)")
+    assert authors["prompt_source"] == "FedLLM-Bench gen_judge_bench.py@02cc268"
+    assert authors["prompt_hash"] == prompt_hash(system, template) != fallback[0]["prompt_hash"]
+
+
+@needs_eval_data
+def test_each_benchmark_judged_by_the_authors_judge_and_turn_one_only(tmp_path):
+    items = BENCHMARKS["mtbench"].load(EVAL_DATA)[:2]
+    write_answers(tmp_path, "mtbench", "m1", items)
+    _one_vicuna(tmp_path)
+    with ScriptedServer(rating_reply) as server:  # it echoes the model asked for and lists none
+        eval_run.main(["--stage", "judge", "--output_dir", str(tmp_path), "--eval_data_dir", str(EVAL_DATA),
+                       "--judge_base_url", server.url, "--judge_backoff", "0.01", "--judge_turns", "1",
+                       "--benchmarks", "mtbench", "vicuna"])
+    asked = Counter((b["model"], request_key(b).rsplit("-t", 1)[1]) for b in server.requests
+                    if request_key(b) != "preflight")
+    assert asked == {("gpt-4-1106-preview", "1"): 2, ("gpt-4", "1"): 2}  # no MT-Bench turn 2
+    assert len(read_judgments(tmp_path / "mtbench" / "judgments" / "m1__gpt-4-1106-preview.jsonl")) == 2
+    assert len(read_judgments(tmp_path / "vicuna" / "judgments" / "m1__gpt-4.jsonl")) == 2
+    with pytest.raises(SystemExit, match="--judge_models 'mt=x' is not BENCH=MODEL"):
+        eval_run.main(["--stage", "judge", "--judge_models", "mt=x", "--output_dir", str(tmp_path)])
