@@ -188,3 +188,33 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("chatbot", data.load_chatbot, _sampled(1024), _ref_gpt4_requests),
     Benchmark("wildchat", data.load_wildchat, _sampled(1024), _ref_gpt4_requests),
 )}
+
+
+@dataclass(frozen=True)
+class JudgeLoad:
+    """What judging one model's answers to a benchmark costs: calls, and input tokens with every answer at its
+    length cap (an upper bound; text counted at 4 characters a token). Each call also writes up to
+    --judge_max_tokens tokens."""
+    calls: int
+    input_tokens: int
+
+
+CHARS_PER_TOKEN = 4
+
+
+def judge_load(name: str, turn1_only: bool = False, eval_data_dir=None, limit: int | None = None) -> JudgeLoad:
+    """The judge calls and input tokens of one model's answers to benchmark `name` (its first `limit` questions
+    when given). Needs the benchmark's data (and FastChat's judge prompts for MT-Bench and Vicuna)."""
+    bench = BENCHMARKS[name]
+    items = bench.load(eval_data_dir)[:limit]
+    fastchat = data.load_judge_prompts(eval_data_dir) if name in ("mtbench", "vicuna") else {}
+    assets = Assets(fastchat, {n: JudgePrompt(*p, "own wording") for n, p in OWN_REF_GPT4.items()})
+    calls = tokens = 0
+    for item in items:
+        cap = bench.decoding(item).max_new_tokens
+        for request in bench.requests(item, [""] * len(item.turns), assets):
+            if turn1_only and request.turn > 1:
+                continue
+            calls += 1
+            tokens += (len(request.system) + len(request.user)) // CHARS_PER_TOKEN + cap * request.turn
+    return JudgeLoad(calls, tokens)

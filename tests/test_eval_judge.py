@@ -742,3 +742,23 @@ def test_each_benchmark_judged_by_the_authors_judge_and_turn_one_only(tmp_path):
     assert len(read_judgments(tmp_path / "vicuna" / "judgments" / "m1__gpt-4.jsonl")) == 2
     with pytest.raises(SystemExit, match="--judge_models 'mt=x' is not BENCH=MODEL"):
         eval_run.main(["--stage", "judge", "--judge_models", "mt=x", "--output_dir", str(tmp_path)])
+
+
+@needs_eval_data
+def test_run_all_dry_run_counts_judge_calls_and_judges_turn_one_where_only_it_is_read(tmp_path, capsys):
+    from reproduce.__main__ import main as run_all
+
+    run_all(["--dry-run", "--only", "table4,table8", "--eval_data_dir", str(EVAL_DATA),
+             "--results_dir", str(tmp_path), "--judge_base_url", "http://127.0.0.1:9/v1"])
+    out = capsys.readouterr().out
+    evaluations = [line for line in out.splitlines() if "-m evaluation.run" in line and "mtbench" in line]
+    single = [line for line in evaluations if "fed-wildchat__" in line]
+    multi = [line for line in evaluations if "fed-wildchat-mt__" in line]
+    assert single and multi and "--judge_model" not in out  # each benchmark gets the authors' judge
+    assert all("--judge_turns 1" in line for line in single)  # Table 4 reads MT-1 of single-turn runs
+    assert not any("--judge_turns" in line for line in multi)  # ... and MT-2 of multi-turn runs
+    # Table 8: 7 models on MT-Bench turn 1 = 7 x 80 calls.
+    assert "table8: 560 judge calls" in out
+    total = re.search(r"all tables: (\d+) judge calls.*; (\d+) calls if every MT-Bench turn 2 were judged", out)
+    turn1_models = len({line.split("--checkpoints ")[1].split()[0] for line in evaluations if "--judge_turns 1" in line})
+    assert int(total.group(2)) - int(total.group(1)) == 80 * turn1_models
