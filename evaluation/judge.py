@@ -90,22 +90,13 @@ def parse_score_lenient(text: str) -> float:
 PARSERS: dict[str, Callable[[str], float]] = {"fastchat": parse_score, "lenient": parse_score_lenient}
 
 
-def structured_rating(text: str) -> float:
-    """The numeric `rating` of a JSON reply, or -1."""
-    try:
-        value = json.loads(text)["rating"]
-    except (ValueError, TypeError, KeyError):
-        return FAILED
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else FAILED
-
-
 def parse_structured(text: str, fallback: Callable[[str], float]) -> float:
     """The `rating` of a JSON reply (structured output); a reply that is not such JSON goes to `fallback`."""
     try:
-        json.loads(text)
-    except (ValueError, TypeError):
+        value = json.loads(text)["rating"]
+    except (ValueError, TypeError, KeyError):
         return fallback(text)
-    return structured_rating(text)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else FAILED
 
 
 def prompt_hash(system: str, template: str) -> str:
@@ -334,7 +325,8 @@ class LLMJudge:
                                 patience_s=self.config.preflight_s)
         except FormatRefused:
             return "refused"
-        return "followed" if structured_rating(reply.choices[0].message.content or "") != FAILED else "ignored"
+        followed = parse_structured(reply.choices[0].message.content or "", lambda text: FAILED) != FAILED
+        return "followed" if followed else "ignored"
 
     def _settle_format(self) -> None:
         """Resolve "auto" to the first structured form the endpoint follows (else text); refuse an explicit

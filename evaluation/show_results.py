@@ -106,13 +106,12 @@ def settings_table(found) -> str:
              "| max tokens | prompts |", "|---" * 9 + "|"]
     seen = {}
     for (benchmark, _, judge), rows in sorted(found.items()):
-        entry = seen.setdefault((benchmark, judge), {"rows": [], "reported": set(), "listed": set()})
-        entry["rows"].append(rows[0])
+        entry = seen.setdefault((benchmark, judge), {"settings": settings_of(rows[0]), "reported": set(),
+                                                     "listed": set()})
         entry["reported"].update(r.get("judge_reported_model") for r in rows if r.get("judge_reported_model"))
         entry["listed"].update(r.get("judge_model_listed") for r in rows if "judge_model_listed" in r)
     for (benchmark, judge), entry in seen.items():
-        first = entry["rows"][0]
-        settings = settings_of(first)
+        settings = entry["settings"]
         if not settings.get("judge_model"):
             continue  # a rule or a local scorer: nothing to show
         asked = settings["judge_model"]

@@ -426,6 +426,10 @@ def test_judge_name_checked_against_model_list_and_recorded(tmp_path, caplog, se
         assert row["judge_model_listed"] is listed
         assert row["judge_settings"] == {"judge_model": "judge-x", "response_format": "text", "max_tokens": 300,
                                          "parser": "fastchat"}
+    from evaluation.show_results import report
+
+    flags = {False: "| local-model.gguf **(!)** | no **(!)** |", True: "| judge-x | yes |", None: "| judge-x | unknown |"}
+    assert f"| vicuna | judge-x | judge-x {flags[listed]} text | fastchat | 300 |" in report(tmp_path)
 
 
 @needs_eval_data
