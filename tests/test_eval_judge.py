@@ -650,16 +650,18 @@ def test_rejudge_failures_rereads_with_the_new_parser_then_asks_for_the_rest(tmp
 
 
 def test_a_request_held_up_by_another_client_times_out_alone(tmp_path):
-    """A one-slot server busy with another client's request for 3 s: of four requests sent together with a 2 s
-    timeout only the oldest times out; the others' clocks start when it is given up on. (Counting every
-    request's time from the last reply to this run failed all four at 2 s.)"""
+    """A one-slot server busy with another client's request for 3.5 s: of four requests sent together with a
+    2.5 s timeout only the oldest times out; the next one's clock starts then, and the server is free again
+    before it runs out. (Counted from the last reply to this run, as before, all four timed out at 2.5 s.)"""
     from evaluation.judge import JudgeRequest, judge_all
     import urllib.request
 
     def reply(key, calls):
-        return 200, "Rating: [[6]]", 3.0 if key == "other-t1" else 0.3
+        return 200, "Rating: [[6]]", 3.5 if key == "other-t1" else 0.1
 
     with ScriptedServer(reply, slots=1) as server:
+        judge = LLMJudge(JudgeConfig(model="judge-x", base_url=server.url, timeout_s=2.5, max_retries=0))
+
         def other_client():
             body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "ANS-other-t1"}]}).encode()
             with suppress(OSError):
@@ -668,7 +670,6 @@ def test_a_request_held_up_by_another_client_times_out_alone(tmp_path):
         threading.Thread(target=other_client, daemon=True).start()
         while "other-t1" not in server.started:
             time.sleep(0.01)
-        judge = LLMJudge(JudgeConfig(model="judge-x", base_url=server.url, timeout_s=2.0, max_retries=0))
         requests = [JudgeRequest(f"q{i}", 1, "p", "", f"answer ANS-q{i}-t1", 0.0) for i in range(4)]
         try:
             counts = judge_all(requests, judge.grade, tmp_path / "j.jsonl", {}, concurrency=4)
