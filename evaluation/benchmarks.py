@@ -86,6 +86,7 @@ class Benchmark:
     default_grader: str = "llm"
     stratum: Callable[[data.Item], str] = lambda item: ""  # what a --limit subset is balanced over
     judge_model: str = "gpt-4"  # the authors' judge for this benchmark (their released judge scripts)
+    ref_gpt4: bool = False  # judged with the Ref-GPT4 prompts (Assets.ref_gpt4)
 
 
 # --- MT-Bench: FastChat single-answer grading, reference prompts for math, reasoning and coding -------------
@@ -184,9 +185,10 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               graders={"paper": refusal_rule(prompts.PAPER_REFUSALS),
                        "corrected": refusal_rule(prompts.CORRECTED_REFUSALS), "llm": None},
               default_grader="paper"),
-    Benchmark("aya", data.load_aya, _sampled(1024), _ref_gpt4_requests, stratum=lambda item: item.language),
-    Benchmark("chatbot", data.load_chatbot, _sampled(1024), _ref_gpt4_requests),
-    Benchmark("wildchat", data.load_wildchat, _sampled(1024), _ref_gpt4_requests),
+    Benchmark("aya", data.load_aya, _sampled(1024), _ref_gpt4_requests, stratum=lambda item: item.language,
+              ref_gpt4=True),
+    Benchmark("chatbot", data.load_chatbot, _sampled(1024), _ref_gpt4_requests, ref_gpt4=True),
+    Benchmark("wildchat", data.load_wildchat, _sampled(1024), _ref_gpt4_requests, ref_gpt4=True),
 )}
 
 
@@ -204,10 +206,10 @@ CHARS_PER_TOKEN = 4
 
 def judge_load(name: str, turn1_only: bool = False, eval_data_dir=None, limit: int | None = None) -> JudgeLoad:
     """The judge calls and input tokens of one model's answers to benchmark `name` (its first `limit` questions
-    when given). Needs the benchmark's data (and FastChat's judge prompts for MT-Bench and Vicuna)."""
+    when given). Needs the benchmark's data (and FastChat's judge prompts, but for Ref-GPT4)."""
     bench = BENCHMARKS[name]
     items = bench.load(eval_data_dir)[:limit]
-    fastchat = data.load_judge_prompts(eval_data_dir) if name in ("mtbench", "vicuna") else {}
+    fastchat = {} if bench.ref_gpt4 else data.load_judge_prompts(eval_data_dir)
     assets = Assets(fastchat, {n: JudgePrompt(*p, "own wording") for n, p in OWN_REF_GPT4.items()})
     calls = tokens = 0
     for item in items:

@@ -9,8 +9,8 @@ as JSONL, appended as made:
     <benchmark>/answers/<model_id>.jsonl             one row per question (all turns)
     <benchmark>/judgments/<model_id>__<judge>.jsonl  one row per (question, turn, judge settings), score -1 if
                                                      unparseable
-A rerun skips what is already there (judgments with the same settings), and loads no model when nothing is left to answer or score. Missing data
-of any benchmark and bad judge settings fail before any model is loaded. `--limit N` answers a seeded subset
+A rerun skips what is already there (judgments with the same settings), and loads no model when nothing is
+left to answer or score. Missing data of any benchmark and bad judge settings fail before any model is loaded. `--limit N` answers a seeded subset
 balanced over categories, languages or subjects; its question ids go to <benchmark>/subset.json.
 """
 from __future__ import annotations
@@ -231,7 +231,8 @@ def judge_benchmark(args, bench: Benchmark, items, assets: Assets, judge: LLMJud
     for path in files:
         answers = read_answers(path)
         requests = [r for qid, row in answers.items() if qid in by_id
-                    for r in bench.requests(by_id[qid], row["turns"], assets) if max_turn is None or r.turn <= max_turn]
+                    for r in bench.requests(by_id[qid], row["turns"], assets)
+                    if max_turn is None or r.turn <= max_turn]
         meta = {"model_id": path.stem, "benchmark": bench.name, "judge": tag, **({} if rule else judge.identity())}
         counts = judge_all(requests, rule or judge.grade, out / "judgments" / f"{path.stem}__{tag}.jsonl", meta,
                            concurrency=args.judge_concurrency, rejudge_failures=args.rejudge_failures,
@@ -256,7 +257,7 @@ def main(argv=None) -> None:
         closed[name] = bench, select(name, bench.load(args), bench.question_id, bench.stratum, args)
     judging = args.stage in ("all", "judge") and bool(open_benches)
     needs_llm = [n for n, b in open_benches.items() if b.graders[grader_name(b, args)] is None] if judging else []
-    ref_gpt4 = any(n in ("aya", "chatbot", "wildchat") for n in needs_llm)
+    ref_gpt4 = any(open_benches[n].ref_gpt4 for n in needs_llm)
     assets = Assets(load_judge_prompts(args.eval_data_dir) if judging else {},
                     ref_gpt4_prompts(args.ref_gpt4_prompts, args.eval_data_dir) if ref_gpt4 else {})
     # One judge per model name: benchmarks that share a judge share its connection and its pre-flight.
