@@ -49,7 +49,8 @@ class Assets:
 
 OWN_REF_GPT4 = {"ref-gpt4": (prompts.RATER_SYSTEM, prompts.REF_GPT4_NO_REFERENCE),
                 "ref-gpt4-reference": (prompts.RATER_SYSTEM, prompts.REF_GPT4_WITH_REFERENCE)}
-AUTHORS_REF_GPT4 = {"ref-gpt4": "fedllm_bench/gen_judge_bench.py", "ref-gpt4-reference": "fedllm_bench/gen_judge_aya.py"}
+AUTHORS_REF_GPT4 = {"ref-gpt4": "fedllm_bench/gen_judge_bench.py",
+                    "ref-gpt4-reference": "fedllm_bench/gen_judge_aya.py"}
 REF_GPT4_CHOICES = ("authors", "own")
 
 

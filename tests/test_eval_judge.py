@@ -428,7 +428,8 @@ def test_judge_name_checked_against_model_list_and_recorded(tmp_path, caplog, se
                                          "parser": "fastchat"}
     from evaluation.show_results import report
 
-    flags = {False: "| local-model.gguf **(!)** | no **(!)** |", True: "| judge-x | yes |", None: "| judge-x | unknown |"}
+    flags = {False: "| local-model.gguf **(!)** | no **(!)** |", True: "| judge-x | yes |",
+             None: "| judge-x | unknown |"}
     assert f"| vicuna | judge-x | judge-x {flags[listed]} text | fastchat | 300 |" in report(tmp_path)
 
 
@@ -719,7 +720,8 @@ def test_authors_prompts_read_from_their_script_or_own_wording_labelled(tmp_path
         script = tmp_path / "cache" / "eval_data" / "fedllm_bench" / "gen_judge_bench.py"
         script.parent.mkdir(parents=True)
         script.write_text(f"import json\ntemplate = {template!r}\n"
-                          f"messages = [{{'role': 'system', 'content': {system!r}}}, {{'role': 'user', 'content': 'x'}}]\n")
+                          f"messages = [{{'role': 'system', 'content': {system!r}}},\n"
+                          "            {'role': 'user', 'content': 'x'}]\n")
         judge_cli(tmp_path, server.url, ["chatbot"])  # another prompt: a new judgment, not the old one reused
     body = server.requests[-1]
     assert body["messages"] == [{"role": "system", "content": system}, {"role": "user", "content": template.format(
@@ -765,5 +767,6 @@ def test_run_all_dry_run_counts_judge_calls_and_judges_turn_one_where_only_it_is
     # Table 8: 7 models on MT-Bench turn 1 = 7 x 80 calls.
     assert "table8: 560 judge calls" in out
     total = re.search(r"all tables: (\d+) judge calls.*; (\d+) calls if every MT-Bench turn 2 were judged", out)
-    turn1_models = len({line.split("--checkpoints ")[1].split()[0] for line in evaluations if "--judge_turns 1" in line})
+    turn1_models = len({line.split("--checkpoints ")[1].split()[0] for line in evaluations
+                        if "--judge_turns 1" in line})
     assert int(total.group(2)) - int(total.group(1)) == 80 * turn1_models
