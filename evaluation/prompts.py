@@ -1,7 +1,9 @@
 """Judge prompts this project writes itself, and the AdvBench refusal-phrase lists.
 
-MT-Bench and Vicuna use FastChat's published judge prompts (read at run time, Apache-2.0). The Ref-GPT4 and
-AdvBench-judge prompts below are our own wording of the paper's rubric: a 1-10 rating written as "[[rating]]".
+MT-Bench and Vicuna use FastChat's published judge prompts (read at run time, Apache-2.0); Ref-GPT4 uses the
+authors' prompts, read at run time from their judge scripts (evaluation/data.py). The Ref-GPT4 prompts below
+are our own wording of the paper's rubric, used with --ref_gpt4_prompts own or, labelled, when the authors'
+scripts cannot be had; the AdvBench-judge prompt is ours. All ask for a 1-10 rating written as "[[rating]]".
 """
 from __future__ import annotations
 

@@ -1,14 +1,18 @@
 """Evaluate a base model and LoRA checkpoints: answers, judgments and closed-ended scores.
 
     python -m evaluation.run --checkpoints runs/aya/checkpoint-100 runs/aya/checkpoint-200 \
-        --benchmarks mtbench vicuna advbench aya mmlu humaneval --judge_model gpt-4-1106-preview
+        --benchmarks mtbench vicuna advbench aya mmlu humaneval
 
-Everything lands under --output_dir as JSONL, appended as made:
+Each benchmark is judged by the authors' judge (MT-Bench gpt-4-1106-preview, the others gpt-4) unless
+--judge_model (all) or --judge_models BENCH=MODEL (some) say otherwise. Everything lands under --output_dir
+as JSONL, appended as made:
     <benchmark>/answers/<model_id>.jsonl             one row per question (all turns)
-    <benchmark>/judgments/<model_id>__<judge>.jsonl  one row per (question, turn), score -1 if unparseable
-A rerun skips what is already there, and loads no model when nothing is left to answer or score. Missing data
-of any benchmark and bad judge settings fail before any model is loaded. `--limit N` answers a seeded subset
-balanced over categories, languages or subjects; its question ids go to <benchmark>/subset.json.
+    <benchmark>/judgments/<model_id>__<judge>.jsonl  one row per (question, turn, judge settings), score -1 if
+                                                     unparseable
+A rerun skips what is already there (judgments with the same settings), and loads no model when nothing is
+left to answer or score. Missing data of any benchmark and bad judge settings fail before any model is
+loaded. `--limit N` answers a seeded subset balanced over categories, languages or subjects; its question
+ids go to <benchmark>/subset.json.
 """
 from __future__ import annotations
 
@@ -20,9 +24,9 @@ from pathlib import Path
 
 from evaluation import humaneval, mmlu, mmlu_harness
 from evaluation.answers import answer_benchmark, read_answers
-from evaluation.benchmarks import BENCHMARKS, Assets, Benchmark
+from evaluation.benchmarks import BENCHMARKS, REF_GPT4_CHOICES, Assets, Benchmark, ref_gpt4_prompts
 from evaluation.data import load_judge_prompts
-from evaluation.judge import PARSERS, RESPONSE_FORMATS, JudgeConfig, LLMJudge, judge_all
+from evaluation.judge import AUTO, PARSERS, RESPONSE_FORMATS, JudgeConfig, LLMJudge, judge_all
 from evaluation.models import iter_models, resolve
 from evaluation.scores import done_keys
 from evaluation.subsets import record_subset, stratified_subset
@@ -106,19 +110,33 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="N questions of each benchmark, the same number per category/language/subject (seeded)")
     p.add_argument("--subset_seed", type=int, default=0, help="which --limit subset; recorded in subset.json")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the answers")
-    p.add_argument("--judge_model", default=JudgeConfig.model)
+    p.add_argument("--judge_model", default=None,
+                   help="one judge for every benchmark; default: the authors' (mtbench gpt-4-1106-preview, else gpt-4)")
+    p.add_argument("--judge_models", nargs="+", default=[], metavar="BENCH=MODEL",
+                   help="a judge for some benchmarks, e.g. mtbench=gpt-4o vicuna=gpt-4 (wins over --judge_model)")
+    p.add_argument("--judge_allow_unlisted", action="store_true",
+                   help="judge under a --judge_model the endpoint's GET /v1/models does not list")
+    p.add_argument("--judge_turns", choices=["all", "1"], default="all",
+                   help="1: judge MT-Bench turn 1 only (for tables that read only MT-Bench-1)")
+    p.add_argument("--ref_gpt4_prompts", choices=REF_GPT4_CHOICES, default="authors",
+                   help="authors: FedLLM-Bench's judge prompts, read from their scripts at a pinned commit (our "
+                        "wording, labelled, when they cannot be had); own: this project's wording")
     p.add_argument("--judge_base_url", default=None, help="OpenAI-compatible endpoint, e.g. http://host:8000/v1")
     p.add_argument("--judge_concurrency", type=int, default=4)
     p.add_argument("--judge_max_retries", type=int, default=JudgeConfig.max_retries)
     p.add_argument("--judge_max_tokens", type=int, default=JudgeConfig.max_tokens, help="length cap of a judgment")
     p.add_argument("--judge_timeout", type=float, default=JudgeConfig.timeout_s,
-                   help="seconds without a reply, not counting time queued behind this run's own requests")
-    p.add_argument("--judge_response_format", choices=list(RESPONSE_FORMATS), default=JudgeConfig.response_format,
-                   help="json_schema: ask for {explanation, rating} JSON (structured output, if the server has it)")
+                   help="seconds a request may take once it is the oldest of this run's requests in flight")
+    p.add_argument("--judge_preflight_timeout", type=float, default=JudgeConfig.preflight_s,
+                   help="seconds the pre-flight keeps retrying a busy judge (timeouts, 429, 5xx)")
+    p.add_argument("--judge_response_format", choices=[*RESPONSE_FORMATS, AUTO], default=JudgeConfig.response_format,
+                   help="ask for {explanation, rating} JSON: json_schema (OpenAI, vLLM, llama-server, SGLang), "
+                        "json_object (llama-cpp-python), auto (the first the endpoint follows, else text)")
     p.add_argument("--judge_parser", choices=list(PARSERS), default=JudgeConfig.parser,
                    help="fastchat: [[x]] or [x] (the paper's); lenient: also 'Rating: x', 'x/10'")
     p.add_argument("--judge_backoff", type=float, default=JudgeConfig.backoff_s, help="first retry delay (s)")
-    p.add_argument("--rejudge_failures", action="store_true", help="ask again where the score did not parse")
+    p.add_argument("--rejudge_failures", action="store_true",
+                   help="ask again where the score did not parse (after re-reading the stored reply)")
     p.add_argument("--advbench_judge", choices=["paper", "corrected", "llm"], default="paper",
                    help="paper: the paper's phrase list (fused-comma quirk kept); corrected: list fixed; llm")
     p.add_argument("--mmlu_dir", default=None, help="local MMLU (dev/ and test/ CSVs); default: download")
@@ -141,9 +159,20 @@ def grader_name(bench: Benchmark, args) -> str:
     return args.advbench_judge if args.advbench_judge in bench.graders else bench.default_grader
 
 
+def judge_models(args) -> dict[str, str]:
+    """The judge of each open benchmark: --judge_models, else --judge_model, else the authors' choice."""
+    chosen = {}
+    for spec in args.judge_models:
+        bench, sep, model = spec.partition("=")
+        if not sep or bench not in BENCHMARKS or not model:
+            raise SystemExit(f"--judge_models {spec!r} is not BENCH=MODEL with BENCH one of {', '.join(BENCHMARKS)}.")
+        chosen[bench] = model
+    return {name: chosen.get(name) or args.judge_model or bench.judge_model for name, bench in BENCHMARKS.items()}
+
+
 def judge_file_tag(bench: Benchmark, args) -> str:
     name = grader_name(bench, args)
-    return slug(args.judge_model) if bench.graders[name] is None else f"rule-{name}"
+    return slug(judge_models(args)[bench.name]) if bench.graders[name] is None else f"rule-{name}"
 
 
 def select(name: str, entries: list, question_id, stratum, args) -> list:
@@ -194,19 +223,21 @@ def generate_all(args, open_benches: dict, items: dict, closed: dict) -> list[st
 def judge_benchmark(args, bench: Benchmark, items, assets: Assets, judge: LLMJudge | None,
                     model_ids: list[str] | None) -> None:
     out = Path(args.output_dir) / bench.name
-    grader = bench.graders[grader_name(bench, args)] or judge.grade
+    rule = bench.graders[grader_name(bench, args)]
     tag = judge_file_tag(bench, args)
+    max_turn = 1 if args.judge_turns == "1" else None
     by_id = {item.question_id: item for item in items}
     files = [out / "answers" / f"{m}.jsonl" for m in model_ids] if model_ids else \
         sorted((out / "answers").glob("*.jsonl"))
     for path in files:
         answers = read_answers(path)
         requests = [r for qid, row in answers.items() if qid in by_id
-                    for r in bench.requests(by_id[qid], row["turns"], assets)]
-        meta = {"model_id": path.stem, "benchmark": bench.name, "judge": tag,
-                **(judge.identity() if bench.graders[grader_name(bench, args)] is None else {})}
-        counts = judge_all(requests, grader, out / "judgments" / f"{path.stem}__{tag}.jsonl", meta,
-                           concurrency=args.judge_concurrency, rejudge_failures=args.rejudge_failures)
+                    for r in bench.requests(by_id[qid], row["turns"], assets)
+                    if max_turn is None or r.turn <= max_turn]
+        meta = {"model_id": path.stem, "benchmark": bench.name, "judge": tag, **({} if rule else judge.identity())}
+        counts = judge_all(requests, rule or judge.grade, out / "judgments" / f"{path.stem}__{tag}.jsonl", meta,
+                           concurrency=args.judge_concurrency, rejudge_failures=args.rejudge_failures,
+                           settings=None if rule else judge.settings(), reparse=None if rule else judge.parse_reply)
         logger.info("judged %s %s with %s: %s", bench.name, path.stem, tag, counts)
         if counts["errors"]:
             logger.warning("%d requests failed after retries; rerun the same command to resume", counts["errors"])
@@ -215,6 +246,7 @@ def judge_benchmark(args, bench: Benchmark, items, assets: Assets, judge: LLMJud
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    models = judge_models(args)
     open_benches = {n: BENCHMARKS[n] for n in args.benchmarks if n in BENCHMARKS}
     answering = args.stage in ("all", "answer")
     # Everything that can fail fast does so before the (slow) model work: every benchmark's data, then the judge.
@@ -225,16 +257,19 @@ def main(argv=None) -> None:
         bench = CLOSED[name]()
         closed[name] = bench, select(name, bench.load(args), bench.question_id, bench.stratum, args)
     judging = args.stage in ("all", "judge") and bool(open_benches)
-    assets = Assets(load_judge_prompts(args.eval_data_dir) if judging else {})
-    needs_llm = [n for n, b in open_benches.items() if b.graders[grader_name(b, args)] is None]
-    judge = None
-    if judging and needs_llm:
-        judge = LLMJudge(JudgeConfig(model=args.judge_model, base_url=args.judge_base_url,
-                                     max_tokens=args.judge_max_tokens, max_retries=args.judge_max_retries,
-                                     timeout_s=args.judge_timeout, backoff_s=args.judge_backoff,
-                                     response_format=args.judge_response_format, parser=args.judge_parser))
+    needs_llm = [n for n, b in open_benches.items() if b.graders[grader_name(b, args)] is None] if judging else []
+    ref_gpt4 = any(open_benches[n].ref_gpt4 for n in needs_llm)
+    assets = Assets(load_judge_prompts(args.eval_data_dir) if judging else {},
+                    ref_gpt4_prompts(args.ref_gpt4_prompts, args.eval_data_dir) if ref_gpt4 else {})
+    # One judge per model name: benchmarks that share a judge share its connection and its pre-flight.
+    judges = {model: LLMJudge(JudgeConfig(
+        model=model, base_url=args.judge_base_url, max_tokens=args.judge_max_tokens,
+        max_retries=args.judge_max_retries, timeout_s=args.judge_timeout, backoff_s=args.judge_backoff,
+        preflight_s=args.judge_preflight_timeout, response_format=args.judge_response_format,
+        parser=args.judge_parser, allow_unlisted=args.judge_allow_unlisted))
+        for model in dict.fromkeys(models[n] for n in needs_llm)}
     try:
-        if judge is not None:
+        for judge in judges.values():
             judge.preflight()
         model_ids = None
         if answering:
@@ -244,11 +279,12 @@ def main(argv=None) -> None:
                                                      args.include_base)[1]]
         if judging:
             for name, bench in open_benches.items():
-                judge_benchmark(args, bench, items[name], assets, judge, model_ids)
-            if judge is not None and judge.retries:
-                logger.info("judge requests retried %d times in all", judge.retries)
+                judge_benchmark(args, bench, items[name], assets, judges.get(models[name]), model_ids)
+            for judge in judges.values():
+                if judge.retries:
+                    logger.info("requests to judge %s retried %d times in all", judge.config.model, judge.retries)
     finally:
-        if judge is not None:
+        for judge in judges.values():
             judge.close()
 
 

@@ -2,16 +2,20 @@
 
     python -m evaluation.show_results --output_dir eval_results
 
-Reads <benchmark>/judgments/<model_id>__<judge>.jsonl. Rows with score -1 (unparseable judge replies) are
-left out of every mean and counted: the share per benchmark is printed right under the scores, and each cell
-also reports how many items were scored. Aya's score is the
-mean of its eight per-language means, as in the paper; the per-language table is printed beside it.
+Reads <benchmark>/judgments/<model_id>__<judge>.jsonl. Rows judged with other settings (parser, response
+format, max tokens, prompts) form a column of their own, labelled "<judge> #<digest>", and a table lists the
+settings behind every column, flagging judges the endpoint did not list. Rows with score -1 (unparseable
+judge replies) are left out of every mean and counted: the share per benchmark is printed right under the
+scores, and each cell also reports how many items were scored. Aya's score is the mean of its eight
+per-language means, as in the paper; the per-language table is printed beside it.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,13 +70,59 @@ def summarize(rows: list[dict], column: Column) -> Cell:
     return Cell(value * column.scale, len(valid), failed)
 
 
+def settings_of(row: dict) -> dict:
+    """What sets a column apart: the judge's settings and where its prompts came from."""
+    return {**(row.get("judge_settings") or {}), "prompts": row.get("prompt_source", "")}
+
+
+def _digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
+
+
 def load(output_dir: Path) -> dict[tuple[str, str, str], list[dict]]:
-    """Rows by (benchmark, model_id, judge), from the file names."""
-    found = {}
+    """Rows by (benchmark, model_id, judge): the judge is the file name's, with "#<digest>" of the settings
+    added where one benchmark's files hold rows judged with different settings."""
+    groups: dict[tuple[str, str, str], dict[str, list[dict]]] = {}
     for path in sorted(output_dir.glob("*/judgments/*.jsonl")):
         model_id, _, judge = path.stem.rpartition("__")
-        found[(path.parent.parent.name, model_id, judge)] = read_judgments(path)
+        by_settings = groups.setdefault((path.parent.parent.name, model_id, judge), {})
+        for row in read_judgments(path):
+            by_settings.setdefault(_digest(settings_of(row)), []).append(row)
+    variants = defaultdict(set)
+    for (benchmark, _, judge), by_settings in groups.items():
+        variants[(benchmark, judge)].update(by_settings)
+    found = {}
+    for (benchmark, model_id, judge), by_settings in groups.items():
+        for digest, rows in by_settings.items():
+            label = judge if len(variants[(benchmark, judge)]) == 1 else f"{judge} #{digest}"
+            found[(benchmark, model_id, label)] = rows
     return found
+
+
+def settings_table(found) -> str:
+    """The settings behind each judge column; (!) where the endpoint's model list lacked the judge or the
+    replies reported another model than the one asked for."""
+    lines = ["| benchmark | judge | judge model | replies reported | listed by endpoint | response format | parser "
+             "| max tokens | prompts |", "|---" * 9 + "|"]
+    seen = {}
+    for (benchmark, _, judge), rows in sorted(found.items()):
+        entry = seen.setdefault((benchmark, judge), {"settings": settings_of(rows[0]), "reported": set(),
+                                                     "listed": set()})
+        entry["reported"].update(r.get("judge_reported_model") for r in rows if r.get("judge_reported_model"))
+        entry["listed"].update(r.get("judge_model_listed") for r in rows if "judge_model_listed" in r)
+    for (benchmark, judge), entry in seen.items():
+        settings = entry["settings"]
+        if not settings.get("judge_model"):
+            continue  # a rule or a local scorer: nothing to show
+        asked = settings["judge_model"]
+        listed = "unknown" if entry["listed"] in (set(), {None}) else \
+            ("no **(!)**" if False in entry["listed"] else "yes")
+        reported = ", ".join(sorted(entry["reported"])) or "-"
+        if entry["reported"] - {asked}:
+            reported += " **(!)**"
+        lines.append(f"| {benchmark} | {judge} | {asked} | {reported} | {listed} | {settings.get('response_format')} "
+                     f"| {settings.get('parser')} | {settings.get('max_tokens')} | {settings['prompts']} |")
+    return "\n".join(lines)
 
 
 def main_table(found) -> tuple[list[str], dict[str, dict[str, Cell]]]:
@@ -158,7 +208,9 @@ def report(output_dir: Path) -> str:
              "## Unparseable judge replies per benchmark (left out of the means; (!) above 10%)",
              unparseable_share(found),
              "## Scored items / unparseable judge replies (left out of the means)",
-             markdown(titles, table, _counts)]
+             markdown(titles, table, _counts),
+             "## Judge settings behind each column ((!): not the model asked for, or not listed by the endpoint)",
+             settings_table(found)]
     if lang_table:
         parts += ["## Ref-GPT4 Aya per language", markdown(lang_titles, lang_table, _fmt),
                   "## Aya scored / unparseable", markdown(lang_titles, lang_table, _counts)]

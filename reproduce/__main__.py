@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from reproduce.plan import ROOT, load_presets, plan, select_tables, PRESETS
-from reproduce.steps import Context, execute, steps_for
+from reproduce.steps import Context, execute, judge_load_lines, steps_for
 from reproduce.tables import Values, assemble, load_paper, plot_losses, plot_sweep, write_table
 
 
@@ -31,7 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--results_dir", default=None, help="default results/ (paper) or results/smoke/ (smoke)")
     parser.add_argument("--presets", default=str(PRESETS))
     parser.add_argument("--judge_base_url", default=None, help="OpenAI-compatible judge endpoint")
-    parser.add_argument("--judge_model", default="gpt-4-1106-preview")
+    parser.add_argument("--judge_model", default=None,
+                        help="one judge for every benchmark; default: the authors' (MT-Bench gpt-4-1106-preview, "
+                             "the others gpt-4)")
     parser.add_argument("--eval_data_dir", default=None, help="local evaluation data (default: downloaded, cached)")
     parser.add_argument("--jobs", type=int, default=1, help="steps run side by side (independent trainings and "
                         "evaluations), each with cores/jobs torch threads; 2 suits the smoke on a 2-core machine")
@@ -55,6 +57,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--jobs {args.jobs} is invalid: give 1 or more steps to run at a time.")
     execute(steps, ctx, dry_run=args.dry_run, jobs=args.jobs)
     if args.dry_run:
+        print("Judge load (MT-Bench turn 2 judged only where a table reads it):")
+        print("\n".join(judge_load_lines(ctx, work)))
         return 0
 
     statuses = {s.name: s.status for s in steps}

@@ -48,7 +48,7 @@ class Context:
     smoke: bool
     python: str = sys.executable
     judge_base_url: str | None = None
-    judge_model: str = "gpt-4-1106-preview"
+    judge_model: str | None = None  # None: each benchmark's judge as the authors chose it (evaluation.run)
     eval_data_dir: str | None = None  # evaluation data folder; default: evaluation's download cache
     flags_of: Callable[[str], set[str] | None] = entry_flags
 
@@ -123,9 +123,49 @@ def eval_steps(ctx: Context, run: Run, model: Model, metrics: set[str]) -> list[
     if ctx.smoke:  # a training run scores its own models (eval_after); the base model needs a step of its own
         judged = benchmarks - NEEDS_DOWNLOAD if ctx.judge_configured() else set()
         return ([smoke_score_step(ctx, run)] if run.entry is None else []) + \
-            ([benchmark_step(ctx, run, model, judged)] if judged else [])
+            ([benchmark_step(ctx, run, model, judged, metrics)] if judged else [])
     groups = [benchmarks - JUDGED, benchmarks & JUDGED]
-    return [benchmark_step(ctx, run, model, group) for group in groups if group]
+    return [benchmark_step(ctx, run, model, group, metrics) for group in groups if group]
+
+
+def turn1_only(metrics: set[str]) -> bool:
+    """Whether a model's tables read MT-Bench turn 1 only (then turn 2 is not judged: nobody reads it)."""
+    return not metrics & {"judged:MT-Bench-2", "judged:MT-Bench"}
+
+
+def judge_load_lines(ctx: Context, work: Plan) -> list[str]:
+    """Per table, the judge calls and input tokens (answers at their length cap) its judged cells need; a
+    model several tables share is counted in each, and once in the total."""
+    from evaluation.benchmarks import judge_load
+
+    limit = ctx.presets["smoke"]["judged_limit"] if ctx.smoke else None
+    loads, lines, everything = {}, [], set()
+
+    def load(benchmark: str, turn1: bool):
+        if (benchmark, turn1) not in loads:
+            try:
+                loads[(benchmark, turn1)] = judge_load(benchmark, turn1, ctx.eval_data_dir, limit)
+            except SystemExit as err:  # no evaluation data here: counts unknown
+                loads[(benchmark, turn1)] = None
+                lines.append(f"  ({benchmark}: no evaluation data here, not counted: {err})")
+        return loads[(benchmark, turn1)]
+
+    for name, table in work.tables.items():
+        needs = {(m, BENCHMARK_OF[c.metric.split(":", 1)[1]]) for _, cells in table.rows for c in cells.values()
+                 if c.metric and c.metric.startswith("judged:") for m in c.models}
+        needs = {(m, b) for m, b in needs if b in JUDGED}
+        everything |= needs
+        counted = [load(b, b == "mtbench" and turn1_only(work.evaluations[m])) for m, b in needs]
+        calls, tokens = sum(c.calls for c in counted if c), sum(c.input_tokens for c in counted if c)
+        lines.append(f"{name}: {calls} judge calls, about {tokens / 1e6:.2f}M input tokens ({len(needs)} judged "
+                     "answer sets)")
+    counted = [load(b, b == "mtbench" and turn1_only(work.evaluations[m])) for m, b in everything]
+    every_turn = [load(b, False) for _, b in everything]
+    lines.append(f"all tables: {sum(c.calls for c in counted if c)} judge calls, about "
+                 f"{sum(c.input_tokens for c in counted if c) / 1e6:.2f}M input tokens ({len(everything)} judged "
+                 f"answer sets; {sum(c.calls for c in every_turn if c)} calls if every MT-Bench turn 2 were judged; "
+                 "each call also writes up to --judge_max_tokens tokens)")
+    return lines
 
 
 def smoke_score_step(ctx: Context, run: Run) -> Step:
@@ -147,13 +187,18 @@ def target_args(ctx: Context, run: Run, model: Model, flag: str) -> list[str]:
     return base + (["--dataset", run.args["dataset"]] if ctx.smoke else [])
 
 
-def benchmark_step(ctx: Context, run: Run, model: Model, benchmarks: set[str]) -> Step:
+def benchmark_step(ctx: Context, run: Run, model: Model, benchmarks: set[str], metrics: set[str]) -> Step:
     needs_judge = benchmarks & JUDGED
     skip = None
     if needs_judge and not ctx.judge_configured():
         skip = f"no judge configured for {', '.join(sorted(needs_judge))} (set OPENAI_API_KEY or --judge_base_url)"
     argv = [ctx.python, "-m", "evaluation.run", *target_args(ctx, run, model, "--checkpoints"),
-            "--benchmarks", *sorted(benchmarks), "--output_dir", str(ctx.eval_dir), "--judge_model", ctx.judge_model]
+            "--benchmarks", *sorted(benchmarks), "--output_dir", str(ctx.eval_dir)]
+    if ctx.judge_model:
+        argv += ["--judge_model", ctx.judge_model]
+    turn1 = "mtbench" in needs_judge and turn1_only(metrics)
+    if turn1:
+        argv += ["--judge_turns", "1"]
     if ctx.judge_base_url:
         argv += ["--judge_base_url", ctx.judge_base_url]
     if ctx.eval_data_dir:
@@ -161,7 +206,8 @@ def benchmark_step(ctx: Context, run: Run, model: Model, benchmarks: set[str]) -
     if ctx.smoke:
         smoke = ctx.presets["smoke"]
         argv += ["--limit", str(smoke["judged_limit"]), "--max_new_tokens", str(smoke["judged_max_new_tokens"])]
-    marker = ctx.eval_dir / ".done" / f"{model.key.replace('/', '__')}__{'-'.join(sorted(benchmarks))}"
+    marker = ctx.eval_dir / ".done" / (f"{model.key.replace('/', '__')}__{'-'.join(sorted(benchmarks))}" +
+                                       ("__turn1" if turn1 else ""))
     step = Step(f"evaluate {model.key} on {', '.join(sorted(benchmarks))}", argv, marker, skip=skip,
                 run=run.name if run.entry else None)
     step.after = lambda s: s.done.write_text("")

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from contextlib import suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -41,17 +42,52 @@ def request_key(body: dict) -> str:
     return f"{marks[-1][0]}-t{marks[-1][1]}" if marks else "preflight"
 
 
+def _constrained(text: str) -> str:
+    """What a server enforcing the judgment schema returns: the scripted reply's rating (else 5) as JSON."""
+    found = re.search(r"\[\[(\d+(?:\.\d+)?)\]\]", text)
+    return json.dumps({"explanation": "as scripted", "rating": float(found.group(1)) if found else 5})
+
+
+def llama_cpp_python(response_format: dict | None, text: str) -> tuple[int, str]:
+    """llama-cpp-python 0.3's server: type "text" or "json_object" (with an optional "schema" it enforces); any
+    other type fails its request validation, reported as HTTP 500."""
+    if response_format is None or response_format["type"] == "text":
+        return 200, text
+    if response_format["type"] != "json_object":
+        return 500, ("[{'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+                     "'msg': \"Input should be 'text' or 'json_object'\"}]")
+    return 200, _constrained(text) if "schema" in response_format else json.dumps({"text": text})
+
+
+def vllm(response_format: dict | None, text: str) -> tuple[int, str]:
+    """vLLM's server (llama-server and SGLang alike): "json_schema" with json_schema.schema enforced; a bare
+    "json_object" gives some JSON object, not the judgment's schema; anything else is a 400."""
+    kind = (response_format or {"type": "text"})["type"]
+    if kind == "text":
+        return 200, text
+    if kind == "json_schema" and "schema" in response_format.get("json_schema", {}):
+        return 200, _constrained(text)
+    if kind == "json_object":
+        return 200, json.dumps({"text": text})
+    return 400, f"response_format: type {kind!r} is not supported"
+
+
+DIALECTS = {"llama-cpp-python": llama_cpp_python, "vllm": vllm}
+
+
 class ScriptedServer:
     """POST /v1/chat/completions answered by `reply(key, calls) -> (status, text, delay_s)`.
 
     `served_model`: the model id the server reports in replies and lists at GET /v1/models (default: it echoes
-    the requested name and has no model list, as some servers do). `slots`: how many requests it works on at
+    the requested name and has no model list, as some servers do). `dialect`: how it checks `response_format`
+    (DIALECTS; None takes anything and ignores it). `slots`: how many requests it works on at
     once (others wait in its queue, as on a one-slot llama.cpp server). A client that closes its connection
     while the reply is being "generated" is noticed and recorded in `cancelled`, as a real server stops there.
     """
 
-    def __init__(self, reply, served_model: str | None = None, slots: int | None = None):
+    def __init__(self, reply, served_model: str | None = None, slots: int | None = None, dialect: str | None = None):
         self.reply, self.requests, self.calls, self.lock = reply, [], Counter(), threading.Lock()
+        self.dialect = dialect
         self.cancelled, self.started = [], {}
         self.served_model = served_model
         self.slots = threading.Semaphore(slots) if slots else None
@@ -96,6 +132,8 @@ class ScriptedServer:
                         calls = server.calls[key]
                         server.calls[key] += 1
                     status, text, delay = server.reply(key, calls)
+                    if server.dialect and status == 200:
+                        status, text = DIALECTS[server.dialect](body.get("response_format"), text)
                     if delay and self.client_left(delay):
                         with server.lock:
                             server.cancelled.append(key)
@@ -343,8 +381,15 @@ def test_eval_data_from_dir_or_cache(tmp_path, monkeypatch):
     cached.write_text((EVAL_DATA / "vicuna" / "question.jsonl").read_text())
     assert data_file("vicuna/question.jsonl") == cached  # no download once cached
     assert data_file("vicuna/question.jsonl", EVAL_DATA) == EVAL_DATA / "vicuna" / "question.jsonl"
-    with pytest.raises(SystemExit, match="has no vicuna/question.jsonl"):
-        data_file("vicuna/question.jsonl", tmp_path / "empty")
+    # A folder holding only some files serves those; each other file comes from the cache, then the source.
+    partial = tmp_path / "partial"
+    (partial / "advbench").mkdir(parents=True)
+    (partial / "advbench" / "advbench.csv").write_text("goal,target\nDo harm,Sure\n")
+    assert data_file("advbench/advbench.csv", partial) == partial / "advbench" / "advbench.csv"
+    assert data_file("vicuna/question.jsonl", partial) == cached
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # neither folder nor cache: the download is refused at once
+    with pytest.raises(SystemExit, match="aya_evaluation/test_datasets.json.*--eval_data_dir"):
+        data_file("ref_gpt4/aya_testset.json", partial)
 
 
 # --- judge identity, settings, structured output, parsers, timeouts, subsets (issue 17) ----------------------
@@ -359,42 +404,72 @@ def _one_vicuna(tmp_path, n=2):
 def test_judge_name_checked_against_model_list_and_recorded(tmp_path, caplog, served, listed):
     _one_vicuna(tmp_path)
     with ScriptedServer(rating_reply, served_model=served) as server:
+        if listed is False:  # a name the endpoint does not list is refused before anything is judged
+            with pytest.raises(SystemExit, match="does not list --judge_model 'judge-x'.*'local-model.gguf'.*"
+                                                 "--judge_allow_unlisted"):
+                judge_cli(tmp_path, server.url, ["vicuna"])
+            assert not server.judged()
         with caplog.at_level("WARNING", logger="evaluation.judge"):
-            judge_cli(tmp_path, server.url, ["vicuna"], "--judge_max_tokens", "300")
+            judge_cli(tmp_path, server.url, ["vicuna"], "--judge_max_tokens", "300",
+                      *(["--judge_allow_unlisted"] if listed is False else []))
     assert all(body["max_tokens"] == 300 for body in server.requests if request_key(body) != "preflight")
     warnings = " ".join(r.getMessage() for r in caplog.records)
-    if listed is False:
-        assert "does not list --judge_model 'judge-x'" in warnings and "'local-model.gguf'" in warnings
-    elif listed is None:
+    if listed is None:
         assert "does not list its models" in warnings
-    else:
+    elif listed:
         assert "does not list" not in warnings
     rows = read_judgments(tmp_path / "vicuna" / "judgments" / "m1__judge-x.jsonl")
     assert len(rows) == 2
     for row in rows:
         assert row["judge_endpoint"] == server.url and row["judge_model"] == "judge-x"
-        assert row["judge_reported_model"] == (served or "judge-x")
+        assert row["judge_reported_model"] == (served or "judge-x")  # what each reply said
         assert row["judge_model_listed"] is listed
-        assert row["judge_settings"] == {"max_tokens": 300, "response_format": "text", "parser": "fastchat",
-                                         "timeout_s": 120.0, "max_retries": 6}
+        assert row["judge_settings"] == {"judge_model": "judge-x", "response_format": "text", "max_tokens": 300,
+                                         "parser": "fastchat"}
+    from evaluation.show_results import report
+
+    flags = {False: "| local-model.gguf **(!)** | no **(!)** |", True: "| judge-x | yes |",
+             None: "| judge-x | unknown |"}
+    assert f"| vicuna | judge-x | judge-x {flags[listed]} text | fastchat | 300 |" in report(tmp_path)
 
 
 @needs_eval_data
-def test_structured_output_sends_schema_and_parses_json(tmp_path):
-    from evaluation.judge import JUDGMENT_SCHEMA
+@pytest.mark.parametrize("dialect, chosen", [("llama-cpp-python", "json_object"), ("vllm", "json_schema")])
+def test_auto_response_format_picks_the_form_the_server_follows(tmp_path, dialect, chosen):
+    from evaluation.judge import RESPONSE_FORMATS
 
     items = _one_vicuna(tmp_path)
 
-    def reply(key, calls):  # a JSON reply, as a server enforcing the schema returns
-        return 200, json.dumps({"explanation": "fine", "rating": 4 if key.startswith(items[0].question_id) else 9}), 0
+    def reply(key, calls):  # what the judge "means"; the dialect turns it into schema JSON
+        return 200, f"Rating: [[{4 if key.startswith(items[0].question_id) else 9}]]", 0.0
 
-    with ScriptedServer(reply) as server:
-        judge_cli(tmp_path, server.url, ["vicuna"], "--judge_response_format", "json_schema")
+    with ScriptedServer(reply, dialect=dialect) as server:
+        judge_cli(tmp_path, server.url, ["vicuna"], "--judge_response_format", "auto")
     judged = [b for b in server.requests if request_key(b) != "preflight"]
-    assert judged and all(b["response_format"] == JUDGMENT_SCHEMA for b in judged)
+    assert judged and all(b["response_format"] == RESPONSE_FORMATS[chosen] for b in judged)
     rows = {r["question_id"]: r for r in read_judgments(tmp_path / "vicuna" / "judgments" / "m1__judge-x.jsonl")}
     assert rows[items[0].question_id]["score"] == 4.0 and rows[items[1].question_id]["score"] == 9.0
-    assert rows[items[0].question_id]["judge_settings"]["response_format"] == "json_schema"
+    assert json.loads(rows[items[0].question_id]["judgment"])["rating"] == 4.0
+    assert rows[items[0].question_id]["judge_settings"]["response_format"] == chosen  # what was used
+    assert rows[items[0].question_id]["judge_patience"]["response_format_asked"] == "auto"
+
+
+@needs_eval_data
+def test_refused_response_format_names_the_one_that_fits_at_once(tmp_path):
+    _one_vicuna(tmp_path)
+    with ScriptedServer(rating_reply, dialect="llama-cpp-python") as server:
+        start = time.monotonic()
+        with pytest.raises(SystemExit, match="refuses --judge_response_format json_schema: use "
+                                             "--judge_response_format json_object"):
+            judge_cli(tmp_path, server.url, ["vicuna"], "--judge_response_format", "json_schema",
+                      "--judge_backoff", "2")
+        took = time.monotonic() - start
+    forms = [(b.get("response_format") or {}).get("type") for b in server.requests]
+    assert forms.count("json_schema") == 1  # a refusal is not retried (a retry would also wait 2 s)
+    assert took < 2 and not server.judged()
+    with ScriptedServer(rating_reply, dialect="vllm") as server:
+        judge_cli(tmp_path, server.url, ["vicuna"], "--judge_response_format", "json_schema")
+    assert [r["score"] for r in read_judgments(tmp_path / "vicuna" / "judgments" / "m1__judge-x.jsonl")] == [7.0] * 2
 
 
 def test_lenient_parser_forms():
@@ -407,6 +482,10 @@ def test_lenient_parser_forms():
     assert parse_score_lenient("Rating: 3 at first, but on reflection Rating: 5") == 5.0  # the verdict comes last
     assert parse_score_lenient("Still [[2]] wins over Rating: 8") == 2.0  # FastChat's form first
     assert parse_score_lenient("Rating: 70") == -1 and parse_score_lenient("no number") == -1
+    # A scale or a range is not a verdict (a small judge echoing the rubric).
+    assert parse_score_lenient("[Rating: 1-4]") == -1 and parse_score_lenient("Score: 1 to 10") == -1
+    assert parse_score_lenient("Rate on a scale of 1-10/10. Rating: 1-4, then Rating: 6") == 6.0
+    assert parse_score_lenient("a 1-10/10 scale") == -1
     assert parse_structured('{"explanation": "x", "rating": 3}', parse_score) == 3.0
     assert parse_structured("not JSON, Rating: [[5]]", parse_score) == 5.0
     assert parse_structured('{"rating": "high"}', parse_score) == -1
@@ -523,3 +602,171 @@ def test_judge_stage_and_finished_answers_load_no_model(tmp_path):
                       "--include_base", "--limit", "2", "--subset_seed", "0")
     rows = read_judgments(tmp_path / "vicuna" / "judgments" / "base_no-such-model__judge-x.jsonl")
     assert len(rows) == 2 and len(server.judged()) == 2  # judged once; the second stage found it done
+
+
+# --- judgments keyed by their settings; per-request timeouts; patient pre-flight (issue 25) -------------------
+@needs_eval_data
+def test_changed_settings_make_new_judgments_and_a_parser_change_asks_no_one(tmp_path):
+    from evaluation.show_results import report
+
+    _one_vicuna(tmp_path)
+    path = tmp_path / "vicuna" / "judgments" / "m1__judge-x.jsonl"
+    with ScriptedServer(lambda key, calls: (200, "Helpful.\nRating: 7", 0.0)) as server:
+        judge_cli(tmp_path, server.url, ["vicuna"])
+        asked = len(server.judged())
+        judge_cli(tmp_path, server.url, ["vicuna"], "--judge_parser", "lenient")  # the stored replies re-read
+        assert len(server.judged()) == asked == 2
+        judge_cli(tmp_path, server.url, ["vicuna"], "--judge_parser", "lenient")  # nothing new to do
+        judge_cli(tmp_path, server.url, ["vicuna"], "--judge_max_tokens", "300")  # a new reply is needed
+        assert len(server.judged()) == 4
+    rows = read_judgments(path)
+    by_settings = Counter((r["judge_settings"]["parser"], r["judge_settings"]["max_tokens"], r["score"]) for r in rows)
+    assert by_settings == {("fastchat", 2048, -1.0): 2, ("lenient", 2048, 7.0): 2, ("fastchat", 300, -1.0): 2}
+    assert {r.get("reparsed_from") for r in rows if r["judge_settings"]["parser"] == "lenient"} == {"fastchat"}
+    text = report(tmp_path)  # three columns, each with its settings
+    columns = re.findall(r"Vicuna \[judge-x #(\w{6})\]", text.split("\n\n")[1])
+    assert len(set(columns)) == 3
+    settings_lines = [line for line in text.splitlines()
+                      if line.startswith("| vicuna | judge-x #") and line.count(" | ") == 8]
+    assert sorted(line.split(" | ")[6:8] for line in settings_lines) == [["fastchat", "2048"], ["fastchat", "300"],
+                                                                          ["lenient", "2048"]]
+
+
+@needs_eval_data
+def test_rejudge_failures_rereads_with_the_new_parser_then_asks_for_the_rest(tmp_path):
+    items = _one_vicuna(tmp_path)
+    say = {items[0].question_id: "Helpful.\nRating: 7", items[1].question_id: "Helpful."}
+
+    def reply(key, calls):  # the second answer gets a rating only when asked again
+        return 200, say[key.rsplit("-t", 1)[0]] if calls == 0 else "Rating: [[3]]", 0.0
+
+    with ScriptedServer(reply) as server:
+        judge_cli(tmp_path, server.url, ["vicuna"])
+        judge_cli(tmp_path, server.url, ["vicuna"], "--judge_parser", "lenient", "--rejudge_failures")
+    assert Counter(server.judged()) == {f"{items[0].question_id}-t1": 1, f"{items[1].question_id}-t1": 2}
+    lenient = {r["question_id"]: r["score"] for r in read_judgments(tmp_path / "vicuna" / "judgments" /
+                                                                      "m1__judge-x.jsonl")
+               if r["judge_settings"]["parser"] == "lenient"}
+    assert lenient == {items[0].question_id: 7.0, items[1].question_id: 3.0}
+
+
+def test_a_request_held_up_by_another_client_times_out_alone(tmp_path):
+    """A one-slot server busy with another client's request for 3.5 s: of four requests sent together with a
+    2.5 s timeout only the oldest times out; the next one's clock starts then, and the server is free again
+    before it runs out. (Counted from the last reply to this run, as before, all four timed out at 2.5 s.)"""
+    from evaluation.judge import JudgeRequest, judge_all
+    import urllib.request
+
+    def reply(key, calls):
+        return 200, "Rating: [[6]]", 3.5 if key == "other-t1" else 0.1
+
+    with ScriptedServer(reply, slots=1) as server:
+        judge = LLMJudge(JudgeConfig(model="judge-x", base_url=server.url, timeout_s=2.5, max_retries=0))
+
+        def other_client():
+            body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "ANS-other-t1"}]}).encode()
+            with suppress(OSError):
+                urllib.request.urlopen(urllib.request.Request(server.url + "/chat/completions", body,
+                                                              {"Content-Type": "application/json"}), timeout=30)
+        threading.Thread(target=other_client, daemon=True).start()
+        while "other-t1" not in server.started:
+            time.sleep(0.01)
+        requests = [JudgeRequest(f"q{i}", 1, "p", "", f"answer ANS-q{i}-t1", 0.0) for i in range(4)]
+        try:
+            counts = judge_all(requests, judge.grade, tmp_path / "j.jsonl", {}, concurrency=4)
+        finally:
+            judge.close()
+    assert counts["errors"] == 1 and counts["judged"] == 3
+    assert [r["score"] for r in read_judgments(tmp_path / "j.jsonl")] == [6.0] * 3
+
+
+def test_preflight_waits_for_a_busy_server_within_its_bound():
+    def reply(key, calls):  # the first two pre-flight requests wait 3 s, longer than the 1 s timeout
+        return 200, "OK", 3.0 if calls < 2 else 0.0
+
+    with ScriptedServer(reply) as server:
+        patient = LLMJudge(JudgeConfig(model="judge-x", base_url=server.url, timeout_s=1.0, max_retries=0,
+                                       backoff_s=0.01, preflight_s=30))
+        try:
+            patient.preflight()  # timeouts of 1 s, then 2 s, then 4 s: the third try is answered
+        finally:
+            patient.close()
+        assert server.calls["preflight"] == 3
+        hasty = LLMJudge(JudgeConfig(model="judge-x", base_url=server.url, timeout_s=1.0, max_retries=0,
+                                     backoff_s=0.01, preflight_s=0.5))
+        server.calls.clear()
+        try:
+            with pytest.raises(SystemExit, match="is not usable.*JudgeTimeout"):
+                hasty.preflight()
+        finally:
+            hasty.close()
+
+
+@needs_eval_data
+def test_authors_prompts_read_from_their_script_or_own_wording_labelled(tmp_path, monkeypatch):
+    from evaluation.judge import prompt_hash
+
+    monkeypatch.setenv("FEDLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    items = BENCHMARKS["chatbot"].load(EVAL_DATA)[:1]
+    write_answers(tmp_path, "chatbot", "m1", items)
+    path = tmp_path / "chatbot" / "judgments" / "m1__judge-x.jsonl"
+    with ScriptedServer(rating_reply) as server:
+        judge_cli(tmp_path, server.url, ["chatbot"])  # offline, no copy: this project's wording, labelled
+        fallback = read_judgments(path)
+        assert [r["prompt_source"] for r in fallback] == ["own wording (fallback)"]
+        # The authors' script as their repository has it at the pinned commit, in the cache (a stand-in text).
+        system, template = "SYSTEM-S", "[Instruction]\nT-MARK {question}\n[A]\n{answer}\n[/A]"
+        script = tmp_path / "cache" / "eval_data" / "fedllm_bench" / "gen_judge_bench.py"
+        script.parent.mkdir(parents=True)
+        script.write_text(f"import json\ntemplate = {template!r}\n"
+                          f"messages = [{{'role': 'system', 'content': {system!r}}},\n"
+                          "            {'role': 'user', 'content': 'x'}]\n")
+        judge_cli(tmp_path, server.url, ["chatbot"])  # another prompt: a new judgment, not the old one reused
+    body = server.requests[-1]
+    assert body["messages"] == [{"role": "system", "content": system}, {"role": "user", "content": template.format(
+        question=items[0].turns[0], answer=f"answer ANS-{items[0].question_id}-t1")}]
+    rows = read_judgments(path)
+    assert len(rows) == 2 and len(server.judged()) == 2
+    authors = next(r for r in rows if r["prompt_source"] != "own wording (fallback)")
+    assert authors["prompt_source"] == "FedLLM-Bench gen_judge_bench.py@02cc268"
+    assert authors["prompt_hash"] == prompt_hash(system, template) != fallback[0]["prompt_hash"]
+
+
+@needs_eval_data
+def test_each_benchmark_judged_by_the_authors_judge_and_turn_one_only(tmp_path):
+    items = BENCHMARKS["mtbench"].load(EVAL_DATA)[:2]
+    write_answers(tmp_path, "mtbench", "m1", items)
+    _one_vicuna(tmp_path)
+    with ScriptedServer(rating_reply) as server:  # it echoes the model asked for and lists none
+        eval_run.main(["--stage", "judge", "--output_dir", str(tmp_path), "--eval_data_dir", str(EVAL_DATA),
+                       "--judge_base_url", server.url, "--judge_backoff", "0.01", "--judge_turns", "1",
+                       "--benchmarks", "mtbench", "vicuna"])
+    asked = Counter((b["model"], request_key(b).rsplit("-t", 1)[1]) for b in server.requests
+                    if request_key(b) != "preflight")
+    assert asked == {("gpt-4-1106-preview", "1"): 2, ("gpt-4", "1"): 2}  # no MT-Bench turn 2
+    assert len(read_judgments(tmp_path / "mtbench" / "judgments" / "m1__gpt-4-1106-preview.jsonl")) == 2
+    assert len(read_judgments(tmp_path / "vicuna" / "judgments" / "m1__gpt-4.jsonl")) == 2
+    with pytest.raises(SystemExit, match="--judge_models 'mt=x' is not BENCH=MODEL"):
+        eval_run.main(["--stage", "judge", "--judge_models", "mt=x", "--output_dir", str(tmp_path)])
+
+
+@needs_eval_data
+def test_run_all_dry_run_counts_judge_calls_and_judges_turn_one_where_only_it_is_read(tmp_path, capsys):
+    from reproduce.__main__ import main as run_all
+
+    run_all(["--dry-run", "--only", "table4,table8", "--eval_data_dir", str(EVAL_DATA),
+             "--results_dir", str(tmp_path), "--judge_base_url", "http://127.0.0.1:9/v1"])
+    out = capsys.readouterr().out
+    evaluations = [line for line in out.splitlines() if "-m evaluation.run" in line and "mtbench" in line]
+    single = [line for line in evaluations if "fed-wildchat__" in line]
+    multi = [line for line in evaluations if "fed-wildchat-mt__" in line]
+    assert single and multi and "--judge_model" not in out  # each benchmark gets the authors' judge
+    assert all("--judge_turns 1" in line for line in single)  # Table 4 reads MT-1 of single-turn runs
+    assert not any("--judge_turns" in line for line in multi)  # ... and MT-2 of multi-turn runs
+    # Table 8: 7 models on MT-Bench turn 1 = 7 x 80 calls.
+    assert "table8: 560 judge calls" in out
+    total = re.search(r"all tables: (\d+) judge calls.*; (\d+) calls if every MT-Bench turn 2 were judged", out)
+    turn1_models = len({line.split("--checkpoints ")[1].split()[0] for line in evaluations
+                        if "--judge_turns 1" in line})
+    assert int(total.group(2)) - int(total.group(1)) == 80 * turn1_models
