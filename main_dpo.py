@@ -13,7 +13,8 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import HfArgumentParser
 
-from federated.config import FedArguments, ScriptArguments, check_arguments
+from federated.config import (DRY_RUN_DONE, EntryArguments, FedArguments, ScriptArguments, check_arguments,
+                              parse_flags)
 from federated.run_dir import RunGuard, prepare_run_dir, settings_of
 from utils.console import configure_console
 from utils.preference import pair_texts, tokenize_pair
@@ -62,15 +63,18 @@ def build_dpo_trainer(model, tokenizer, script_args, dpo_args, first_pair: dict)
 
 
 def main():
-    parser = HfArgumentParser((ScriptArguments, FedArguments, DPOArguments))
+    parser = HfArgumentParser((ScriptArguments, FedArguments, DPOArguments, EntryArguments), allow_abbrev=False)
     parser.set_defaults(dataset=DEFAULT_DATASET)
-    script_args, fed_args, dpo_args = parser.parse_args_into_dataclasses()
+    script_args, fed_args, dpo_args, entry_args = parse_flags(parser, "main_dpo.py")
     configure_console(script_args.log_level, quantizes=script_args.load_in_8bit or script_args.load_in_4bit)
     check_arguments(script_args, fed_args)
     from federated.lora_methods import check_reference_model
     check_reference_model(fed_args)
     if not (math.isfinite(dpo_args.dpo_beta) and dpo_args.dpo_beta > 0):
         raise SystemExit(f"--dpo_beta {dpo_args.dpo_beta!r} is invalid: it must be a finite number > 0.")
+    if entry_args.dry_run:
+        print(DRY_RUN_DONE)
+        return
     with RunGuard(script_args.output_dir):
         train(script_args, fed_args, dpo_args)
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import HfArgumentParser
 
-from federated.config import FedArguments, ScriptArguments, check_arguments
+from federated.config import (DRY_RUN_DONE, EntryArguments, FedArguments, ScriptArguments, check_arguments,
+                              parse_flags)
 from federated.run_dir import RunGuard, prepare_run_dir, settings_of
 from utils.console import configure_console
 from utils.templates import tokenize_sft_sample
@@ -44,9 +45,13 @@ def build_sft_trainer(model, tokenizer, script_args, first_client_data):
 
 
 def main():
-    script_args, fed_args = HfArgumentParser((ScriptArguments, FedArguments)).parse_args_into_dataclasses()
+    parser = HfArgumentParser((ScriptArguments, FedArguments, EntryArguments), allow_abbrev=False)
+    script_args, fed_args, entry_args = parse_flags(parser, "main_sft.py")
     configure_console(script_args.log_level, quantizes=script_args.load_in_8bit or script_args.load_in_4bit)
     check_arguments(script_args, fed_args)
+    if entry_args.dry_run:
+        print(DRY_RUN_DONE)
+        return
     with RunGuard(script_args.output_dir):
         train(script_args, fed_args)
 

@@ -127,6 +127,25 @@ class ScriptArguments:
             self.dataset = self.dataset_name
 
 
+@dataclass
+class EntryArguments:
+    """How an entry script runs, not what it trains: never recorded in args.json, never compared on resume."""
+    dry_run: bool = field(default=False, metadata={"help": "check every flag and exit before loading data or a "
+                                                           "model; nothing is written (the docs' commands test)"})
+
+
+DRY_RUN_DONE = "--dry_run: every flag is valid; nothing was loaded or written."
+
+
+def parse_flags(parser, entry: str) -> list:
+    """The dataclasses of an entry script's command line; a flag it does not know (a typo, or an abbreviation:
+    the parsers are built with allow_abbrev=False) stops it with one line instead of a traceback."""
+    *parsed, unknown = parser.parse_args_into_dataclasses(return_remaining_strings=True)
+    if unknown:
+        raise SystemExit(f"{entry} does not know {' '.join(unknown)}: `python {entry} --help` lists its flags.")
+    return parsed
+
+
 def dataset_options(script_args: ScriptArguments) -> dict:
     """Keyword options every dataset builder receives (builders ignore the ones they do not use)."""
     options = {k: v for k, v in vars(script_args).items() if k.startswith("synthetic_")}

@@ -23,7 +23,7 @@ from reproduce.tables import Values, assemble, load_paper, plot_losses, plot_swe
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="run_all.sh", description=__doc__,
+    parser = argparse.ArgumentParser(prog="run_all.sh", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU smoke mode (offline stand-ins, a few rounds)")
     parser.add_argument("--only", action="append", default=[], help="table name(s), e.g. table3 (repeat or comma)")
