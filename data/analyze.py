@@ -29,8 +29,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from data.quality import QualityScores, sample_pair, score_dataset  # noqa: E402
-from data.registry import FederatedDataset  # noqa: E402
-from data.stats import add_dataset_args, client_lengths, load_from_args, resolve_tokenizer, token_lengths  # noqa: E402
+from data.cli import add_dataset_args, load_from_args  # noqa: E402
+from data.dataset import FederatedDataset  # noqa: E402
+from data.stats import client_lengths, resolve_tokenizer, token_lengths  # noqa: E402
 
 Embedder = Callable[[list[str]], np.ndarray]
 

@@ -29,7 +29,8 @@ from typing import Callable
 import numpy as np
 
 from data.groups import LANGUAGE_FAMILIES
-from data.registry import FederatedDataset, read_utf8, register_dataset
+from data.dataset import FederatedDataset, read_utf8
+from data.registry import register_dataset
 from utils.network import hub_unreachable, offline_requested
 
 # ---------------------------------------------------------------------------------------------------------
@@ -615,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import itertools
 
-    from data.stats import parse_rule, add_dataset_args
+    from data.cli import add_dataset_args, parse_rule
 
     parser = argparse.ArgumentParser(description="Build a FedLLM-Bench dataset, optionally sweeping rule values: "
                                                  "python -m data.fedllm_bench --dataset fed-aya "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from data.registry import FederatedDataset
+from data.dataset import FederatedDataset
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data.registry import FederatedDataset, read_utf8, register_dataset, validate
+from data.dataset import FederatedDataset, read_utf8, validate
 
 
 def infer_kind(sample: dict) -> str:
@@ -38,10 +38,3 @@ def load_released_file(path: str, kind: str | None = None, name: str | None = No
                           client_ids=[str(k) for k in data], clients=list(data.values()),
                           info={"source": str(file), "local_file": str(file)})
     return validate(ds)
-
-
-@register_dataset("released")
-def released(path: str | None = None, **_):
-    if not path:
-        raise SystemExit("--dataset released needs --local_data_dir FILE (a released-format JSON file).")
-    return load_released_file(path)

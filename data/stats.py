@@ -29,42 +29,12 @@ import os
 
 import numpy as np
 
+from data.cli import add_dataset_args, load_from_args
+from data.dataset import FederatedDataset
 from data.fedllm_bench import RECIPES, population_mean_std
-from data.registry import FederatedDataset, load_federated_dataset
 
 LLAMA2_TOKENIZERS = ("meta-llama/Llama-2-7b-hf", "hf-internal-testing/llama-tokenizer")  # the second is ungated
 AGGREGATIONS = ("pooled", "across_clients", "within_clients")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Shared command-line options for data.stats, data.analyze and data.quality
-# ---------------------------------------------------------------------------------------------------------
-
-def add_dataset_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, help="a registered dataset, e.g. fed-aya")
-    parser.add_argument("--local_data_dir", default=None, help="a released-format JSON file instead of building")
-    parser.add_argument("--source_path", default=None, help="local source files (the source's own schema)")
-    parser.add_argument("--eval_data_dir", default=None, help="folder with ref_gpt4/*_testset.json (leakage check)")
-    parser.add_argument("--hf_token", default=None, help="token for gated sources (default: HF_TOKEN / login)")
-    parser.add_argument("--cache_dir", default=None, help="where built datasets are cached")
-    parser.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a construction rule, e.g. --rule min_samples=150 (value parsed as JSON)")
-
-
-def parse_rule(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise SystemExit(f"--rule {text!r}: write KEY=VALUE, e.g. --rule min_samples=150")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value  # a bare word such as turn1_only
-
-
-def load_from_args(args) -> FederatedDataset:
-    options = {"source_path": args.source_path, "eval_data_dir": args.eval_data_dir, "hf_token": args.hf_token,
-               "cache_dir": args.cache_dir, **dict(parse_rule(r) for r in args.rule)}
-    return load_federated_dataset(args.dataset, local_data_dir=args.local_data_dir, **options)
 
 
 # ---------------------------------------------------------------------------------------------------------
