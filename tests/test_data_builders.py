@@ -423,3 +423,35 @@ def test_table1_check_flags_counts_beyond_the_tolerance(capsys):
     lines = fb.table1_comparison(fb.WILDCHAT, [300] * 100)
     assert [line.split()[-1] for line in lines[1:]] == ["ok", "-43%", "-43%", "-100%"]
     assert lines[2].split()[1:4] == ["30000", "paper", "52703"]
+
+
+# --- The authors' released files ----------------------------------------------------------------------------
+
+def test_a_local_training_file_is_one_client_named_after_the_file(tmp_path):
+    from data.released import load_released_file
+
+    path = tmp_path / "local_en.json"
+    path.write_text(json.dumps([{"instruction": f"q{i}", "response": "a"} for i in range(4)]))
+    ds = load_released_file(str(path))
+    assert ds.client_ids == ["local_en"] and ds.sample_counts == [4] and ds.kind == "sft"
+    with pytest.raises(SystemExit, match="one list of samples"):
+        path.write_text(json.dumps("text"))
+        load_released_file(str(path))
+
+
+def test_released_fed_aya_gets_each_clients_language_from_its_text(tmp_path):
+    """The real Ref-GPT4 Aya items (8 languages x 20), one client per language, with no labels in the file."""
+    pytest.importorskip("py3langid")
+    if not AYA_TESTSET.exists():
+        pytest.skip("../shared/eval_data/ref_gpt4/aya_testset.json is not there")
+    test = json.loads(AYA_TESTSET.read_text(encoding="utf-8"))
+    released = {f"annotator-{i}": [{"instruction": r["instruction"], "response": r["reference"]} for r in rows]
+                for i, rows in enumerate(test.values())}
+    path = tmp_path / "aya_38c_25k.json"
+    path.write_text(json.dumps(released, ensure_ascii=False), encoding="utf-8")
+    ds = load_federated_dataset("fed-aya", local_data_dir=str(path))
+    assert [m["language"] for m in ds.client_metadata] == [key.replace("_", " ") for key in test]
+    assert sum(sum(m["languages"].values()) for m in ds.client_metadata) == 160
+    assert "py3langid" in ds.info["client_languages"]
+    # Another dataset's released file keeps its clients unlabelled.
+    assert load_federated_dataset("fed-chatbotit", local_data_dir=str(path)).client_metadata == []
