@@ -111,14 +111,17 @@ def task_of(setting: dict) -> str:
     return "preference" if setting["entry"] == "main_dpo.py" else "sft"
 
 
-def make_run(presets: dict, setting_name: str, spec: dict, smoke: bool) -> Run:
-    """The run of one row (or column) spec under a setting: its command-line arguments and a stable name."""
+def make_run(presets: dict, setting_name: str, spec: dict, smoke: bool, local_files: dict | None = None) -> Run:
+    """The run of one row (or column) spec under a setting: its command-line arguments and a stable name.
+    `local_files` maps a dataset to the authors' released file the run reads instead of building it."""
     setting = presets["settings"][setting_name]
     task = task_of(setting)
     args = {**setting["args"], "model_name_or_path": presets["models"][setting["model"]], **spec.get("args", {})}
     if smoke:
         args.update(presets["smoke"]["args"], model_name_or_path=presets["smoke"]["model"],
                     dataset=presets["smoke"]["datasets"][task])
+    elif args["dataset"] in (local_files or {}):
+        args["local_data_dir"] = local_files[args["dataset"]]
     if spec.get("base"):
         args = {k: args[k] for k in ("model_name_or_path", "dataset", "template")}
         return Run(f"base__{_slug(args['model_name_or_path'])}__{args['dataset']}", None, args, task)
@@ -189,13 +192,14 @@ def cell_specs(row: dict, column: dict) -> list[dict]:
     return [spec]
 
 
-def plan_cell(presets: dict, table: dict, row: dict, column: dict, smoke: bool, result: Plan) -> Cell:
+def plan_cell(presets: dict, table: dict, row: dict, column: dict, smoke: bool, result: Plan,
+              local_files: dict | None = None) -> Cell:
     if "mean_of" in column:
         return Cell(mean_of=column["mean_of"])
     cell = Cell(metric=column["metric"])
     setting = column.get("setting") or table["setting"]
     for spec in cell_specs(row, column):
-        run = make_run(presets, setting, spec, smoke)
+        run = make_run(presets, setting, spec, smoke, local_files)
         run = result.runs.setdefault(run.name, run)
         group = group_folder(spec["groups"], column["language"]) if spec.get("groups") else None
         if spec.get("groups") and group is None:
@@ -207,7 +211,7 @@ def plan_cell(presets: dict, table: dict, row: dict, column: dict, smoke: bool, 
     return cell
 
 
-def plan(presets: dict, tables: list[str], smoke: bool) -> Plan:
+def plan(presets: dict, tables: list[str], smoke: bool, local_files: dict | None = None) -> Plan:
     """Every run, evaluation and cell the chosen tables need; a run several cells share appears once."""
     result = Plan()
     for name in tables:
@@ -221,10 +225,35 @@ def plan(presets: dict, tables: list[str], smoke: bool) -> Plan:
         elif table["kind"] == "settings":
             result.tables[name] = TablePlan(name, "settings", [], [])
         else:
-            rows = [(row["row"], {c["title"]: plan_cell(presets, table, row, c, smoke, result)
+            rows = [(row["row"], {c["title"]: plan_cell(presets, table, row, c, smoke, result, local_files)
                                   for c in table["columns"]}) for row in expand_rows(table, presets)]
             result.tables[name] = TablePlan(name, "runs", [c["title"] for c in table["columns"]], rows)
     return result
+
+
+def released_files(folder: str) -> dict[str, str]:
+    """Dataset -> the authors' released file for it (its name in the release, or in the authors' scripts), found
+    anywhere under `folder`: aya_38c_25k.json, chatbotIT_237c_6k.json, wildchat_100c_53k.json, wildchat_50c.json,
+    chatbotPA_747c_10k.json or chatbot_by_client-10k.json. A dataset without a file there is built as usual."""
+    from data.fedllm_bench import RECIPES
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise SystemExit(f"--local_data_dir {folder} is not a folder: give the folder of the authors' released files.")
+    found, names = {}, []
+    for dataset, recipe in RECIPES.items():
+        if not recipe.released:
+            continue
+        names += [recipe.released_file, *recipe.released_aliases]
+        hits = sorted(p for name in (recipe.released_file, *recipe.released_aliases) for p in root.rglob(name))
+        if len(hits) > 1:
+            raise SystemExit(f"--local_data_dir {folder}: {len(hits)} files for {dataset} "
+                             f"({', '.join(map(str, hits))}); keep one.")
+        if hits:
+            found[dataset] = str(hits[0].resolve())
+    if not found:
+        raise SystemExit(f"--local_data_dir {folder} holds none of the released files ({', '.join(names)}).")
+    return found
 
 
 def stats_dataset(presets: dict, column: dict, smoke: bool) -> tuple[str, str]:

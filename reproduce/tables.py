@@ -103,6 +103,9 @@ def assemble(ctx: Context, plan: Plan, name: str, statuses: dict[str, str], pape
         notes.insert(0, smoke_note(ctx, table_plan.kind))
     if not published:
         notes.append("The paper publishes this as a plot without numbers: there is no published value to compare.")
+    if ctx.local_files and not ctx.smoke:
+        notes.append("Datasets read from the authors' released files (--local_data_dir): " +
+                     "; ".join(f"{d} <- {path}" for d, path in ctx.local_files.items()) + ".")
     return Table(name, title, columns, rows, ctx.smoke, notes, published.get("notes", []))
 
 

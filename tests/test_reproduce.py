@@ -390,3 +390,65 @@ def test_language_group_models_get_distinct_evaluation_ids():
     similar = model_id_for("/r/runs/other__fedavg-same_language/group-English/checkpoint-2", "base")
     assert same == "aya__fedavg-same_language_group-English_checkpoint-2" and same != similar
     assert model_id_for("/r/runs/aya__fedavg/checkpoint-200", "base") == "aya__fedavg_checkpoint-200"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The authors' released files
+# ------------------------------------------------------------------------------------------------------------
+
+def released_folder(tmp_path) -> Path:
+    """The authors' layout (data/<dataset>/...): a small file under each released name, Fed-Aya's from the real
+    Ref-GPT4 Aya items (one client per language, no language labels)."""
+    aya = json.loads((ROOT.parent / "shared" / "eval_data" / "ref_gpt4" / "aya_testset.json").read_text())
+    sft = {f"user{c}": [{"instruction": f"q{c}.{i}", "response": "an answer"} for i in range(5)] for c in range(3)}
+    files = {"Fed-Aya/aya_38c_25k.json": {f"annotator-{k}": [{"instruction": r["instruction"],
+                                                               "response": r["reference"]} for r in rows]
+                                          for k, rows in aya.items()},
+             "Fed-ChatbotIT/chatbotIT_237c_6k.json": sft, "Fed-WildChat/single_turn/wildchat_100c_53k.json": sft,
+             "Fed-WildChat/multi_turn/wildchat_50c.json": {"u": [{"conversations": [
+                 {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]},
+             "Fed-ChatbotPA/chatbot_by_client-10k.json": {"u": [{"prompt": "p", "chosen": "a", "rejected": "b"}]}}
+    for name, content in files.items():
+        path = tmp_path / "released" / "data" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
+    return tmp_path / "released"
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "eval_data").is_dir(), reason="../shared/eval_data is not there")
+def test_local_data_dir_maps_each_tables_dataset_to_its_released_file(tmp_path, capsys):
+    pytest.importorskip("py3langid")
+    from reproduce.__main__ import main
+
+    folder = released_folder(tmp_path)
+    files = rp.released_files(str(folder))
+    assert {d: Path(p).name for d, p in files.items()} == {
+        "fed-aya": "aya_38c_25k.json", "fed-chatbotit": "chatbotIT_237c_6k.json",
+        "fed-wildchat": "wildchat_100c_53k.json", "fed-wildchat-mt": "wildchat_50c.json",
+        "fed-chatbotpa": "chatbot_by_client-10k.json"}
+    assert main(["--local_data_dir", str(folder), "--dry-run", "--only", "table1,table2,table4,table5,table6",
+                 "--results_dir", str(tmp_path / "results")]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines()
+                if " main_sft.py " in line or " main_dpo.py " in line or " -m data.stats " in line]
+    for command in commands:
+        dataset = flag(command, "dataset")
+        expected = files.get(dataset)  # fed-aya-similar has no released file: built from its source
+        assert flag(command, "local_data_dir") == expected, command
+    assert {flag(c, "dataset") for c in commands} == set(files) | {"fed-aya-similar"}
+    # Table 2's per-language local baselines choose their client on the released file's recovered languages.
+    work = rp.plan(PRESETS, ["table2"], smoke=False, local_files=files)
+    run = next(r for r in work.runs.values() if r.local and r.local.value == "Telugu")
+    assert rs.pick_client(run.local, rs.run_clients(run))[0] == list(json.loads(
+        Path(files["fed-aya"]).read_text())).index("annotator-Telugu")
+
+
+def test_local_data_dir_errors_are_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="is not a folder"):
+        rp.released_files(str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match="holds none of the released files .*aya_38c_25k.json"):
+        rp.released_files(str(tmp_path))
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "wildchat_50c.json").write_text("{}")
+    with pytest.raises(SystemExit, match="2 files for fed-wildchat-mt"):
+        rp.released_files(str(tmp_path))
