@@ -183,7 +183,7 @@ def expand_rows(table: dict, presets: dict) -> list[dict]:
 def cell_specs(row: dict, column: dict) -> list[dict]:
     """The run spec(s) of one cell: the row's, refined by the column's (Table 8 names its runs per column), one
     per client for the paper's mean over random local clients, the column's language for Table 6's Local row."""
-    spec = {k: v for k, v in {**row, **column.get("run", {})}.items() if k not in ("row", "title")}
+    spec = {k: v for k, v in {**row, **column.get("run", {})}.items() if k not in ("row", "title", "series", "smoke")}
     local = spec.get("local")
     if local and local.get("language") == "column":
         spec["local"] = {"language": column["language"]}
@@ -197,6 +197,9 @@ def plan_cell(presets: dict, table: dict, row: dict, column: dict, smoke: bool, 
     if "mean_of" in column:
         return Cell(mean_of=column["mean_of"])
     cell = Cell(metric=column["metric"])
+    if smoke and row.get("smoke") is False:
+        cell.why_empty = "not run in smoke mode (paper scale only)"
+        return cell
     setting = column.get("setting") or table["setting"]
     for spec in cell_specs(row, column):
         run = make_run(presets, setting, spec, smoke, local_files)

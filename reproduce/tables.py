@@ -103,6 +103,7 @@ def assemble(ctx: Context, plan: Plan, name: str, statuses: dict[str, str], pape
         notes.insert(0, smoke_note(ctx, table_plan.kind))
     if not published:
         notes.append("The paper publishes this as a plot without numbers: there is no published value to compare.")
+    notes += ctx.presets["tables"][name].get("notes", [])
     if ctx.local_files and not ctx.smoke:
         notes.append("Datasets read from the authors' released files (--local_data_dir): " +
                      "; ".join(f"{d} <- {path}" for d, path in ctx.local_files.items()) + ".")
@@ -240,6 +241,11 @@ def fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def fmt_published(value) -> str:
+    """A published value exactly as the paper prints it (3.5375 stays 3.5375; JSON keeps its digits)."""
+    return "-" if value is None else str(value)
+
+
 def fmt_difference(diff: float | None) -> str:
     if diff is None:
         return ""
@@ -263,7 +269,7 @@ def to_markdown(table: Table) -> str:
         cells = []
         for column in table.columns:
             diff = fmt_difference(difference(ours.get(column), paper.get(column)))
-            cells.append(f"{fmt(ours.get(column))} / {fmt(paper.get(column))}" + (f" ({diff})" if diff else ""))
+            cells.append(f"{fmt(ours.get(column))} / {fmt_published(paper.get(column))}" + (f" ({diff})" if diff else ""))
         lines.append(f"| {label} | " + " | ".join(cells + ([status] if with_status else [])) + " |")
     lines += [""] + [f"- {note}" for note in table.notes]
     if table.paper_notes:
@@ -280,7 +286,7 @@ def to_csv(table: Table) -> str:
         cells = []
         for column in table.columns:
             diff = difference(ours.get(column), paper.get(column))
-            cells += [fmt(ours.get(column)), fmt(paper.get(column)), "" if diff is None else f"{diff:.6g}"]
+            cells += [fmt(ours.get(column)), fmt_published(paper.get(column)), "" if diff is None else f"{diff:.6g}"]
         writer.writerow(["smoke" if table.smoke else "paper", label, *cells, status])
     return buffer.getvalue()
 
@@ -298,17 +304,21 @@ def plot_sweep(table: Table, spec: dict, plan: Plan, results: Path) -> None:
     import matplotlib.pyplot as plt
 
     x_key, column = spec["plot"]["x"], table.columns[0]
-    points, lines = [], []
+    series: dict[str, list[tuple[float, float]]] = {}  # one line per swept series (the paper's, an assumed C)
+    lines = []
     for row, (label, ours, _, _) in zip(spec["rows"], table.rows):
         x = row.get("args", {}).get(x_key)
-        (points if x is not None else lines).append((x, label, ours.get(column)))
+        if x is None:
+            lines.append((x, label, ours.get(column)))
+        elif ours.get(column) is not None:
+            series.setdefault(row.get("series", "FedAvg + DP"), []).append((x, ours[column]))
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    swept = [(x, v) for x, _, v in points if v is not None]
-    if swept:
-        ax.plot([x for x, _ in swept], [v for _, v in swept], marker="o", label="FedAvg + DP")
+    swept = [point for points in series.values() for point in points]
+    for i, (name, points) in enumerate(series.items()):
+        ax.plot([x for x, _ in points], [v for _, v in points], marker="o", color=f"C{i}", label=name)
     for i, (_, label, value) in enumerate(lines):
         if value is not None:
-            ax.axhline(value, linestyle="--", color=f"C{i + 1}", label=label)
+            ax.axhline(value, linestyle="--", color=f"C{i + len(series)}", label=label)
     ax.set_xscale("log")
     ax.set(xlabel=spec["plot"]["x_label"], ylabel=column + (" (smoke stand-in)" if table.smoke else ""))
     ax.set_title(textwrap.fill(table.title, 70), fontsize=8)

@@ -109,7 +109,7 @@ def test_average_formulas_reproduce_the_papers_own_average_cells():
 def test_dry_run_plans_exactly_the_papers_runs(tmp_path):
     ctx = ctx_for(tmp_path, judge_base_url="http://judge/v1")
     expected = {"table2": 15, "table3": 9, "table4": 18, "table5": 9, "table6": 2 + 7 + 1, "table8": 7,
-                "figure6": 7}
+                "figure6": 7 + 4}
     for table, count in expected.items():
         work, train = dry_run(ctx, [table])
         assert len(train) == count, (table, len(train))
@@ -119,7 +119,7 @@ def test_dry_run_plans_exactly_the_papers_runs(tmp_path):
             if local:  # one client alone for the paper's local epochs, not rounds x steps
                 assert flag(command, "num_rounds") is None and flag(command, "max_steps") is None
     everything_once, train = dry_run(ctx, list(PRESETS["tables"]))
-    assert len(train) == 15 + 9 + 18 + 9 + 2 + 7 + 4  # Table 6 reuses Table 2's runs, Figure 6 Table 8's locals
+    assert len(train) == 15 + 9 + 18 + 9 + 2 + 7 + 8  # Table 6 reuses Table 2's runs, Figure 6 Table 8's locals
 
     epochs = {"fed-aya": "5", "fed-chatbotit": "10", "fed-wildchat": "5", "fed-wildchat-mt": "20",
               "fed-chatbotpa": "10"}
@@ -140,12 +140,31 @@ def test_dry_run_plans_exactly_the_papers_runs(tmp_path):
     assert all(flag(c, "batch_size") == "1" and flag(c, "dp_delta") == "0.0001" for c in table8)
     assert all(flag(c, "max_steps") == "10" for c in table8 if not flag(c, "local_epochs"))
     _, figure6 = dry_run(ctx, ["figure6"])
-    assert sorted(flag(c, "dp_epsilon") for c in figure6 if flag(c, "dp_epsilon")) == ["0.001", "0.01", "0.1", "1.0"]
+    assert sorted(flag(c, "dp_epsilon") for c in figure6 if flag(c, "dp_epsilon")) == \
+        ["0.001", "0.001", "0.01", "0.01", "0.1", "0.1", "1.0", "1.0"]
+    assert sorted(flag(c, "dp_clip") for c in figure6 if flag(c, "dp_clip")) == ["1373"] * 4
     assert not any(flag(c, "dp_sigma") for c in figure6)
 
     _, table6 = dry_run(ctx, ["table6"])
     groups = {flag(c, "client_groups"): flag(c, "dataset") for c in table6 if flag(c, "client_groups")}
     assert groups == {"same_language": "fed-aya", "similar_language": "fed-aya-similar"}
+    # Table 6 reads no Telugu column: the same-language run trains 7 federations, not 8.
+    assert [flag(c, "skip_groups") for c in table6 if flag(c, "client_groups")] == ["Telugu", None]
+
+
+def test_the_assumed_clip_bound_puts_figure6s_epsilon_sweep_on_table8s_sigmas():
+    from federated.privacy import paper_sigma
+
+    wildchat = PRESETS["settings"]["fed-wildchat-dp"]["args"]
+    rows = [r for r in PRESETS["tables"]["figure6"]["rows"] if "dp_clip" in r.get("args", {})]
+
+    def sigma(row, clip):  # Fed-WildChat as the paper counts it: 52,703 samples over 100 clients, 5 per round
+        return paper_sigma(row["args"]["dp_epsilon"], wildchat["dp_delta"], wildchat["learning_rate"], clip,
+                           52703, 100, 5 / 100, wildchat["num_rounds"])
+    assert [sigma(r, 1.0) for r in rows] == pytest.approx([7.28e-4, 7.28e-5, 7.28e-6, 7.28e-7], rel=1e-3)  # C = 1
+    assert [sigma(r, r["args"]["dp_clip"]) for r in rows] == pytest.approx([1.0, 0.1, 0.01, 0.001], rel=1e-3)
+    notes = " ".join(PRESETS["tables"]["figure6"]["notes"])
+    assert "does not publish the clip bound C" in notes and "our assumption" in notes
 
 
 def test_table6_local_row_is_table2s_diagonal_and_groups_pick_the_columns_language():
@@ -210,7 +229,9 @@ def test_smoke_runs_every_row_of_every_table_on_the_stand_ins(tmp_path):
     assert all(rp.missing_piece(r) is None for r in work.runs.values())  # the repository runs every row
     for name, table in work.tables.items():
         for label, cells in table.rows:
-            assert all(c.models or c.mean_of for c in cells.values()), (name, label)
+            paper_scale_only = "(assumed)" in label  # Figure 6's second sweep, at our assumed clip bound
+            assert all((c.why_empty is not None) == paper_scale_only and (c.models or c.mean_of or paper_scale_only)
+                       for c in cells.values()), (name, label)
     trained = [r for r in work.runs.values() if r.entry]
     assert all(r.args["model_name_or_path"] == "smollm2" and r.args["eval_after"] for r in trained)
     assert {r.args["dataset"] for r in trained} == {"fed-synthetic", "fed-synthetic-pref"}
@@ -319,13 +340,17 @@ def test_table8_keeps_the_papers_single_row_layout_and_figure6_is_plotted(tmp_pa
     ctx = ctx_for(tmp_path, smoke=True)
     work = rp.plan(ctx.presets, ["table8", "figure6"], smoke=True)
     for label, cells in work.tables["figure6"].rows:
-        write_score(ctx, cells["MT-Bench"].models[0], "eval_exact_match.json", "accuracy", 0.1)
+        for model in cells["MT-Bench"].models:  # the assumed-C rows plan no model in smoke
+            write_score(ctx, model, "eval_exact_match.json", "accuracy", 0.1)
     values = rt.Values.load(ctx, work)
     table8 = rt.assemble(ctx, work, "table8", {}, PAPER, values)
     assert [label for label, *_ in table8.rows] == ["MT-Bench"]
     assert table8.columns == ["local(813)", "local(1702)", "FedAvg", "FedDP-1e-3", "FedDP-1e-2", "FedDP-0.1", "FedDP-1"]
     ours, paper = table8.rows[0][1], table8.rows[0][2]
     assert ours["local(813)"] == pytest.approx(10) and paper["FedDP-1"] == 1.6875
+    # Published values print as published: 3.5375 and 4.5375, not .4g's 3.538 and 4.537.
+    assert "/ 3.5375 (" in rt.to_markdown(table8) and "/ 4.5375" in rt.to_markdown(table8)
+    assert "3.5375" in rt.to_csv(table8).splitlines()[1].split(",")
     assert ours["FedDP-1e-3"] is None  # the sigma runs are not Figure 6's epsilon runs
     figure6 = rt.assemble(ctx, work, "figure6", {}, PAPER, values)
     assert "no published value" in " ".join(figure6.notes)
