@@ -94,7 +94,7 @@ class Cell:
 @dataclass
 class TablePlan:
     name: str
-    kind: str  # "runs", "stats" or "settings"
+    kind: str  # "runs", "stats", "analysis" or "settings"
     columns: list[str]
     rows: list[tuple[str, dict[str, Cell]]]
 
@@ -105,6 +105,7 @@ class Plan:
     tables: dict[str, TablePlan] = field(default_factory=dict)
     evaluations: dict[Model, set[str]] = field(default_factory=dict)  # model -> metrics asked of it
     stats: list[tuple[str, str]] = field(default_factory=list)  # (dataset, task) for Table 1
+    analyses: list[tuple[str, str]] = field(default_factory=list)  # (dataset, task) for Section 3.3's figures
 
 
 def task_of(setting: dict) -> str:
@@ -219,12 +220,12 @@ def plan(presets: dict, tables: list[str], smoke: bool, local_files: dict | None
     result = Plan()
     for name in tables:
         table = presets["tables"][name]
-        if table["kind"] == "stats":
-            columns = [c["title"] for c in table["columns"]]
+        if table["kind"] in ("stats", "analysis"):  # one step per dataset: Table 1's statistics, or its figures
+            steps = result.stats if table["kind"] == "stats" else result.analyses
             for column in table["columns"]:
-                if stats_dataset(presets, column, smoke) not in result.stats:
-                    result.stats.append(stats_dataset(presets, column, smoke))
-            result.tables[name] = TablePlan(name, "stats", columns, [])
+                if stats_dataset(presets, column, smoke) not in steps:
+                    steps.append(stats_dataset(presets, column, smoke))
+            result.tables[name] = TablePlan(name, table["kind"], [c["title"] for c in table["columns"]], [])
         elif table["kind"] == "settings":
             result.tables[name] = TablePlan(name, "settings", [], [])
         else:

@@ -78,6 +78,7 @@ class Context:
 
 def steps_for(ctx: Context, result: Plan) -> list[Step]:
     steps = [stats_step(ctx, dataset, task) for dataset, task in result.stats]
+    steps += [analysis_step(ctx, dataset) for dataset, _ in result.analyses]
     for run in result.runs.values():
         if run.entry is not None:
             steps.append(train_step(ctx, run))
@@ -174,9 +175,21 @@ def stats_step(ctx: Context, dataset: str, task: str) -> Step:
     options = {**ctx.presets["tables"]["table1"]["stats_args"], **(ctx.presets["smoke"]["stats_args"] if ctx.smoke
                                                                    else {})}
     argv = [ctx.python, "-m", "data.stats", "--dataset", dataset, *to_argv(options), "--json", str(output)]
-    if not ctx.smoke and dataset in (ctx.local_files or {}):
-        argv += ["--local_data_dir", ctx.local_files[dataset]]
-    return Step(f"statistics {dataset}", argv, output)
+    return Step(f"statistics {dataset}", argv + local_file_args(ctx, dataset), output)
+
+
+def analysis_step(ctx: Context, dataset: str) -> Step:
+    """Section 3.3's figures of one dataset (python -m data.analyze), into results/analysis/<dataset>/."""
+    out = ctx.results / "analysis" / dataset
+    options = {**ctx.presets["tables"]["analysis"]["analysis_args"],
+               **(ctx.presets["smoke"]["analysis_args"] if ctx.smoke else {})}
+    argv = [ctx.python, "-m", "data.analyze", "--dataset", dataset, *to_argv(options), "--out", str(out)]
+    return Step(f"figures {dataset}", argv + local_file_args(ctx, dataset), out / "figures.json")
+
+
+def local_file_args(ctx: Context, dataset: str) -> list[str]:
+    """--local_data_dir FILE where run_all.sh was given the authors' released file of `dataset`."""
+    return [] if ctx.smoke or dataset not in (ctx.local_files or {}) else ["--local_data_dir", ctx.local_files[dataset]]
 
 
 # ------------------------------------------------------------------------------------------------------------

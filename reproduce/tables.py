@@ -15,7 +15,7 @@ from reproduce.plan import Cell, Model, Plan, Run, TablePlan, stats_dataset
 from reproduce.steps import LOCAL_CLIENT, Context
 
 PAPER_RESULTS = Path(__file__).resolve().parent.parent / "evaluation" / "paper_results.json"
-TITLES = {"figure6": "Figure 6"}
+TITLES = {"figure6": "Figure 6", "analysis": "Section 3.3"}
 
 
 @dataclass
@@ -97,7 +97,7 @@ def assemble(ctx: Context, plan: Plan, name: str, statuses: dict[str, str], pape
     published = paper.get(name, {})
     title = f"{TITLES.get(name, 'Table ' + name.removeprefix('table'))}: " + \
         (published.get("title") or ctx.presets["tables"][name].get("title", ""))
-    build = {"runs": runs_rows, "stats": stats_rows, "settings": settings_rows}[table_plan.kind]
+    build = {"runs": runs_rows, "stats": stats_rows, "analysis": analysis_rows, "settings": settings_rows}[table_plan.kind]
     columns, rows, notes = build(ctx, plan, table_plan, statuses, paper_cells(paper, name), values)
     if ctx.smoke:
         notes.insert(0, smoke_note(ctx, table_plan.kind))
@@ -169,7 +169,7 @@ def smoke_note(ctx: Context, kind: str) -> str:
                 f"for instruction tuning, {metrics['preference']['label']} for DPO, on the held-out set of "
                 "fed-synthetic or fed-synthetic-pref) after a few tiny rounds of SmolLM2, never the paper's metric. "
                 "The published numbers are shown to check the layout; the differences cannot be meaningful.")
-    if kind == "stats":
+    if kind in ("stats", "analysis"):
         return "SMOKE RUN: statistics of the offline stand-in datasets, not of the paper's datasets."
     return "SMOKE RUN: the shrunk settings the smoke mode actually ran, beside the paper's."
 
@@ -200,6 +200,27 @@ def stats_rows(ctx: Context, plan: Plan, table: TablePlan, statuses: dict[str, s
              for d in dict.fromkeys(datasets)]
     notes.append(f"Lengths and quality: mean ± std over clients of each client's average ({aggregation}), "
                  "population std; quality is the IFD score.")
+    return table.columns, rows, notes
+
+
+FIGURES = {  # data.analyze's files -> the paper's figure
+    "fig1a_language.png": "Fig. 1a languages", "fig1b_lengths.png": "Fig. 1b lengths",
+    "fig1c_length_preference.png": "Fig. 1c length preference", "fig1d_quality_preference.png": "Fig. 1d quality "
+    "preference", "fig3_quality.png": "Fig. 3 quality (IFD)", "fig4_tsne.png": "Fig. 4 t-SNE embeddings",
+    "fig5_quantity.png": "Fig. 5 samples per client",
+}
+
+
+def analysis_rows(ctx: Context, plan: Plan, table: TablePlan, statuses: dict[str, str], paper: dict, _: Values):
+    """Section 3.3's figures: one row per figure, the file of each dataset (- where the dataset has none)."""
+    spec = ctx.presets["tables"][table.name]
+    datasets = [stats_dataset(ctx.presets, c, ctx.smoke)[0] for c in spec["columns"]]
+    written = {d: read_stats(ctx.results / "analysis" / d / "figures.json").get("figures", []) for d in datasets}
+    rows = [(label, {c["title"]: (f"analysis/{d}/{file}" if file in written[d] else None)
+                     for c, d in zip(spec["columns"], datasets)}, {}, "")
+            for file, label in FIGURES.items()]
+    notes = [f"{d}: {statuses.get(f'figures {d}', '')}" for d in dict.fromkeys(datasets)]
+    notes.append("Figure 1a needs client languages (Fed-Aya), 1c and 1d preference pairs (Fed-ChatbotPA).")
     return table.columns, rows, notes
 
 
@@ -261,15 +282,18 @@ def difference(ours, paper) -> float | None:
 
 def to_markdown(table: Table) -> str:
     with_status = any(status for *_, status in table.rows)
+    published = any(paper for _, _, paper, _ in table.rows)  # Figure 6 and the figures have no numbers
     header = table.columns + (["status"] if with_status else [])
     lines = [f"# {table.title}" + (" (SMOKE)" if table.smoke else ""), "",
-             "Each cell: ours / published (ours − published); `-` where there is no value.", "",
+             "Each cell: ours / published (ours − published); `-` where there is no value." if published else
+             "Each cell: ours; `-` where there is no value (the paper publishes no numbers here).", "",
              "| | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for label, ours, paper, status in table.rows:
         cells = []
         for column in table.columns:
             diff = fmt_difference(difference(ours.get(column), paper.get(column)))
-            cells.append(f"{fmt(ours.get(column))} / {fmt_published(paper.get(column))}" + (f" ({diff})" if diff else ""))
+            cells.append(f"{fmt(ours.get(column))} / {fmt_published(paper.get(column))}" + (f" ({diff})" if diff else "")
+                         if published else fmt(ours.get(column)))
         lines.append(f"| {label} | " + " | ".join(cells + ([status] if with_status else [])) + " |")
     lines += [""] + [f"- {note}" for note in table.notes]
     if table.paper_notes:

@@ -477,3 +477,24 @@ def test_local_data_dir_errors_are_one_line(tmp_path):
         (tmp_path / sub / "wildchat_50c.json").write_text("{}")
     with pytest.raises(SystemExit, match="2 files for fed-wildchat-mt"):
         rp.released_files(str(tmp_path))
+
+
+def test_section_3_3_figures_are_a_target_beside_table1(tmp_path):
+    ctx = ctx_for(tmp_path, local_files={"fed-aya": "/data/aya_38c_25k.json"})
+    work = rp.plan(ctx.presets, ["table1", "analysis"], smoke=False, local_files=ctx.local_files)
+    figures = {s.name: s for s in rs.steps_for(ctx, work) if s.name.startswith("figures")}
+    assert list(figures) == ["figures fed-aya", "figures fed-chatbotit", "figures fed-wildchat", "figures fed-chatbotpa"]
+    aya = figures["figures fed-aya"].command()
+    assert " -m data.analyze --dataset fed-aya " in aya and flag(aya, "local_data_dir") == "/data/aya_38c_25k.json"
+    assert flag(aya, "quality_model") == "meta-llama/Llama-2-7b-hf" and flag(aya, "out").endswith("analysis/fed-aya")
+    assert flag(figures["figures fed-chatbotit"].command(), "local_data_dir") is None
+    done = ctx.results / "analysis" / "fed-aya" / "figures.json"
+    assert figures["figures fed-aya"].done == done
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps({"figures": ["fig1a_language.png", "fig5_quantity.png"]}))
+    table = rt.assemble(ctx, work, "analysis", {"figures fed-aya": "ran"}, PAPER, rt.Values.load(ctx, work))
+    rows = {label: ours for label, ours, _, _ in table.rows}
+    assert rows["Fig. 1a languages"] == {"Fed-Aya": "analysis/fed-aya/fig1a_language.png", "Fed-ChatbotIT": None,
+                                         "Fed-WildChat": None, "Fed-ChatbotPA": None}
+    assert rows["Fig. 4 t-SNE embeddings"]["Fed-Aya"] is None and len(rows) == 7
+    assert "| Fig. 5 samples per client | analysis/fed-aya/fig5_quantity.png | - | - | - |" in rt.to_markdown(table)
