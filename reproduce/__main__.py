@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from reproduce.plan import PRESETS, ROOT, load_presets, plan, released_files, select_tables
+from reproduce.plan import PRESETS, ROOT, load_presets, plan, released_files, select_tables, with_script_settings
 from reproduce.steps import Context, execute, steps_for
 from reproduce.tables import Values, assemble, load_paper, plot_losses, plot_sweep, write_table
 
@@ -31,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the commands that would run, run nothing")
     parser.add_argument("--results_dir", default=None, help="default results/ (paper) or results/smoke/ (smoke)")
     parser.add_argument("--presets", default=str(PRESETS))
+    parser.add_argument("--settings", choices=("paper", "scripts"), default="paper",
+                        help="the paper's text (default), or the released training scripts' settings where they "
+                             "differ (docs/RUN_ALL.md lists each difference; results in results/scripts/)")
     parser.add_argument("--judge_base_url", default=None, help="OpenAI-compatible judge endpoint")
     parser.add_argument("--judge_model", default="gpt-4-1106-preview")
     parser.add_argument("--eval_data_dir", default=None, help="local evaluation data (default: downloaded, cached)")
@@ -45,8 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     presets = load_presets(Path(args.presets))
+    if args.settings == "scripts":
+        presets = with_script_settings(presets)
     tables = select_tables(presets, [name for item in args.only for name in item.split(",") if name])
-    results = Path(args.results_dir or ("results/smoke" if args.smoke else "results"))
+    default_results = "results/smoke" if args.smoke else "results/scripts" if args.settings == "scripts" else "results"
+    results = Path(args.results_dir or default_results)
     results = results if results.is_absolute() else ROOT / results
     if args.smoke and args.local_data_dir:
         raise SystemExit("--local_data_dir has no effect with --smoke (the smoke runs on offline stand-ins): drop one.")

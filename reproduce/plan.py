@@ -31,6 +31,17 @@ def load_presets(path: Path = PRESETS) -> dict:
     return presets
 
 
+def with_script_settings(presets: dict) -> dict:
+    """The presets with the released scripts' settings where they differ from the paper's text (presets
+    "scripts": models, setting arguments, and the local baselines' schedule); "settings_from" says which."""
+    scripts = presets["scripts"]
+    settings = {name: {**setting, **{k: v for k, v in scripts["settings"].get(name, {}).items() if k != "args"},
+                       "args": {**setting["args"], **scripts["settings"].get(name, {}).get("args", {})}}
+                for name, setting in presets["settings"].items()}
+    return {**presets, "models": {**presets["models"], **scripts["models"]}, "settings": settings,
+            "settings_from": "scripts"}
+
+
 def select_tables(presets: dict, only: list[str]) -> list[str]:
     names = list(presets["tables"])
     unknown = [n for n in only if n not in names]
@@ -130,7 +141,10 @@ def make_run(presets: dict, setting_name: str, spec: dict, smoke: bool, local_fi
     if choice:
         for key in FEDERATED_ONLY:
             args.pop(key, None)
-        args["local_epochs"] = presets["smoke"]["local_epochs"] if smoke else setting["local_epochs"]
+        if "local_schedule" in setting and not smoke:  # the released scripts: rounds x steps, not epochs
+            args.update(setting["local_schedule"])
+        else:
+            args["local_epochs"] = presets["smoke"]["local_epochs"] if smoke else setting["local_epochs"]
         args.update(presets["smoke"]["local_args"] if smoke else {})
         args["fed_alg"] = f"local{{{choice.label()}}}"  # the client index is resolved when the run starts
     else:

@@ -104,6 +104,9 @@ def assemble(ctx: Context, plan: Plan, name: str, statuses: dict[str, str], pape
     if not published:
         notes.append("The paper publishes this as a plot without numbers: there is no published value to compare.")
     notes += ctx.presets["tables"][name].get("notes", [])
+    if ctx.presets.get("settings_from") == "scripts":
+        notes += ["Settings of the released training scripts, not the paper's text (--settings scripts): " +
+                  " ".join(ctx.presets["scripts"]["differences"])]
     if ctx.local_files and not ctx.smoke:
         notes.append("Datasets read from the authors' released files (--local_data_dir): " +
                      "; ".join(f"{d} <- {path}" for d, path in ctx.local_files.items()) + ".")
@@ -154,7 +157,10 @@ def describe_local(ctx: Context, plan: Plan, models: tuple[Model, ...]) -> str:
         chosen.append(f"client {record['client']} (id {record['client_id']}, {record['samples']} samples; "
                       f"{record['chosen']})" if record else f"{plan.runs[model.run].local.label()} (not chosen yet)")
     mean = "mean of " if len(chosen) > 1 else ""
-    return f"{mean}{', '.join(chosen)}; local epochs: {plan.runs[models[0].run].args['local_epochs']}."
+    args = plan.runs[models[0].run].args
+    schedule = f"local epochs: {args['local_epochs']}" if "local_epochs" in args else \
+        f"{args['num_rounds']} rounds x {args['max_steps']} steps at batch {args['batch_size']} (the released scripts)"
+    return f"{mean}{', '.join(chosen)}; {schedule}."
 
 
 def formula_notes(spec: dict) -> list[str]:

@@ -498,3 +498,28 @@ def test_section_3_3_figures_are_a_target_beside_table1(tmp_path):
                                          "Fed-WildChat": None, "Fed-ChatbotPA": None}
     assert rows["Fig. 4 t-SNE embeddings"]["Fed-Aya"] is None and len(rows) == 7
     assert "| Fig. 5 samples per client | analysis/fed-aya/fig5_quantity.png | - | - | - |" in rt.to_markdown(table)
+
+
+def test_the_scripts_settings_switch_changes_exactly_the_listed_differences(tmp_path):
+    scripts = rp.with_script_settings(PRESETS)
+    assert len(scripts["scripts"]["differences"]) == 4 and scripts["settings_from"] == "scripts"
+    ctx = rs.Context(scripts, tmp_path / "results", False, python="PY", flags_of=everything,
+                     judge_base_url="http://judge/v1")
+    paper_runs, _ = dry_run(ctx_for(tmp_path, judge_base_url="http://judge/v1"), list(PRESETS["tables"]))
+    script_runs, _ = dry_run(ctx, list(PRESETS["tables"]))
+    changed = {r.args["dataset"] + ("/local" if r.local else "") for r in script_runs.runs.values()
+               if r.name not in paper_runs.runs}
+    assert changed == {"fed-wildchat-mt", "fed-wildchat-mt/local", "fed-chatbotpa", "fed-chatbotpa/local",
+                       "fed-wildchat", "fed-wildchat/local"}  # the DP runs of Table 8 and Figure 6 are on fed-wildchat
+    runs = list(script_runs.runs.values())
+    assert {r.args["template"] for r in runs if r.args["dataset"] == "fed-wildchat-mt"} == {"alpaca"}
+    assert {r.args["model_name_or_path"] for r in runs if r.task == "preference"} == {"alpaca_recovered"}
+    dp = [r for r in runs if r.args.get("dp_delta")]
+    local_dp = [r for r in dp if r.local]
+    assert len(local_dp) == 2 and all(r.args["num_rounds"] == 50 and r.args["max_steps"] == 10 and
+                                      r.args["batch_size"] == 16 and "local_epochs" not in r.args for r in local_dp)
+    assert all(r.args["max_steps"] == 160 for r in dp if not r.local)
+    # Everything else is the paper's: Table 3's runs are the same commands.
+    assert all(r.name in paper_runs.runs for r in runs if r.args["dataset"] in ("fed-aya", "fed-chatbotit"))
+    table = rt.assemble(ctx, script_runs, "table8", {}, PAPER, rt.Values.load(ctx, script_runs))
+    assert any("released training scripts" in note for note in table.notes)
