@@ -178,6 +178,16 @@ AYA_LANGUAGE_CODES = {**AYA_LANGUAGES, "German": "deu", "Italian": "ita", "Polis
                       "Korean": "kor"}
 
 
+def _languages(params: dict) -> tuple[str, ...]:
+    languages = params["languages"]
+    return (languages,) if isinstance(languages, str) else tuple(languages)  # --rule languages=English
+
+
+def _language_key(params: dict) -> str:
+    """The Aya column the `languages` rule matches: `language` names, or `language_code`s."""
+    return "language_code" if params["match_language_by"] == "code" else "language"
+
+
 @lru_cache(maxsize=8)
 def _kept_languages(languages: tuple[str, ...], match_by: str) -> frozenset[str]:
     """The `language` names, or with match_by="code" the `language_code`s, whose rows a client may keep."""
@@ -192,9 +202,7 @@ def _kept_languages(languages: tuple[str, ...], match_by: str) -> frozenset[str]
 
 def _aya_item(row: dict, params: dict) -> Item | None:
     by_code = params["match_language_by"] == "code"
-    languages = params["languages"]
-    languages = (languages,) if isinstance(languages, str) else tuple(languages)  # --rule languages=English
-    kept = _kept_languages(languages, params["match_language_by"])
+    kept = _kept_languages(_languages(params), params["match_language_by"])
     keep = row.get("language_code" if by_code else "language") in kept
     keep = keep and (params["annotation_types"] == "all" or row.get("annotation_type") == params["annotation_types"])
     sample = {"instruction": _text(row.get("inputs")), "response": _text(row.get("targets"))}
@@ -204,11 +212,6 @@ def _aya_item(row: dict, params: dict) -> Item | None:
         # Counted towards the threshold only when thresholds are taken before the language filter.
         return Item(str(row.get("user_id")), None) if params["threshold_on"] == "all_rows" else None
     return Item(str(row.get("user_id")), sample, row.get("language"))
-
-
-def _language_key(params: dict) -> str:
-    """The Aya column the `languages` rule matches: `language` names, or `language_code`s."""
-    return "language_code" if params["match_language_by"] == "code" else "language"
 
 
 AYA = Recipe(
@@ -527,8 +530,8 @@ def check_pin(recipe: Recipe, source: Source, provenance: dict, rows: int, reque
     files = provenance.get("files") or {}
     changed = [f for f in source.pin_files if files and f not in files]
     if changed or (source.pin_rows and rows != source.pin_rows):
-        raise SystemExit(f"{recipe.name}: {source.repo_id} at {provenance.get('resolved_revision') or 'its current commit'}"
-                         f" is not the pinned release (files {sorted(files)}, {rows} rows; pinned "
+        commit = provenance.get("resolved_revision") or "its current commit"
+        raise SystemExit(f"{recipe.name}: {source.repo_id} at {commit} is not the pinned release (files {sorted(files)}, {rows} rows; pinned "
                          f"{list(source.pin_files)}, {source.pin_rows} rows). Pass --revision COMMIT to build from it "
                          "anyway; the counts will differ from the paper's.")
 
@@ -537,13 +540,13 @@ def check_languages(recipe: Recipe, params: dict, seen: Counter, where: str) -> 
     """Every language the rules ask for must occur in the source: a name spelt otherwise at this revision would
     otherwise give a table without that language's clients."""
     key = _language_key(params)
-    wanted = _kept_languages(tuple(params["languages"]) if not isinstance(params["languages"], str)
-                             else (params["languages"],), params["match_language_by"])
+    wanted = _kept_languages(_languages(params), params["match_language_by"])
     absent = sorted(w for w in wanted if not seen.get(w))
     if absent:
         found = ", ".join(f"{name} ({n})" for name, n in sorted(seen.items(), key=lambda kv: str(kv[0])))
-        raise SystemExit(f"{recipe.name}: no row of {where} has {key} {', '.join(absent)}. The {key} values found (rows): {found}. Spell them as the source does with "
-                         "--rule languages='[...]', or pick another --revision.")
+        raise SystemExit(f"{recipe.name}: no row of {where} has {key} {', '.join(absent)}. The {key} values found "
+                         f"(rows): {found}. Spell them as the source does with --rule languages='[...]', "
+                         "or pick another --revision.")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -649,8 +652,8 @@ def build(recipe: Recipe, source_path: str | None = None, eval_data_dir: str | N
                     **({} if test_instructions is not None else
                        {"note": f"test file {test_path} not found: leakage not checked (pass --eval_data_dir)"})},
         "paper_targets": recipe.targets,
-        "table1_check": {quantity: {"ours": ours, "paper": paper, "flag": against_paper(ours, paper)}
-                         for quantity, (ours, paper) in table1_counts(recipe, [len(v) for v in clients.values()]).items()},
+        "table1_check": {quantity: {"ours": ours, "paper": paper, "flag": against_paper(ours, paper)} for quantity,
+                         (ours, paper) in table1_counts(recipe, [len(v) for v in clients.values()]).items()},
     }
     if recipe is AYA:
         manifest["acceptance"] = check_fed_aya_counts(rule_counts)

@@ -97,7 +97,8 @@ def assemble(ctx: Context, plan: Plan, name: str, statuses: dict[str, str], pape
     published = paper.get(name, {})
     title = f"{TITLES.get(name, 'Table ' + name.removeprefix('table'))}: " + \
         (published.get("title") or ctx.presets["tables"][name].get("title", ""))
-    build = {"runs": runs_rows, "stats": stats_rows, "analysis": analysis_rows, "settings": settings_rows}[table_plan.kind]
+    build = {"runs": runs_rows, "stats": stats_rows, "analysis": analysis_rows,
+             "settings": settings_rows}[table_plan.kind]
     columns, rows, notes = build(ctx, plan, table_plan, statuses, paper_cells(paper, name), values)
     if ctx.smoke:
         notes.insert(0, smoke_note(ctx, table_plan.kind))
@@ -298,8 +299,8 @@ def to_markdown(table: Table) -> str:
         cells = []
         for column in table.columns:
             diff = fmt_difference(difference(ours.get(column), paper.get(column)))
-            cells.append(f"{fmt(ours.get(column))} / {fmt_published(paper.get(column))}" + (f" ({diff})" if diff else "")
-                         if published else fmt(ours.get(column)))
+            both = f"{fmt(ours.get(column))} / {fmt_published(paper.get(column))}" + (f" ({diff})" if diff else "")
+            cells.append(both if published else fmt(ours.get(column)))
         lines.append(f"| {label} | " + " | ".join(cells + ([status] if with_status else [])) + " |")
     lines += [""] + [f"- {note}" for note in table.notes]
     if table.paper_notes:

@@ -483,7 +483,7 @@ def test_section_3_3_figures_are_a_target_beside_table1(tmp_path):
     ctx = ctx_for(tmp_path, local_files={"fed-aya": "/data/aya_38c_25k.json"})
     work = rp.plan(ctx.presets, ["table1", "analysis"], smoke=False, local_files=ctx.local_files)
     figures = {s.name: s for s in rs.steps_for(ctx, work) if s.name.startswith("figures")}
-    assert list(figures) == ["figures fed-aya", "figures fed-chatbotit", "figures fed-wildchat", "figures fed-chatbotpa"]
+    assert list(figures) == [f"figures {d}" for d in ("fed-aya", "fed-chatbotit", "fed-wildchat", "fed-chatbotpa")]
     aya = figures["figures fed-aya"].command()
     assert " -m data.analyze --dataset fed-aya " in aya and flag(aya, "local_data_dir") == "/data/aya_38c_25k.json"
     assert flag(aya, "quality_model") == "meta-llama/Llama-2-7b-hf" and flag(aya, "out").endswith("analysis/fed-aya")
