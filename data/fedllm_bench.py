@@ -228,6 +228,7 @@ AYA = Recipe(
         "threshold_on": "filtered_rows",  # [U] or "all_rows": count an annotator's rows before the filter
         "annotation_types": "all",  # [U] or "original-annotations" / "re-annotations"
         "drop_empty": True,  # [U] part of the "initial cleanup"
+        "every_language_has_clients": True,  # confirmed: Table 2 trains one client of each of the 8 languages
     },
     extract=_aya_item, columns=("inputs", "targets", "language", "language_code", "annotation_type", "user_id"),
     client_column="user_id",
@@ -242,7 +243,8 @@ AYA = Recipe(
 AYA_SIMILAR = replace(
     AYA, name="fed-aya-similar", released_file="aya_similar_languages.json", released=False, targets={},
     params={**AYA.params, "languages": tuple(AYA_LANGUAGES) + tuple(
-        name for members in LANGUAGE_FAMILIES.values() for name in members if name not in AYA_LANGUAGES)},
+        name for members in LANGUAGE_FAMILIES.values() for name in members if name not in AYA_LANGUAGES),
+        "every_language_has_clients": False},  # the paper gives no counts: a language without clients is listed
 )
 
 
@@ -531,7 +533,8 @@ def check_pin(recipe: Recipe, source: Source, provenance: dict, rows: int, reque
     changed = [f for f in source.pin_files if files and f not in files]
     if changed or (source.pin_rows and rows != source.pin_rows):
         commit = provenance.get("resolved_revision") or "its current commit"
-        raise SystemExit(f"{recipe.name}: {source.repo_id} at {commit} is not the pinned release (files {sorted(files)}, {rows} rows; pinned "
+        raise SystemExit(f"{recipe.name}: {source.repo_id} at {commit} is not the pinned release (files "
+                         f"{sorted(files)}, {rows} rows; pinned "
                          f"{list(source.pin_files)}, {source.pin_rows} rows). Pass --revision COMMIT to build from it "
                          "anyway; the counts will differ from the paper's.")
 
@@ -662,6 +665,13 @@ def build(recipe: Recipe, source_path: str | None = None, eval_data_dir: str | N
         manifest["clients_per_language"] = dict(per_language.most_common())
         # A name the pinned revision spells otherwise matches no row: this list shows it.
         manifest["languages_without_clients"] = [name for name in params["languages"] if name not in per_language]
+        if params.get("every_language_has_clients") and manifest["languages_without_clients"]:
+            rows_found = ", ".join(f"{name} ({n})" for name, n in languages_seen.items())
+            raise SystemExit(f"{recipe.name}: no client of {', '.join(manifest['languages_without_clients'])} passes "
+                             f"the rules {params}. Clients per language found: "
+                             f"{manifest['clients_per_language'] or 'none'}; source rows per language: {rows_found}. "
+                             "Check the revision and the rules (--rule every_language_has_clients=false to build "
+                             "anyway).")
     _write_cache(out_dir, recipe, clients, metadata, manifest)
     _report(recipe, manifest, f"built from {manifest['source']['id']} into {out_dir}")
     return _as_dataset(recipe, clients, metadata, manifest)

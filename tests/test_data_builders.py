@@ -85,10 +85,11 @@ def test_aya_language_filter_and_threshold(aya_source, tmp_path):
 
 def test_aya_threshold_before_the_language_filter_and_code_matching(aya_source, tmp_path):
     # Counting all rows, annotator-eng has 20 + 12 + 1 = 33 and the Turkish annotator 12: only English passes 30.
-    ds = build("fed-aya", tmp_path, aya_source, min_samples=30, threshold_on="all_rows")
+    only_english = {"every_language_has_clients": False}  # the rule under test leaves one client
+    ds = build("fed-aya", tmp_path, aya_source, min_samples=30, threshold_on="all_rows", **only_english)
     assert ds.client_ids == ["annotator-eng"] and ds.sample_counts == [20]
     # By code, zho keeps the Traditional Chinese rows of annotator-eng.
-    ds = build("fed-aya", tmp_path, aya_source, min_samples=30, match_language_by="code")
+    ds = build("fed-aya", tmp_path, aya_source, min_samples=30, match_language_by="code", **only_english)
     assert ds.client_ids == ["annotator-eng"] and ds.sample_counts == [32]
 
 
@@ -108,7 +109,8 @@ def test_leakage_removal_counts_and_reports(aya_source, tmp_path, capsys):
 def test_the_real_test_set_removes_everything_it_contains(aya_source, tmp_path):
     # The fixture *is* the Ref-GPT4 Aya test set: with the default eval data every sample leaks.
     with pytest.raises(SystemExit, match="no client passes"):
-        build("fed-aya", tmp_path, aya_source, eval_dir=str(SHARED_EVAL), min_samples=20)
+        build("fed-aya", tmp_path, aya_source, eval_dir=str(SHARED_EVAL), min_samples=20,
+              every_language_has_clients=False)
 
 
 def test_cache_is_written_and_read_back(aya_source, tmp_path, capsys):
@@ -165,7 +167,7 @@ def test_fed_aya_similar_adds_the_group_languages_with_fed_ayas_threshold(simila
                                                          "Simplified Chinese", "Italian", "Ukrainian", "Korean"]
     assert "clients per language" in capsys.readouterr().out
     # Fed-Aya itself keeps its 8 languages: the same source gives only its English, Arabic and Telugu clients.
-    aya = build("fed-aya", tmp_path, similar_source)
+    aya = build("fed-aya", tmp_path, similar_source, every_language_has_clients=False)
     assert aya.client_ids == ["a-eng", "a-arb", "a-tel"] and tuple(aya.info["rules"]["languages"]) == \
         tuple(fb.AYA_LANGUAGES)
     assert (tmp_path / "cache" / "fed-aya-similar").is_dir() and (tmp_path / "cache" / "fed-aya").is_dir()
@@ -350,7 +352,8 @@ def _threshold_rows(name: str, user: str, n: int) -> list[dict]:
 def test_default_threshold_keeps_a_client_at_it_and_drops_one_a_sample_below(name, threshold, tmp_path):
     assert fb.RECIPES[name].params["min_samples"] == threshold
     rows = _threshold_rows(name, "at", threshold) + _threshold_rows(name, "below", threshold - 1)
-    ds = build(name, tmp_path, write_parquet(rows, tmp_path / "train.parquet"))
+    only_one_language = {"every_language_has_clients": False} if name == "fed-aya" else {}
+    ds = build(name, tmp_path, write_parquet(rows, tmp_path / "train.parquet"), **only_one_language)
     assert ds.client_ids == ["at"] and ds.sample_counts == [threshold]
 
 
@@ -385,6 +388,17 @@ def test_an_aya_language_with_no_row_stops_with_the_languages_found(tmp_path):
         build("fed-aya", tmp_path, write_parquet(rows, tmp_path / "train.parquet"), min_samples=1)
     message = str(err.value)
     assert "has language Simplified Chinese" in message and "Chinese (3)" in message and "English (3)" in message
+
+
+def test_a_fed_aya_language_without_a_client_stops_with_the_clients_per_language(aya_source, tmp_path):
+    # At the default threshold (100) none of the 20-row annotators passes; at 20 all eight do.
+    with pytest.raises(SystemExit) as err:
+        build("fed-aya", tmp_path, aya_source, min_samples=21)
+    message = str(err.value)
+    assert "no client of English, Spanish, French, Russian, Portuguese, Simplified Chinese, Standard Arabic, " \
+        "Telugu passes" in message and "Clients per language found: none" in message
+    assert "Standard Arabic (20)" in message and "English (26)" in message and "Turkish (12)" in message
+    assert fb.AYA_SIMILAR.params["every_language_has_clients"] is False  # FedSimLang's extra languages: listed
 
 
 def test_aya_source_is_cohere_labs_at_the_pinned_revision():
