@@ -661,20 +661,24 @@ def build(recipe: Recipe, source_path: str | None = None, eval_data_dir: str | N
     if recipe is AYA:
         manifest["acceptance"] = check_fed_aya_counts(rule_counts)
     if "languages" in params:  # Aya: how many clients each language has (the groups of Table 6 draw on them)
-        per_language = Counter(m.get("language") for m in metadata.values())
-        manifest["clients_per_language"] = dict(per_language.most_common())
-        # A name the pinned revision spells otherwise matches no row: this list shows it.
-        manifest["languages_without_clients"] = [name for name in params["languages"] if name not in per_language]
-        if params.get("every_language_has_clients") and manifest["languages_without_clients"]:
-            rows_found = ", ".join(f"{name} ({n})" for name, n in languages_seen.items())
-            raise SystemExit(f"{recipe.name}: no client of {', '.join(manifest['languages_without_clients'])} passes "
-                             f"the rules {params}. Clients per language found: "
-                             f"{manifest['clients_per_language'] or 'none'}; source rows per language: {rows_found}. "
-                             "Check the revision and the rules (--rule every_language_has_clients=false to build "
-                             "anyway).")
+        manifest.update(clients_per_language(recipe, params, metadata, languages_seen))
     _write_cache(out_dir, recipe, clients, metadata, manifest)
     _report(recipe, manifest, f"built from {manifest['source']['id']} into {out_dir}")
     return _as_dataset(recipe, clients, metadata, manifest)
+
+
+def clients_per_language(recipe: Recipe, params: dict, metadata: dict, languages_seen: Counter) -> dict:
+    """Clients per language and the asked-for languages without one; with `every_language_has_clients` (Fed-Aya,
+    whose Table 2 trains one client of each language) such a language stops the build."""
+    per_language = Counter(m.get("language") for m in metadata.values())
+    without = [name for name in _languages(params) if name not in per_language]
+    if without and params.get("every_language_has_clients"):
+        rows_found = ", ".join(f"{name} ({n})" for name, n in languages_seen.items())
+        raise SystemExit(f"{recipe.name}: no client of {', '.join(without)} passes the rules {params}. Clients per "
+                         f"language found: {dict(per_language.most_common()) or 'none'}; source rows per language: "
+                         f"{rows_found}. Check the revision and the rules (--rule every_language_has_clients=false "
+                         "to build anyway).")
+    return {"clients_per_language": dict(per_language.most_common()), "languages_without_clients": without}
 
 
 def extract_items(recipe: Recipe, params: dict, rows, without_client: Counter, languages_seen: Counter | None):
