@@ -107,7 +107,7 @@ def write_json(path, obj):
 @pytest.mark.parametrize("payload,message", [
     (None, "does not exist"),
     ("not json", "is not valid JSON"),
-    ([{"instruction": "a", "response": "b"}], "must be one JSON object mapping client id to a list"),
+    ({"u1": "not a list"}, "must be one JSON object mapping client id to a list"),  # a plain list is one client
     ({"u1": [{"instruction": "a"}]}, "client 'u1', sample 0 lacks 'response'"),
     ({"u1": [{"instruction": "a", "response": "b"}], "u2": []}, "client 'u2' has no samples"),
 ])
