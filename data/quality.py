@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.registry import FederatedDataset
+from data.cli import add_dataset_args, load_from_args
+from data.dataset import FederatedDataset
 
 METRICS = ("cond_loss", "direct_loss", "ifd", "ifd_ppl", "ira")
 
@@ -216,8 +217,6 @@ def order_by_quality(dataset: FederatedDataset, scores) -> FederatedDataset:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from data.stats import add_dataset_args, load_from_args
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dataset_args(parser)
     parser.add_argument("--model", default="smollm2", help="any causal LM (hub id or local path)")

@@ -1,10 +1,16 @@
-"""The released FedLLM-Bench file format: one JSON object mapping client id to a list of samples."""
+"""The released FedLLM-Bench file format: one JSON object mapping client id to a list of samples.
+
+The authors' local-training files (`local_en.json`, `local_154.json`, ...) are plain lists of samples: read as
+one client named after the file. A released file of a dataset whose tables choose clients by language
+(Fed-Aya) carries no languages: they are recovered from the text (data/languages.py).
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from data.registry import FederatedDataset, read_utf8, register_dataset, validate
+from data.dataset import FederatedDataset, read_utf8, validate
+from data.languages import RECOVERED_FOR, recover_client_languages
 
 
 def infer_kind(sample: dict) -> str:
@@ -30,18 +36,16 @@ def load_released_file(path: str, kind: str | None = None, name: str | None = No
     except json.JSONDecodeError as err:
         raise SystemExit(f"Dataset file {file} is not valid JSON ({err}); it must be one JSON object mapping "
                          "client id to a list of samples.") from err
+    if isinstance(data, list):  # a local-training file: one client's samples
+        data = {file.stem: data}
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise SystemExit(f"Dataset file {file} must be one JSON object mapping client id to a list of samples "
-                         "(the released FedLLM-Bench format), not a " + type(data).__name__ + " of other values.")
+                         "(the released FedLLM-Bench format) or one list of samples (a local-training file), "
+                         "not a " + type(data).__name__ + " of other values.")
     first = next((s for v in data.values() for s in v if isinstance(s, dict)), {})
-    ds = FederatedDataset(name=name or file.stem, kind=kind or infer_kind(first),
-                          client_ids=[str(k) for k in data], clients=list(data.values()),
-                          info={"source": str(file), "local_file": str(file)})
-    return validate(ds)
-
-
-@register_dataset("released")
-def released(path: str | None = None, **_):
-    if not path:
-        raise SystemExit("--dataset released needs --local_data_dir FILE (a released-format JSON file).")
-    return load_released_file(path)
+    ds = validate(FederatedDataset(name=name or file.stem, kind=kind or infer_kind(first),
+                                   client_ids=[str(k) for k in data], clients=list(data.values()),
+                                   info={"source": str(file), "local_file": str(file)}))
+    if name in RECOVERED_FOR:
+        ds = recover_client_languages(ds, RECOVERED_FOR[name])
+    return ds

@@ -29,42 +29,12 @@ import os
 
 import numpy as np
 
-from data.fedllm_bench import RECIPES, population_mean_std
-from data.registry import FederatedDataset, load_federated_dataset
+from data.cli import add_dataset_args, load_from_args
+from data.dataset import FederatedDataset
+from data.fedllm_bench import RECIPES, TABLE1_TOLERANCE, against_paper, population_mean_std
 
 LLAMA2_TOKENIZERS = ("meta-llama/Llama-2-7b-hf", "hf-internal-testing/llama-tokenizer")  # the second is ungated
 AGGREGATIONS = ("pooled", "across_clients", "within_clients")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Shared command-line options for data.stats, data.analyze and data.quality
-# ---------------------------------------------------------------------------------------------------------
-
-def add_dataset_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, help="a registered dataset, e.g. fed-aya")
-    parser.add_argument("--local_data_dir", default=None, help="a released-format JSON file instead of building")
-    parser.add_argument("--source_path", default=None, help="local source files (the source's own schema)")
-    parser.add_argument("--eval_data_dir", default=None, help="folder with ref_gpt4/*_testset.json (leakage check)")
-    parser.add_argument("--hf_token", default=None, help="token for gated sources (default: HF_TOKEN / login)")
-    parser.add_argument("--cache_dir", default=None, help="where built datasets are cached")
-    parser.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a construction rule, e.g. --rule min_samples=150 (value parsed as JSON)")
-
-
-def parse_rule(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise SystemExit(f"--rule {text!r}: write KEY=VALUE, e.g. --rule min_samples=150")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value  # a bare word such as turn1_only
-
-
-def load_from_args(args) -> FederatedDataset:
-    options = {"source_path": args.source_path, "eval_data_dir": args.eval_data_dir, "hf_token": args.hf_token,
-               "cache_dir": args.cache_dir, **dict(parse_rule(r) for r in args.rule)}
-    return load_federated_dataset(args.dataset, local_data_dir=args.local_data_dir, **options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -175,18 +145,33 @@ def _pm(pair, digits: int) -> str:
     return f"{pair[0]:.{digits}f}±{pair[1]:.{digits}f}"
 
 
+def _check(ours, paper) -> str:
+    """'ok', or which of the value (or mean and std) lies beyond Table 1's tolerance of the paper's."""
+    if ours is None or paper is None:
+        return ""
+    if not isinstance(paper, (tuple, list)):
+        return against_paper(ours, paper)
+    flags = {part: against_paper(o, p) for part, o, p in zip(("mean", "std"), ours, paper)}
+    beyond = [f"{part} {flag}" for part, flag in flags.items() if flag != "ok"]
+    return "; ".join(beyond) or "ok"
+
+
 def format_row(row: dict, targets: dict, aggregation: str = "across_clients") -> list[str]:
-    """Printable lines: quantity, ours, the paper's value."""
-    lines = [f"{'quantity':<22}{'ours':>16}{'paper':>14}",
-             f"{'# clients':<22}{row['clients']:>16}{targets.get('clients', '-'):>14}",
-             f"{'# samples':<22}{row['samples']:>16}{targets.get('samples', '-'):>14}",
+    """Printable lines: quantity, ours, the paper's value, and a flag beyond TABLE1_TOLERANCE of it."""
+    lines = [f"{'quantity':<22}{'ours':>16}{'paper':>14}  check (flag: beyond {TABLE1_TOLERANCE:.0%} of the paper)",
+             f"{'# clients':<22}{row['clients']:>16}{targets.get('clients', '-'):>14}  "
+             f"{_check(row['clients'], targets.get('clients'))}",
+             f"{'# samples':<22}{row['samples']:>16}{targets.get('samples', '-'):>14}  "
+             f"{_check(row['samples'], targets.get('samples'))}",
              f"{'# samples per client':<22}{_pm(row['per_client'], 0):>16}"
-             f"{_pm(targets['per_client'], 0) if 'per_client' in targets else '-':>14}"]
+             f"{_pm(targets['per_client'], 0) if 'per_client' in targets else '-':>14}  "
+             f"{_check(row['per_client'], targets.get('per_client'))}"]
     for key, label, digits in (("instruction_length", "L. instruction", 0), ("response_length", "L. response", 0),
                                ("quality", "quality (IFD)", 2)):
-        ours = _pm(row[key][aggregation], digits) if row[key] else "not computed"
+        ours = row[key][aggregation] if row[key] else None
         paper = _pm(targets[key], digits) if key in targets else "-"
-        lines.append(f"{label:<22}{ours:>16}{paper:>14}")
+        lines.append(f"{label:<22}{_pm(ours, digits) if ours else 'not computed':>16}{paper:>14}  "
+                     f"{_check(ours, targets.get(key))}")
     return lines
 
 

@@ -16,7 +16,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from data.registry import FederatedDataset, register_dataset
+from data.dataset import FederatedDataset
+from data.registry import register_dataset
 
 WORDS = ("apple river garden planet window silver orange mountain pencil rocket castle forest bridge candle "
          "dragon island jacket lemon marble needle ocean pillow rabbit saddle tiger violin wagon yellow zebra "

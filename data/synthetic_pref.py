@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import random
 
-from data.registry import FederatedDataset, register_dataset
+from data.dataset import FederatedDataset
+from data.registry import register_dataset
 from data.synthetic import NUMBER_WORDS, build_synthetic
 
 

@@ -114,6 +114,8 @@ class ScriptArguments:
     quality_model: str | None = field(default=None, metadata={"help": "model scoring IRA (default: the trained one)"})
     client_groups: str | None = field(default=None, metadata={"help": "same_language or similar_language: one "
                                                                       "federation (adapter) per language group"})
+    skip_groups: str | None = field(default=None, metadata={"help": "--client_groups: comma-separated groups that "
+                                                                    "train no federation, e.g. Telugu"})
     eval_per_task: int | None = field(default=None, metadata={"help": "score the first N held-out samples of "
                                                                         "each task (default: all)"})
     eval_after: bool = field(default=True, metadata={"help": "score the final adapter on the dataset's held-out "

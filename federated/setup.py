@@ -66,7 +66,8 @@ def group_runs(dataset, script_args, fed_args) -> list[tuple[str, list[int], obj
         return [("all", members, script_args, fed_args)]
     from data.groups import client_groups
     runs = []
-    for name, indices in client_groups(dataset, script_args.client_groups).items():
+    skip = tuple(name.strip() for name in (script_args.skip_groups or "").split(",") if name.strip())
+    for name, indices in client_groups(dataset, script_args.client_groups, skip=skip).items():
         indices = [i for i in indices if i in members]
         group_dir = f"{script_args.output_dir}/group-{name.replace(' ', '_')}"
         runs.append((name, indices, replace(script_args, output_dir=group_dir),

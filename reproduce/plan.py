@@ -31,6 +31,17 @@ def load_presets(path: Path = PRESETS) -> dict:
     return presets
 
 
+def with_script_settings(presets: dict) -> dict:
+    """The presets with the released scripts' settings where they differ from the paper's text (presets
+    "scripts": models, setting arguments, and the local baselines' schedule); "settings_from" says which."""
+    scripts = presets["scripts"]
+    settings = {name: {**setting, **{k: v for k, v in scripts["settings"].get(name, {}).items() if k != "args"},
+                       "args": {**setting["args"], **scripts["settings"].get(name, {}).get("args", {})}}
+                for name, setting in presets["settings"].items()}
+    return {**presets, "models": {**presets["models"], **scripts["models"]}, "settings": settings,
+            "settings_from": "scripts"}
+
+
 def select_tables(presets: dict, only: list[str]) -> list[str]:
     names = list(presets["tables"])
     unknown = [n for n in only if n not in names]
@@ -94,7 +105,7 @@ class Cell:
 @dataclass
 class TablePlan:
     name: str
-    kind: str  # "runs", "stats" or "settings"
+    kind: str  # "runs", "stats", "analysis" or "settings"
     columns: list[str]
     rows: list[tuple[str, dict[str, Cell]]]
 
@@ -105,20 +116,24 @@ class Plan:
     tables: dict[str, TablePlan] = field(default_factory=dict)
     evaluations: dict[Model, set[str]] = field(default_factory=dict)  # model -> metrics asked of it
     stats: list[tuple[str, str]] = field(default_factory=list)  # (dataset, task) for Table 1
+    analyses: list[tuple[str, str]] = field(default_factory=list)  # (dataset, task) for Section 3.3's figures
 
 
 def task_of(setting: dict) -> str:
     return "preference" if setting["entry"] == "main_dpo.py" else "sft"
 
 
-def make_run(presets: dict, setting_name: str, spec: dict, smoke: bool) -> Run:
-    """The run of one row (or column) spec under a setting: its command-line arguments and a stable name."""
+def make_run(presets: dict, setting_name: str, spec: dict, smoke: bool, local_files: dict | None = None) -> Run:
+    """The run of one row (or column) spec under a setting: its command-line arguments and a stable name.
+    `local_files` maps a dataset to the authors' released file the run reads instead of building it."""
     setting = presets["settings"][setting_name]
     task = task_of(setting)
     args = {**setting["args"], "model_name_or_path": presets["models"][setting["model"]], **spec.get("args", {})}
     if smoke:
         args.update(presets["smoke"]["args"], model_name_or_path=presets["smoke"]["model"],
                     dataset=presets["smoke"]["datasets"][task])
+    elif args["dataset"] in (local_files or {}):
+        args["local_data_dir"] = local_files[args["dataset"]]
     if spec.get("base"):
         args = {k: args[k] for k in ("model_name_or_path", "dataset", "template")}
         return Run(f"base__{_slug(args['model_name_or_path'])}__{args['dataset']}", None, args, task)
@@ -126,7 +141,10 @@ def make_run(presets: dict, setting_name: str, spec: dict, smoke: bool) -> Run:
     if choice:
         for key in FEDERATED_ONLY:
             args.pop(key, None)
-        args["local_epochs"] = presets["smoke"]["local_epochs"] if smoke else setting["local_epochs"]
+        if "local_schedule" in setting and not smoke:  # the released scripts: rounds x steps, not epochs
+            args.update(setting["local_schedule"])
+        else:
+            args["local_epochs"] = presets["smoke"]["local_epochs"] if smoke else setting["local_epochs"]
         args.update(presets["smoke"]["local_args"] if smoke else {})
         args["fed_alg"] = f"local{{{choice.label()}}}"  # the client index is resolved when the run starts
     else:
@@ -180,7 +198,7 @@ def expand_rows(table: dict, presets: dict) -> list[dict]:
 def cell_specs(row: dict, column: dict) -> list[dict]:
     """The run spec(s) of one cell: the row's, refined by the column's (Table 8 names its runs per column), one
     per client for the paper's mean over random local clients, the column's language for Table 6's Local row."""
-    spec = {k: v for k, v in {**row, **column.get("run", {})}.items() if k not in ("row", "title")}
+    spec = {k: v for k, v in {**row, **column.get("run", {})}.items() if k not in ("row", "title", "series", "smoke")}
     local = spec.get("local")
     if local and local.get("language") == "column":
         spec["local"] = {"language": column["language"]}
@@ -189,13 +207,17 @@ def cell_specs(row: dict, column: dict) -> list[dict]:
     return [spec]
 
 
-def plan_cell(presets: dict, table: dict, row: dict, column: dict, smoke: bool, result: Plan) -> Cell:
+def plan_cell(presets: dict, table: dict, row: dict, column: dict, smoke: bool, result: Plan,
+              local_files: dict | None = None) -> Cell:
     if "mean_of" in column:
         return Cell(mean_of=column["mean_of"])
     cell = Cell(metric=column["metric"])
+    if smoke and row.get("smoke") is False:
+        cell.why_empty = "not run in smoke mode (paper scale only)"
+        return cell
     setting = column.get("setting") or table["setting"]
     for spec in cell_specs(row, column):
-        run = make_run(presets, setting, spec, smoke)
+        run = make_run(presets, setting, spec, smoke, local_files)
         run = result.runs.setdefault(run.name, run)
         group = group_folder(spec["groups"], column["language"]) if spec.get("groups") else None
         if spec.get("groups") and group is None:
@@ -207,24 +229,49 @@ def plan_cell(presets: dict, table: dict, row: dict, column: dict, smoke: bool, 
     return cell
 
 
-def plan(presets: dict, tables: list[str], smoke: bool) -> Plan:
+def plan(presets: dict, tables: list[str], smoke: bool, local_files: dict | None = None) -> Plan:
     """Every run, evaluation and cell the chosen tables need; a run several cells share appears once."""
     result = Plan()
     for name in tables:
         table = presets["tables"][name]
-        if table["kind"] == "stats":
-            columns = [c["title"] for c in table["columns"]]
+        if table["kind"] in ("stats", "analysis"):  # one step per dataset: Table 1's statistics, or its figures
+            steps = result.stats if table["kind"] == "stats" else result.analyses
             for column in table["columns"]:
-                if stats_dataset(presets, column, smoke) not in result.stats:
-                    result.stats.append(stats_dataset(presets, column, smoke))
-            result.tables[name] = TablePlan(name, "stats", columns, [])
+                if stats_dataset(presets, column, smoke) not in steps:
+                    steps.append(stats_dataset(presets, column, smoke))
+            result.tables[name] = TablePlan(name, table["kind"], [c["title"] for c in table["columns"]], [])
         elif table["kind"] == "settings":
             result.tables[name] = TablePlan(name, "settings", [], [])
         else:
-            rows = [(row["row"], {c["title"]: plan_cell(presets, table, row, c, smoke, result)
+            rows = [(row["row"], {c["title"]: plan_cell(presets, table, row, c, smoke, result, local_files)
                                   for c in table["columns"]}) for row in expand_rows(table, presets)]
             result.tables[name] = TablePlan(name, "runs", [c["title"] for c in table["columns"]], rows)
     return result
+
+
+def released_files(folder: str) -> dict[str, str]:
+    """Dataset -> the authors' released file for it (its name in the release, or in the authors' scripts), found
+    anywhere under `folder`: aya_38c_25k.json, chatbotIT_237c_6k.json, wildchat_100c_53k.json, wildchat_50c.json,
+    chatbotPA_747c_10k.json or chatbot_by_client-10k.json. A dataset without a file there is built as usual."""
+    from data.fedllm_bench import RECIPES
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise SystemExit(f"--local_data_dir {folder} is not a folder: give the folder of the authors' released files.")
+    found, names = {}, []
+    for dataset, recipe in RECIPES.items():
+        if not recipe.released:
+            continue
+        names += [recipe.released_file, *recipe.released_aliases]
+        hits = sorted(p for name in (recipe.released_file, *recipe.released_aliases) for p in root.rglob(name))
+        if len(hits) > 1:
+            raise SystemExit(f"--local_data_dir {folder}: {len(hits)} files for {dataset} "
+                             f"({', '.join(map(str, hits))}); keep one.")
+        if hits:
+            found[dataset] = str(hits[0].resolve())
+    if not found:
+        raise SystemExit(f"--local_data_dir {folder} holds none of the released files ({', '.join(names)}).")
+    return found
 
 
 def stats_dataset(presets: dict, column: dict, smoke: bool) -> tuple[str, str]:

@@ -50,6 +50,7 @@ class Context:
     judge_base_url: str | None = None
     judge_model: str | None = None  # None: each benchmark's judge as the authors chose it (evaluation.run)
     eval_data_dir: str | None = None  # evaluation data folder; default: evaluation's download cache
+    local_files: dict | None = None  # dataset -> the authors' released file (--local_data_dir)
     flags_of: Callable[[str], set[str] | None] = entry_flags
 
     @property
@@ -77,6 +78,7 @@ class Context:
 
 def steps_for(ctx: Context, result: Plan) -> list[Step]:
     steps = [stats_step(ctx, dataset, task) for dataset, task in result.stats]
+    steps += [analysis_step(ctx, dataset) for dataset, _ in result.analyses]
     for run in result.runs.values():
         if run.entry is not None:
             steps.append(train_step(ctx, run))
@@ -219,7 +221,21 @@ def stats_step(ctx: Context, dataset: str, task: str) -> Step:
     options = {**ctx.presets["tables"]["table1"]["stats_args"], **(ctx.presets["smoke"]["stats_args"] if ctx.smoke
                                                                    else {})}
     argv = [ctx.python, "-m", "data.stats", "--dataset", dataset, *to_argv(options), "--json", str(output)]
-    return Step(f"statistics {dataset}", argv, output)
+    return Step(f"statistics {dataset}", argv + local_file_args(ctx, dataset), output)
+
+
+def analysis_step(ctx: Context, dataset: str) -> Step:
+    """Section 3.3's figures of one dataset (python -m data.analyze), into results/analysis/<dataset>/."""
+    out = ctx.results / "analysis" / dataset
+    options = {**ctx.presets["tables"]["analysis"]["analysis_args"],
+               **(ctx.presets["smoke"]["analysis_args"] if ctx.smoke else {})}
+    argv = [ctx.python, "-m", "data.analyze", "--dataset", dataset, *to_argv(options), "--out", str(out)]
+    return Step(f"figures {dataset}", argv + local_file_args(ctx, dataset), out / "figures.json")
+
+
+def local_file_args(ctx: Context, dataset: str) -> list[str]:
+    """--local_data_dir FILE where run_all.sh was given the authors' released file of `dataset`."""
+    return [] if ctx.smoke or dataset not in (ctx.local_files or {}) else ["--local_data_dir", ctx.local_files[dataset]]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -228,15 +244,16 @@ def stats_step(ctx: Context, dataset: str, task: str) -> Step:
 
 def run_clients(run: Run) -> tuple[tuple[str, int, str | None], ...]:
     options = tuple(sorted((k, v) for k, v in run.args.items() if k.startswith("synthetic_")))
-    return client_table(run.args["dataset"], run.args.get("num_clients"), options)
+    return client_table(run.args["dataset"], run.args.get("num_clients"), options, run.args.get("local_data_dir"))
 
 
 @functools.cache
-def client_table(dataset: str, num_clients: int | None = None, options: tuple = ()) -> tuple[tuple[str, int, str | None], ...]:
+def client_table(dataset: str, num_clients: int | None = None, options: tuple = (),
+                 local_data_dir: str | None = None) -> tuple[tuple[str, int, str | None], ...]:
     """(client id, samples, language) of the run's clients (the first num_clients), loaded once per dataset."""
     from data import load_federated_dataset
 
-    data = load_federated_dataset(dataset, **dict(options))
+    data = load_federated_dataset(dataset, local_data_dir=local_data_dir, **dict(options))
     metadata = data.client_metadata or [{}] * data.num_clients
     rows = tuple((cid, n, meta.get("language")) for cid, n, meta in zip(data.client_ids, data.sample_counts, metadata))
     return rows[:num_clients] if num_clients else rows

@@ -15,7 +15,7 @@ from reproduce.plan import Cell, Model, Plan, Run, TablePlan, stats_dataset
 from reproduce.steps import LOCAL_CLIENT, Context
 
 PAPER_RESULTS = Path(__file__).resolve().parent.parent / "evaluation" / "paper_results.json"
-TITLES = {"figure6": "Figure 6"}
+TITLES = {"figure6": "Figure 6", "analysis": "Section 3.3"}
 
 
 @dataclass
@@ -97,12 +97,20 @@ def assemble(ctx: Context, plan: Plan, name: str, statuses: dict[str, str], pape
     published = paper.get(name, {})
     title = f"{TITLES.get(name, 'Table ' + name.removeprefix('table'))}: " + \
         (published.get("title") or ctx.presets["tables"][name].get("title", ""))
-    build = {"runs": runs_rows, "stats": stats_rows, "settings": settings_rows}[table_plan.kind]
+    build = {"runs": runs_rows, "stats": stats_rows, "analysis": analysis_rows,
+             "settings": settings_rows}[table_plan.kind]
     columns, rows, notes = build(ctx, plan, table_plan, statuses, paper_cells(paper, name), values)
     if ctx.smoke:
         notes.insert(0, smoke_note(ctx, table_plan.kind))
     if not published:
         notes.append("The paper publishes this as a plot without numbers: there is no published value to compare.")
+    notes += ctx.presets["tables"][name].get("notes", [])
+    if ctx.presets.get("settings_from") == "scripts":
+        notes += ["Settings of the released training scripts, not the paper's text (--settings scripts): " +
+                  " ".join(ctx.presets["scripts"]["differences"])]
+    if ctx.local_files and not ctx.smoke:
+        notes.append("Datasets read from the authors' released files (--local_data_dir): " +
+                     "; ".join(f"{d} <- {path}" for d, path in ctx.local_files.items()) + ".")
     return Table(name, title, columns, rows, ctx.smoke, notes, published.get("notes", []))
 
 
@@ -150,7 +158,10 @@ def describe_local(ctx: Context, plan: Plan, models: tuple[Model, ...]) -> str:
         chosen.append(f"client {record['client']} (id {record['client_id']}, {record['samples']} samples; "
                       f"{record['chosen']})" if record else f"{plan.runs[model.run].local.label()} (not chosen yet)")
     mean = "mean of " if len(chosen) > 1 else ""
-    return f"{mean}{', '.join(chosen)}; local epochs: {plan.runs[models[0].run].args['local_epochs']}."
+    args = plan.runs[models[0].run].args
+    schedule = f"local epochs: {args['local_epochs']}" if "local_epochs" in args else \
+        f"{args['num_rounds']} rounds x {args['max_steps']} steps at batch {args['batch_size']} (the released scripts)"
+    return f"{mean}{', '.join(chosen)}; {schedule}."
 
 
 def formula_notes(spec: dict) -> list[str]:
@@ -165,7 +176,7 @@ def smoke_note(ctx: Context, kind: str) -> str:
                 f"for instruction tuning, {metrics['preference']['label']} for DPO, on the held-out set of "
                 "fed-synthetic or fed-synthetic-pref) after a few tiny rounds of SmolLM2, never the paper's metric. "
                 "The published numbers are shown to check the layout; the differences cannot be meaningful.")
-    if kind == "stats":
+    if kind in ("stats", "analysis"):
         return "SMOKE RUN: statistics of the offline stand-in datasets, not of the paper's datasets."
     return "SMOKE RUN: the shrunk settings the smoke mode actually ran, beside the paper's."
 
@@ -196,6 +207,27 @@ def stats_rows(ctx: Context, plan: Plan, table: TablePlan, statuses: dict[str, s
              for d in dict.fromkeys(datasets)]
     notes.append(f"Lengths and quality: mean ± std over clients of each client's average ({aggregation}), "
                  "population std; quality is the IFD score.")
+    return table.columns, rows, notes
+
+
+FIGURES = {  # data.analyze's files -> the paper's figure
+    "fig1a_language.png": "Fig. 1a languages", "fig1b_lengths.png": "Fig. 1b lengths",
+    "fig1c_length_preference.png": "Fig. 1c length preference", "fig1d_quality_preference.png": "Fig. 1d quality "
+    "preference", "fig3_quality.png": "Fig. 3 quality (IFD)", "fig4_tsne.png": "Fig. 4 t-SNE embeddings",
+    "fig5_quantity.png": "Fig. 5 samples per client",
+}
+
+
+def analysis_rows(ctx: Context, plan: Plan, table: TablePlan, statuses: dict[str, str], paper: dict, _: Values):
+    """Section 3.3's figures: one row per figure, the file of each dataset (- where the dataset has none)."""
+    spec = ctx.presets["tables"][table.name]
+    datasets = [stats_dataset(ctx.presets, c, ctx.smoke)[0] for c in spec["columns"]]
+    written = {d: read_stats(ctx.results / "analysis" / d / "figures.json").get("figures", []) for d in datasets}
+    rows = [(label, {c["title"]: (f"analysis/{d}/{file}" if file in written[d] else None)
+                     for c, d in zip(spec["columns"], datasets)}, {}, "")
+            for file, label in FIGURES.items()]
+    notes = [f"{d}: {statuses.get(f'figures {d}', '')}" for d in dict.fromkeys(datasets)]
+    notes.append("Figure 1a needs client languages (Fed-Aya), 1c and 1d preference pairs (Fed-ChatbotPA).")
     return table.columns, rows, notes
 
 
@@ -237,6 +269,11 @@ def fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def fmt_published(value) -> str:
+    """A published value exactly as the paper prints it (3.5375 stays 3.5375; JSON keeps its digits)."""
+    return "-" if value is None else str(value)
+
+
 def fmt_difference(diff: float | None) -> str:
     if diff is None:
         return ""
@@ -252,15 +289,18 @@ def difference(ours, paper) -> float | None:
 
 def to_markdown(table: Table) -> str:
     with_status = any(status for *_, status in table.rows)
+    published = any(paper for _, _, paper, _ in table.rows)  # Figure 6 and the figures have no numbers
     header = table.columns + (["status"] if with_status else [])
     lines = [f"# {table.title}" + (" (SMOKE)" if table.smoke else ""), "",
-             "Each cell: ours / published (ours − published); `-` where there is no value.", "",
+             "Each cell: ours / published (ours − published); `-` where there is no value." if published else
+             "Each cell: ours; `-` where there is no value (the paper publishes no numbers here).", "",
              "| | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for label, ours, paper, status in table.rows:
         cells = []
         for column in table.columns:
             diff = fmt_difference(difference(ours.get(column), paper.get(column)))
-            cells.append(f"{fmt(ours.get(column))} / {fmt(paper.get(column))}" + (f" ({diff})" if diff else ""))
+            both = f"{fmt(ours.get(column))} / {fmt_published(paper.get(column))}" + (f" ({diff})" if diff else "")
+            cells.append(both if published else fmt(ours.get(column)))
         lines.append(f"| {label} | " + " | ".join(cells + ([status] if with_status else [])) + " |")
     lines += [""] + [f"- {note}" for note in table.notes]
     if table.paper_notes:
@@ -277,7 +317,7 @@ def to_csv(table: Table) -> str:
         cells = []
         for column in table.columns:
             diff = difference(ours.get(column), paper.get(column))
-            cells += [fmt(ours.get(column)), fmt(paper.get(column)), "" if diff is None else f"{diff:.6g}"]
+            cells += [fmt(ours.get(column)), fmt_published(paper.get(column)), "" if diff is None else f"{diff:.6g}"]
         writer.writerow(["smoke" if table.smoke else "paper", label, *cells, status])
     return buffer.getvalue()
 
@@ -295,17 +335,21 @@ def plot_sweep(table: Table, spec: dict, plan: Plan, results: Path) -> None:
     import matplotlib.pyplot as plt
 
     x_key, column = spec["plot"]["x"], table.columns[0]
-    points, lines = [], []
+    series: dict[str, list[tuple[float, float]]] = {}  # one line per swept series (the paper's, an assumed C)
+    lines = []
     for row, (label, ours, _, _) in zip(spec["rows"], table.rows):
         x = row.get("args", {}).get(x_key)
-        (points if x is not None else lines).append((x, label, ours.get(column)))
+        if x is None:
+            lines.append((x, label, ours.get(column)))
+        elif ours.get(column) is not None:
+            series.setdefault(row.get("series", "FedAvg + DP"), []).append((x, ours[column]))
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    swept = [(x, v) for x, _, v in points if v is not None]
-    if swept:
-        ax.plot([x for x, _ in swept], [v for _, v in swept], marker="o", label="FedAvg + DP")
+    swept = [point for points in series.values() for point in points]
+    for i, (name, points) in enumerate(series.items()):
+        ax.plot([x for x, _ in points], [v for _, v in points], marker="o", color=f"C{i}", label=name)
     for i, (_, label, value) in enumerate(lines):
         if value is not None:
-            ax.axhline(value, linestyle="--", color=f"C{i + 1}", label=label)
+            ax.axhline(value, linestyle="--", color=f"C{i + len(series)}", label=label)
     ax.set_xscale("log")
     ax.set(xlabel=spec["plot"]["x_label"], ylabel=column + (" (smoke stand-in)" if table.smoke else ""))
     ax.set_title(textwrap.fill(table.title, 70), fontsize=8)

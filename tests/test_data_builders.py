@@ -85,10 +85,11 @@ def test_aya_language_filter_and_threshold(aya_source, tmp_path):
 
 def test_aya_threshold_before_the_language_filter_and_code_matching(aya_source, tmp_path):
     # Counting all rows, annotator-eng has 20 + 12 + 1 = 33 and the Turkish annotator 12: only English passes 30.
-    ds = build("fed-aya", tmp_path, aya_source, min_samples=30, threshold_on="all_rows")
+    only_english = {"every_language_has_clients": False}  # the rule under test leaves one client
+    ds = build("fed-aya", tmp_path, aya_source, min_samples=30, threshold_on="all_rows", **only_english)
     assert ds.client_ids == ["annotator-eng"] and ds.sample_counts == [20]
     # By code, zho keeps the Traditional Chinese rows of annotator-eng.
-    ds = build("fed-aya", tmp_path, aya_source, min_samples=30, match_language_by="code")
+    ds = build("fed-aya", tmp_path, aya_source, min_samples=30, match_language_by="code", **only_english)
     assert ds.client_ids == ["annotator-eng"] and ds.sample_counts == [32]
 
 
@@ -108,7 +109,8 @@ def test_leakage_removal_counts_and_reports(aya_source, tmp_path, capsys):
 def test_the_real_test_set_removes_everything_it_contains(aya_source, tmp_path):
     # The fixture *is* the Ref-GPT4 Aya test set: with the default eval data every sample leaks.
     with pytest.raises(SystemExit, match="no client passes"):
-        build("fed-aya", tmp_path, aya_source, eval_dir=str(SHARED_EVAL), min_samples=20)
+        build("fed-aya", tmp_path, aya_source, eval_dir=str(SHARED_EVAL), min_samples=20,
+              every_language_has_clients=False)
 
 
 def test_cache_is_written_and_read_back(aya_source, tmp_path, capsys):
@@ -141,6 +143,9 @@ SIMILAR_SOURCE = [("a-eng", "English", 100), ("a-arb", "Standard Arabic", 120), 
                   ("a-spa", "Spanish", 99), ("a-deu", "German", 100), ("a-ita", "Italian", 99), ("a-urd", "Urdu", 101),
                   ("a-pes", "Iranian Persian", 100), ("a-ukr", "Ukrainian", 99), ("a-pol", "Polish", 150),
                   ("a-jpn", "Japanese", 100), ("a-zht", "Traditional Chinese", 100), ("a-tur", "Turkish", 200)]
+# A few rows of every other language the builders ask for: a language with no row at all stops the build.
+SIMILAR_SOURCE += [("a-few", language, 1) for language in
+                   ("French", "Russian", "Portuguese", "Simplified Chinese", "Korean")]
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +167,7 @@ def test_fed_aya_similar_adds_the_group_languages_with_fed_ayas_threshold(simila
                                                          "Simplified Chinese", "Italian", "Ukrainian", "Korean"]
     assert "clients per language" in capsys.readouterr().out
     # Fed-Aya itself keeps its 8 languages: the same source gives only its English, Arabic and Telugu clients.
-    aya = build("fed-aya", tmp_path, similar_source)
+    aya = build("fed-aya", tmp_path, similar_source, every_language_has_clients=False)
     assert aya.client_ids == ["a-eng", "a-arb", "a-tel"] and tuple(aya.info["rules"]["languages"]) == \
         tuple(fb.AYA_LANGUAGES)
     assert (tmp_path / "cache" / "fed-aya-similar").is_dir() and (tmp_path / "cache" / "fed-aya").is_dir()
@@ -332,7 +337,9 @@ def _aya_row(user: str, j: int) -> dict:
 
 def _threshold_rows(name: str, user: str, n: int) -> list[dict]:
     if name == "fed-aya":
-        return [_aya_row(user, j) for j in range(n)]
+        return [_aya_row(user, j) for j in range(n)] + [
+            {**_aya_row("few", j), "language": language, "language_code": code}
+            for j, (language, code) in enumerate(fb.AYA_LANGUAGES.items()) if language != "English"]
     if name in ("fed-chatbotit", "fed-chatbotpa"):
         return [battle(user, "model_a", f"{user}-q{j}") for j in range(n)]
     return [wildchat_row(user, j, turns=2 if name == "fed-wildchat-mt" else 1) for j in range(n)]
@@ -345,5 +352,120 @@ def _threshold_rows(name: str, user: str, n: int) -> list[dict]:
 def test_default_threshold_keeps_a_client_at_it_and_drops_one_a_sample_below(name, threshold, tmp_path):
     assert fb.RECIPES[name].params["min_samples"] == threshold
     rows = _threshold_rows(name, "at", threshold) + _threshold_rows(name, "below", threshold - 1)
-    ds = build(name, tmp_path, write_parquet(rows, tmp_path / "train.parquet"))
+    only_one_language = {"every_language_has_clients": False} if name == "fed-aya" else {}
+    ds = build(name, tmp_path, write_parquet(rows, tmp_path / "train.parquet"), **only_one_language)
     assert ds.client_ids == ["at"] and ds.sample_counts == [threshold]
+
+
+# --- Failing loudly on the real sources ---------------------------------------------------------------------
+
+def test_a_missing_client_column_is_an_error_naming_it(tmp_path):
+    """WildChat-style rows whose hashed_ip is only inside the turns once gave one client named 'None'."""
+    rows = [wildchat_row(f"ip-{k % 3}", k, turns=1) for k in range(300)]
+    for row in rows:
+        del row["hashed_ip"]
+    source = write_parquet(rows, tmp_path / "train.parquet")
+    with pytest.raises(SystemExit, match=r"lacks the column\(s\) hashed_ip \(the client id\)"):
+        build("fed-wildchat", tmp_path, source, min_samples=1)
+
+
+def test_null_client_ids_are_dropped_and_counted_never_pooled(tmp_path, capsys):
+    rows = [wildchat_row("ip-a", k, turns=1) for k in range(5)]
+    rows += [{**wildchat_row("ip-x", 100 + k, turns=1), "hashed_ip": None} for k in range(6)]
+    rows += [{**wildchat_row("ip-y", 200 + k, turns=1), "hashed_ip": " "} for k in range(2)]
+    ds = build("fed-wildchat", tmp_path, write_parquet(rows, tmp_path / "train.parquet"), min_samples=1)
+    assert ds.client_ids == ["ip-a"] and ds.sample_counts == [5]
+    assert ds.info["rows_without_client_id"] == 8
+    assert "(hashed_ip null or empty), dropped: 8" in capsys.readouterr().out
+
+
+def test_an_aya_language_with_no_row_stops_with_the_languages_found(tmp_path):
+    # A later revision spells a language otherwise: no row matches 'Simplified Chinese'.
+    rows = [{**_aya_row(f"u-{code}", j), "language": name, "language_code": code}
+            for name, code in fb.AYA_LANGUAGES.items() for j in range(3)]
+    rows = [{**r, "language": "Chinese"} if r["language"] == "Simplified Chinese" else r for r in rows]
+    with pytest.raises(SystemExit) as err:
+        build("fed-aya", tmp_path, write_parquet(rows, tmp_path / "train.parquet"), min_samples=1)
+    message = str(err.value)
+    assert "has language Simplified Chinese" in message and "Chinese (3)" in message and "English (3)" in message
+
+
+def test_a_fed_aya_language_without_a_client_stops_with_the_clients_per_language(aya_source, tmp_path):
+    # At the default threshold (100) none of the 20-row annotators passes; at 20 all eight do.
+    with pytest.raises(SystemExit) as err:
+        build("fed-aya", tmp_path, aya_source, min_samples=21)
+    message = str(err.value)
+    assert "no client of English, Spanish, French, Russian, Portuguese, Simplified Chinese, Standard Arabic, " \
+        "Telugu passes" in message and "Clients per language found: none" in message
+    assert "Standard Arabic (20)" in message and "English (26)" in message and "Turkish (12)" in message
+    assert fb.AYA_SIMILAR.params["every_language_has_clients"] is False  # FedSimLang's extra languages: listed
+
+
+def test_aya_source_is_cohere_labs_at_the_pinned_revision():
+    assert fb.AYA.source.repo_id == "CohereLabs/aya_dataset"
+    assert fb.AYA.source.revision == "f251eb4889a9f56f856c658460aad8087d3ca919"
+
+
+def test_chatbot_arena_is_pinned_by_its_data_file_and_row_count():
+    src = fb.CHATBOTIT.source
+    assert src is fb.CHATBOTPA.source and src.pin_rows == 33000
+    pinned = {"resolved_revision": "abc", "files": {src.pin_files[0]: "sha"}}
+    fb.check_pin(fb.CHATBOTIT, src, pinned, 33000, requested=None)  # the release: passes
+    with pytest.raises(SystemExit, match="not the pinned release"):
+        fb.check_pin(fb.CHATBOTIT, src, pinned, 32999, requested=None)
+    with pytest.raises(SystemExit, match="not the pinned release"):
+        fb.check_pin(fb.CHATBOTIT, src, {"resolved_revision": "def", "files": {"data/other.parquet": "x"}}, 33000,
+                     requested=None)
+    fb.check_pin(fb.CHATBOTIT, src, pinned, 32999, requested="def")  # an explicit --revision is accepted
+
+
+def test_wildchat_builds_from_1m_full_when_asked(wildchat_source, tmp_path, capsys):
+    assert fb.WILDCHAT.source_for(fb.WILDCHAT.params).repo_id == "allenai/WildChat-1M"
+    full = fb.WILDCHAT.source_for({"release": "WildChat-1M-Full"})
+    assert full.repo_id == "allenai/WildChat-1M-Full" and full.gated
+    with pytest.raises(SystemExit, match="not one of WildChat-1M, WildChat-1M-Full"):
+        fb.WILDCHAT.source_for({"release": "WildChat"})
+    ds = build("fed-wildchat", tmp_path, wildchat_source, min_samples=7, top_n=0, release="WildChat-1M-Full")
+    assert ds.info["source"]["hub_id"] == "allenai/WildChat-1M-Full" and ds.info["rules"]["release"] == \
+        "WildChat-1M-Full"
+    assert "ip-d" in ds.client_ids  # toxic conversations kept (drop_toxic false), as in the paper's copy
+
+
+def test_table1_check_flags_counts_beyond_the_tolerance(capsys):
+    assert fb.against_paper(38, 38) == "ok" and fb.against_paper(104, 100) == "ok"
+    assert fb.against_paper(106, 100) == "FLAG +6%" and fb.against_paper(1, 100) == "FLAG -99%"
+    lines = fb.table1_comparison(fb.WILDCHAT, [300] * 100)
+    assert [line.split()[-1] for line in lines[1:]] == ["ok", "-43%", "-43%", "-100%"]
+    assert lines[2].split()[1:4] == ["30000", "paper", "52703"]
+
+
+# --- The authors' released files ----------------------------------------------------------------------------
+
+def test_a_local_training_file_is_one_client_named_after_the_file(tmp_path):
+    from data.released import load_released_file
+
+    path = tmp_path / "local_en.json"
+    path.write_text(json.dumps([{"instruction": f"q{i}", "response": "a"} for i in range(4)]))
+    ds = load_released_file(str(path))
+    assert ds.client_ids == ["local_en"] and ds.sample_counts == [4] and ds.kind == "sft"
+    with pytest.raises(SystemExit, match="one list of samples"):
+        path.write_text(json.dumps("text"))
+        load_released_file(str(path))
+
+
+def test_released_fed_aya_gets_each_clients_language_from_its_text(tmp_path):
+    """The real Ref-GPT4 Aya items (8 languages x 20), one client per language, with no labels in the file."""
+    pytest.importorskip("py3langid")
+    if not AYA_TESTSET.exists():
+        pytest.skip("../shared/eval_data/ref_gpt4/aya_testset.json is not there")
+    test = json.loads(AYA_TESTSET.read_text(encoding="utf-8"))
+    released = {f"annotator-{i}": [{"instruction": r["instruction"], "response": r["reference"]} for r in rows]
+                for i, rows in enumerate(test.values())}
+    path = tmp_path / "aya_38c_25k.json"
+    path.write_text(json.dumps(released, ensure_ascii=False), encoding="utf-8")
+    ds = load_federated_dataset("fed-aya", local_data_dir=str(path))
+    assert [m["language"] for m in ds.client_metadata] == [key.replace("_", " ") for key in test]
+    assert sum(sum(m["languages"].values()) for m in ds.client_metadata) == 160
+    assert "py3langid" in ds.info["client_languages"]
+    # Another dataset's released file keeps its clients unlabelled.
+    assert load_federated_dataset("fed-chatbotit", local_data_dir=str(path)).client_metadata == []

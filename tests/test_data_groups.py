@@ -30,6 +30,10 @@ def test_client_groups_same_and_similar_language(caplog):
                        "arabic-urdu-persian": [7]}
     assert "Telugu (2)" in caplog.text and all(" " not in name for name in LANGUAGE_FAMILIES)
     assert client_groups(ds, "similar_language", families={"only-english": ("English",)}) == {"only-english": [0, 3]}
+    with caplog.at_level("INFO", logger="data.groups"):
+        kept = client_groups(ds, "same_language", skip=("Telugu",))
+    assert "Telugu" not in kept and len(kept) == 9 and kept["English"] == [0, 3]
+    assert "groups skipped (--skip_groups): Telugu (2 clients)" in caplog.text
     with pytest.raises(SystemExit, match="no client of toy speaks a language of the groups"):
         client_groups(labelled(["Telugu"]), "similar_language")
     with pytest.raises(SystemExit, match="language"):

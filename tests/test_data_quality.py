@@ -168,3 +168,14 @@ def test_stats_json_is_the_papers_across_clients_aggregation(tiny_model_dir, tmp
     centre = sum(means) / 3
     spread = (sum((m - centre) ** 2 for m in means) / 3) ** 0.5
     assert row["quality"]["across_clients"] == pytest.approx([centre, spread])
+
+
+def test_table1_row_is_printed_beside_the_paper_with_a_flag_beyond_the_tolerance():
+    from data.fedllm_bench import AYA
+    from data.stats import format_row
+
+    row = {"clients": 38, "samples": 25513, "per_client": (671.4, 814.8), "quality": None,
+           "instruction_length": {"across_clients": (130.0, 199.0)}, "response_length": {"across_clients": (225, 500)}}
+    checks = {line[:22].strip(): line[54:].strip() for line in format_row(row, AYA.targets)[1:]}
+    assert checks == {"# clients": "ok", "# samples": "ok", "# samples per client": "ok",
+                      "L. instruction": "mean FLAG +12%", "L. response": "std FLAG +22%", "quality (IFD)": ""}

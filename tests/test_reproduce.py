@@ -109,7 +109,7 @@ def test_average_formulas_reproduce_the_papers_own_average_cells():
 def test_dry_run_plans_exactly_the_papers_runs(tmp_path):
     ctx = ctx_for(tmp_path, judge_base_url="http://judge/v1")
     expected = {"table2": 15, "table3": 9, "table4": 18, "table5": 9, "table6": 2 + 7 + 1, "table8": 7,
-                "figure6": 7}
+                "figure6": 7 + 4}
     for table, count in expected.items():
         work, train = dry_run(ctx, [table])
         assert len(train) == count, (table, len(train))
@@ -119,7 +119,7 @@ def test_dry_run_plans_exactly_the_papers_runs(tmp_path):
             if local:  # one client alone for the paper's local epochs, not rounds x steps
                 assert flag(command, "num_rounds") is None and flag(command, "max_steps") is None
     everything_once, train = dry_run(ctx, list(PRESETS["tables"]))
-    assert len(train) == 15 + 9 + 18 + 9 + 2 + 7 + 4  # Table 6 reuses Table 2's runs, Figure 6 Table 8's locals
+    assert len(train) == 15 + 9 + 18 + 9 + 2 + 7 + 8  # Table 6 reuses Table 2's runs, Figure 6 Table 8's locals
 
     epochs = {"fed-aya": "5", "fed-chatbotit": "10", "fed-wildchat": "5", "fed-wildchat-mt": "20",
               "fed-chatbotpa": "10"}
@@ -140,12 +140,31 @@ def test_dry_run_plans_exactly_the_papers_runs(tmp_path):
     assert all(flag(c, "batch_size") == "1" and flag(c, "dp_delta") == "0.0001" for c in table8)
     assert all(flag(c, "max_steps") == "10" for c in table8 if not flag(c, "local_epochs"))
     _, figure6 = dry_run(ctx, ["figure6"])
-    assert sorted(flag(c, "dp_epsilon") for c in figure6 if flag(c, "dp_epsilon")) == ["0.001", "0.01", "0.1", "1.0"]
+    assert sorted(flag(c, "dp_epsilon") for c in figure6 if flag(c, "dp_epsilon")) == \
+        ["0.001", "0.001", "0.01", "0.01", "0.1", "0.1", "1.0", "1.0"]
+    assert sorted(flag(c, "dp_clip") for c in figure6 if flag(c, "dp_clip")) == ["1373"] * 4
     assert not any(flag(c, "dp_sigma") for c in figure6)
 
     _, table6 = dry_run(ctx, ["table6"])
     groups = {flag(c, "client_groups"): flag(c, "dataset") for c in table6 if flag(c, "client_groups")}
     assert groups == {"same_language": "fed-aya", "similar_language": "fed-aya-similar"}
+    # Table 6 reads no Telugu column: the same-language run trains 7 federations, not 8.
+    assert [flag(c, "skip_groups") for c in table6 if flag(c, "client_groups")] == ["Telugu", None]
+
+
+def test_the_assumed_clip_bound_puts_figure6s_epsilon_sweep_on_table8s_sigmas():
+    from federated.privacy import paper_sigma
+
+    wildchat = PRESETS["settings"]["fed-wildchat-dp"]["args"]
+    rows = [r for r in PRESETS["tables"]["figure6"]["rows"] if "dp_clip" in r.get("args", {})]
+
+    def sigma(row, clip):  # Fed-WildChat as the paper counts it: 52,703 samples over 100 clients, 5 per round
+        return paper_sigma(row["args"]["dp_epsilon"], wildchat["dp_delta"], wildchat["learning_rate"], clip,
+                           52703, 100, 5 / 100, wildchat["num_rounds"])
+    assert [sigma(r, 1.0) for r in rows] == pytest.approx([7.28e-4, 7.28e-5, 7.28e-6, 7.28e-7], rel=1e-3)  # C = 1
+    assert [sigma(r, r["args"]["dp_clip"]) for r in rows] == pytest.approx([1.0, 0.1, 0.01, 0.001], rel=1e-3)
+    notes = " ".join(PRESETS["tables"]["figure6"]["notes"])
+    assert "does not publish the clip bound C" in notes and "our assumption" in notes
 
 
 def test_table6_local_row_is_table2s_diagonal_and_groups_pick_the_columns_language():
@@ -210,7 +229,9 @@ def test_smoke_runs_every_row_of_every_table_on_the_stand_ins(tmp_path):
     assert all(rp.missing_piece(r) is None for r in work.runs.values())  # the repository runs every row
     for name, table in work.tables.items():
         for label, cells in table.rows:
-            assert all(c.models or c.mean_of for c in cells.values()), (name, label)
+            paper_scale_only = "(assumed)" in label  # Figure 6's second sweep, at our assumed clip bound
+            assert all((c.why_empty is not None) == paper_scale_only and (c.models or c.mean_of or paper_scale_only)
+                       for c in cells.values()), (name, label)
     trained = [r for r in work.runs.values() if r.entry]
     assert all(r.args["model_name_or_path"] == "smollm2" and r.args["eval_after"] for r in trained)
     assert {r.args["dataset"] for r in trained} == {"fed-synthetic", "fed-synthetic-pref"}
@@ -319,13 +340,17 @@ def test_table8_keeps_the_papers_single_row_layout_and_figure6_is_plotted(tmp_pa
     ctx = ctx_for(tmp_path, smoke=True)
     work = rp.plan(ctx.presets, ["table8", "figure6"], smoke=True)
     for label, cells in work.tables["figure6"].rows:
-        write_score(ctx, cells["MT-Bench"].models[0], "eval_exact_match.json", "accuracy", 0.1)
+        for model in cells["MT-Bench"].models:  # the assumed-C rows plan no model in smoke
+            write_score(ctx, model, "eval_exact_match.json", "accuracy", 0.1)
     values = rt.Values.load(ctx, work)
     table8 = rt.assemble(ctx, work, "table8", {}, PAPER, values)
     assert [label for label, *_ in table8.rows] == ["MT-Bench"]
     assert table8.columns == ["local(813)", "local(1702)", "FedAvg", "FedDP-1e-3", "FedDP-1e-2", "FedDP-0.1", "FedDP-1"]
     ours, paper = table8.rows[0][1], table8.rows[0][2]
     assert ours["local(813)"] == pytest.approx(10) and paper["FedDP-1"] == 1.6875
+    # Published values print as published: 3.5375 and 4.5375, not .4g's 3.538 and 4.537.
+    assert "/ 3.5375 (" in rt.to_markdown(table8) and "/ 4.5375" in rt.to_markdown(table8)
+    assert "3.5375" in rt.to_csv(table8).splitlines()[1].split(",")
     assert ours["FedDP-1e-3"] is None  # the sigma runs are not Figure 6's epsilon runs
     figure6 = rt.assemble(ctx, work, "figure6", {}, PAPER, values)
     assert "no published value" in " ".join(figure6.notes)
@@ -390,3 +415,111 @@ def test_language_group_models_get_distinct_evaluation_ids():
     similar = model_id_for("/r/runs/other__fedavg-same_language/group-English/checkpoint-2", "base")
     assert same == "aya__fedavg-same_language_group-English_checkpoint-2" and same != similar
     assert model_id_for("/r/runs/aya__fedavg/checkpoint-200", "base") == "aya__fedavg_checkpoint-200"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The authors' released files
+# ------------------------------------------------------------------------------------------------------------
+
+def released_folder(tmp_path) -> Path:
+    """The authors' layout (data/<dataset>/...): a small file under each released name, Fed-Aya's from the real
+    Ref-GPT4 Aya items (one client per language, no language labels)."""
+    aya = json.loads((ROOT.parent / "shared" / "eval_data" / "ref_gpt4" / "aya_testset.json").read_text())
+    sft = {f"user{c}": [{"instruction": f"q{c}.{i}", "response": "an answer"} for i in range(5)] for c in range(3)}
+    files = {"Fed-Aya/aya_38c_25k.json": {f"annotator-{k}": [{"instruction": r["instruction"],
+                                                               "response": r["reference"]} for r in rows]
+                                          for k, rows in aya.items()},
+             "Fed-ChatbotIT/chatbotIT_237c_6k.json": sft, "Fed-WildChat/single_turn/wildchat_100c_53k.json": sft,
+             "Fed-WildChat/multi_turn/wildchat_50c.json": {"u": [{"conversations": [
+                 {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]},
+             "Fed-ChatbotPA/chatbot_by_client-10k.json": {"u": [{"prompt": "p", "chosen": "a", "rejected": "b"}]}}
+    for name, content in files.items():
+        path = tmp_path / "released" / "data" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
+    return tmp_path / "released"
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "eval_data").is_dir(), reason="../shared/eval_data is not there")
+def test_local_data_dir_maps_each_tables_dataset_to_its_released_file(tmp_path, capsys):
+    pytest.importorskip("py3langid")
+    from reproduce.__main__ import main
+
+    folder = released_folder(tmp_path)
+    files = rp.released_files(str(folder))
+    assert {d: Path(p).name for d, p in files.items()} == {
+        "fed-aya": "aya_38c_25k.json", "fed-chatbotit": "chatbotIT_237c_6k.json",
+        "fed-wildchat": "wildchat_100c_53k.json", "fed-wildchat-mt": "wildchat_50c.json",
+        "fed-chatbotpa": "chatbot_by_client-10k.json"}
+    assert main(["--local_data_dir", str(folder), "--dry-run", "--only", "table1,table2,table4,table5,table6",
+                 "--results_dir", str(tmp_path / "results")]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines()
+                if " main_sft.py " in line or " main_dpo.py " in line or " -m data.stats " in line]
+    for command in commands:
+        dataset = flag(command, "dataset")
+        expected = files.get(dataset)  # fed-aya-similar has no released file: built from its source
+        assert flag(command, "local_data_dir") == expected, command
+    assert {flag(c, "dataset") for c in commands} == set(files) | {"fed-aya-similar"}
+    # Table 2's per-language local baselines choose their client on the released file's recovered languages.
+    work = rp.plan(PRESETS, ["table2"], smoke=False, local_files=files)
+    run = next(r for r in work.runs.values() if r.local and r.local.value == "Telugu")
+    assert rs.pick_client(run.local, rs.run_clients(run))[0] == list(json.loads(
+        Path(files["fed-aya"]).read_text())).index("annotator-Telugu")
+
+
+def test_local_data_dir_errors_are_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="is not a folder"):
+        rp.released_files(str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match="holds none of the released files .*aya_38c_25k.json"):
+        rp.released_files(str(tmp_path))
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "wildchat_50c.json").write_text("{}")
+    with pytest.raises(SystemExit, match="2 files for fed-wildchat-mt"):
+        rp.released_files(str(tmp_path))
+
+
+def test_section_3_3_figures_are_a_target_beside_table1(tmp_path):
+    ctx = ctx_for(tmp_path, local_files={"fed-aya": "/data/aya_38c_25k.json"})
+    work = rp.plan(ctx.presets, ["table1", "analysis"], smoke=False, local_files=ctx.local_files)
+    figures = {s.name: s for s in rs.steps_for(ctx, work) if s.name.startswith("figures")}
+    assert list(figures) == [f"figures {d}" for d in ("fed-aya", "fed-chatbotit", "fed-wildchat", "fed-chatbotpa")]
+    aya = figures["figures fed-aya"].command()
+    assert " -m data.analyze --dataset fed-aya " in aya and flag(aya, "local_data_dir") == "/data/aya_38c_25k.json"
+    assert flag(aya, "quality_model") == "meta-llama/Llama-2-7b-hf" and flag(aya, "out").endswith("analysis/fed-aya")
+    assert flag(figures["figures fed-chatbotit"].command(), "local_data_dir") is None
+    done = ctx.results / "analysis" / "fed-aya" / "figures.json"
+    assert figures["figures fed-aya"].done == done
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps({"figures": ["fig1a_language.png", "fig5_quantity.png"]}))
+    table = rt.assemble(ctx, work, "analysis", {"figures fed-aya": "ran"}, PAPER, rt.Values.load(ctx, work))
+    rows = {label: ours for label, ours, _, _ in table.rows}
+    assert rows["Fig. 1a languages"] == {"Fed-Aya": "analysis/fed-aya/fig1a_language.png", "Fed-ChatbotIT": None,
+                                         "Fed-WildChat": None, "Fed-ChatbotPA": None}
+    assert rows["Fig. 4 t-SNE embeddings"]["Fed-Aya"] is None and len(rows) == 7
+    assert "| Fig. 5 samples per client | analysis/fed-aya/fig5_quantity.png | - | - | - |" in rt.to_markdown(table)
+
+
+def test_the_scripts_settings_switch_changes_exactly_the_listed_differences(tmp_path):
+    scripts = rp.with_script_settings(PRESETS)
+    assert len(scripts["scripts"]["differences"]) == 4 and scripts["settings_from"] == "scripts"
+    ctx = rs.Context(scripts, tmp_path / "results", False, python="PY", flags_of=everything,
+                     judge_base_url="http://judge/v1")
+    paper_runs, _ = dry_run(ctx_for(tmp_path, judge_base_url="http://judge/v1"), list(PRESETS["tables"]))
+    script_runs, _ = dry_run(ctx, list(PRESETS["tables"]))
+    changed = {r.args["dataset"] + ("/local" if r.local else "") for r in script_runs.runs.values()
+               if r.name not in paper_runs.runs}
+    assert changed == {"fed-wildchat-mt", "fed-wildchat-mt/local", "fed-chatbotpa", "fed-chatbotpa/local",
+                       "fed-wildchat", "fed-wildchat/local"}  # the DP runs of Table 8 and Figure 6 are on fed-wildchat
+    runs = list(script_runs.runs.values())
+    assert {r.args["template"] for r in runs if r.args["dataset"] == "fed-wildchat-mt"} == {"alpaca"}
+    assert {r.args["model_name_or_path"] for r in runs if r.task == "preference"} == {"alpaca_recovered"}
+    dp = [r for r in runs if r.args.get("dp_delta")]
+    local_dp = [r for r in dp if r.local]
+    assert len(local_dp) == 2 and all(r.args["num_rounds"] == 50 and r.args["max_steps"] == 10 and
+                                      r.args["batch_size"] == 16 and "local_epochs" not in r.args for r in local_dp)
+    assert all(r.args["max_steps"] == 160 for r in dp if not r.local)
+    # Everything else is the paper's: Table 3's runs are the same commands.
+    assert all(r.name in paper_runs.runs for r in runs if r.args["dataset"] in ("fed-aya", "fed-chatbotit"))
+    table = rt.assemble(ctx, script_runs, "table8", {}, PAPER, rt.Values.load(ctx, script_runs))
+    assert any("released training scripts" in note for note in table.notes)

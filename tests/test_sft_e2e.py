@@ -113,7 +113,7 @@ def write_json(path, obj):
 @pytest.mark.parametrize("payload,message", [
     (None, "does not exist"),
     ("not json", "is not valid JSON"),
-    ([{"instruction": "a", "response": "b"}], "must be one JSON object mapping client id to a list"),
+    ({"u1": "not a list"}, "must be one JSON object mapping client id to a list"),  # a plain list is one client
     ({"u1": [{"instruction": "a"}]}, "client 'u1', sample 0 lacks 'response'"),
     ({"u1": [{"instruction": "a", "response": "b"}], "u2": []}, "client 'u2' has no samples"),
 ])
@@ -275,6 +275,9 @@ def test_client_groups_train_one_federation_per_language_family(tiny_model_dir, 
     rows = [{"inputs": f"{language} question {j}", "targets": f"answer {j}", "language": language,
              "language_code": code, "annotation_type": "original-annotations", "user_id": f"annotator-{code}"}
             for language, code in speakers.items() for j in range(100)]  # 100: Fed-Aya's client threshold
+    from data.fedllm_bench import AYA_SIMILAR  # every asked-for language needs a row: one each, below the threshold
+    rows += [{**rows[0], "language": language, "user_id": "annotator-few"}
+             for language in AYA_SIMILAR.params["languages"] if language not in speakers]
     source = tmp_path / "aya.parquet"
     datasets.Dataset.from_list(rows).to_parquet(str(source))
     (tmp_path / "eval" / "ref_gpt4").mkdir(parents=True)
