@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from federated.algorithms import parse_local, server_step
 from federated.methods import make_algorithm
-from federated.checkpoint import RunState, latest_good_checkpoint, save_checkpoint
+from federated.checkpoint import RunState, checkpoints, latest_good_checkpoint, save_checkpoint
 from federated.client_store import ClientStore
 from federated.client import LocalTrainer, client_seed, is_finite, local_steps, round_subset
 
@@ -89,6 +89,11 @@ def restore_metrics(path: Path, run: RunState, rebuild) -> None:
 
 def _start(output_dir: Path, resume: bool, x0: torch.Tensor, algorithm, num_clients: int, fed_args) -> RunState:
     checkpoint, run = latest_good_checkpoint(output_dir) if resume else (None, None)
+    if resume and checkpoint is None and checkpoints(output_dir):  # damaged, not absent: starting over would
+        # delete client_state/ (which a restored file might have repaired) and redo every round
+        raise SystemExit(f"--resume: none of the checkpoints in {output_dir} can be used (the warnings above name "
+                         f"each one's problem); repair or restore the files named there, or start anew with "
+                         f"--overwrite_output_dir true.")
     if resume and checkpoint is None:
         logger.warning("--resume: no usable checkpoint in %s yet, starting from round 0", output_dir)
     if checkpoint is None:

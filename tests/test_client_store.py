@@ -33,6 +33,24 @@ def test_a_state_round_trips_and_a_restore_forgets_later_rounds(tmp_path):
     assert len((tmp_path / "index.jsonl").read_text().splitlines()) == 2  # the later lines are cut off
 
 
+@pytest.mark.parametrize("tail", [b'{"client": 5, "vers', b'{"clienT": 3, "version": 2}\n', b'\xff\xfe\n'],
+                         ids=["torn", "damaged key", "not UTF-8"])
+def test_a_torn_or_damaged_index_line_after_the_checkpoint_is_cut_off_with_its_round(tmp_path, tail):
+    """A kill or a full disk while a later round appends to the index leaves a torn last line (or a damaged one):
+    the checkpoint's lines are whole, so the restore keeps them and cuts the rest off, rather than refusing every
+    checkpoint (which would start the run over from round 0)."""
+    store = ClientStore.fresh(tmp_path)
+    store.put(3, {"c": torch.arange(4.0)}, 1)
+    manifest = store.manifest()
+    store.put(3, {"c": torch.zeros(4)}, 2)
+    with open(tmp_path / "index.jsonl", "ab") as f:
+        f.write(tail)
+    restored = ClientStore.restore(tmp_path, manifest)
+    assert sorted(restored) == [3] and torch.equal(restored[3]["c"], torch.arange(4.0))
+    assert not (tmp_path / "3-r2.safetensors").exists()
+    assert (tmp_path / "index.jsonl").read_bytes().count(b"\n") == 1
+
+
 def test_a_damaged_or_missing_state_is_named(tmp_path):
     store = ClientStore.fresh(tmp_path)
     store.put(4, {"c": torch.arange(1000.0)}, 1)
@@ -48,6 +66,9 @@ def test_a_damaged_or_missing_state_is_named(tmp_path):
         ClientStore.restore(tmp_path, manifest)
     with pytest.raises(ClientStateError, match="SHA-256"):
         ClientStore.restore(tmp_path, {**manifest, "sha256": "0" * 64})
+    (tmp_path / "index.jsonl").unlink()
+    with pytest.raises(ClientStateError, match="index.jsonl is missing; the checkpoint refers to its first 1 lines"):
+        ClientStore.restore(tmp_path, manifest)
 
 
 def test_prune_keeps_what_each_checkpoint_and_the_next_round_read(tmp_path):
@@ -99,6 +120,19 @@ def test_resume_with_a_damaged_client_state_stops_with_its_name(tmp_path):
     damaged.write_bytes(bytes(data))
     with pytest.raises(ClientStateError, match=damaged.name):
         run(tmp_path, make(lambda k, t: torch.full((4,), 0.5)), sizes=[4, 4], resume=True, **flags)
+
+
+def test_resume_when_no_checkpoint_can_be_used_stops_and_deletes_nothing(tmp_path):
+    """Every checkpoint refers to index.jsonl, which is gone: the resume stops with the fix, and keeps the
+    checkpoints, the state files and metrics.jsonl for a repair, instead of starting over from round 0."""
+    flags = dict(fed_alg="scaffold", num_rounds=4, sample_clients=2, checkpoint_step=2)
+    run(tmp_path, make(lambda k, t: torch.full((4,), 0.5)), sizes=[4, 4, 4], **flags)
+    (tmp_path / "client_state/index.jsonl").unlink()
+    kept = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit, match="none of the checkpoints in .* can be used.*--overwrite_output_dir true"):
+        run(tmp_path, make(lambda k, t: torch.full((4,), 0.5)), sizes=[4, 4, 4], resume=True, **flags)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == kept
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
 
 
 def test_the_loss_table_in_chunks_equals_the_dense_one(tmp_path):
