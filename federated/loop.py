@@ -103,8 +103,21 @@ def _start(output_dir: Path, resume: bool, x0: torch.Tensor, algorithm, num_clie
     logger.info("Resuming from %s (round %d)", checkpoint, run.round)
     run.x = run.x.to(x0.device)  # the server's device (federated/flat.py); client state stays on the CPU
     run.server_state = {k: v.to(x0.device) for k, v in run.server_state.items()}
+    if not isinstance(run.client_store, ClientStore):
+        migrate_client_states(run, algorithm, x0, num_clients, output_dir / "client_state")
     restore_metrics(output_dir / "metrics.jsonl", run, lambda r: rebuilt_row(run, fed_args, num_clients, r))
     return run
+
+
+def migrate_client_states(run: RunState, algorithm, x0: torch.Tensor, num_clients: int, folder: Path) -> None:
+    """A checkpoint from before the client-state store held the clients' states itself: they move into a new store
+    through the algorithm, which rebuilds what it derives from them (personal's running sum of B's, a server state
+    such a checkpoint lacks: it starts at its initial value, as it was when those states were all stored)."""
+    for key, value in algorithm.init_state(x0, num_clients).items():
+        run.server_state.setdefault(key, value)
+    old_states, run.client_store = run.client_store, ClientStore.fresh(folder)
+    for client in sorted(old_states):
+        algorithm.keep_client_state(run, client, old_states[client], run.round)
 
 
 def write_loss_table(path: Path, round_losses: list[dict[int, float]], num_clients: int,

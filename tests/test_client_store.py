@@ -15,6 +15,17 @@ from federated.loop import write_loss_table
 from test_loop_wiring import make, run
 
 
+def personal_trainer():
+    """The stub trainer on the toy peft model: every coordinate, A and B, moves by a client's and round's delta."""
+    from test_lora_methods import toy_model
+    from test_loop_wiring import StubTrainer
+    model = toy_model()
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    stub = StubTrainer(model, lambda k, t: torch.cos(torch.arange(float(numel)) * (k + 1) + t) / 10)
+    stub.model = model
+    return stub
+
+
 def states(store):
     return {k: {name: t.clone() for name, t in store[k].items()} for k in store}
 
@@ -189,23 +200,40 @@ def test_personal_global_b_is_the_mean_of_every_stored_b_without_stacking_them(t
 def test_personal_at_many_clients_resumes_bit_identically(tmp_path):
     """40 clients with their own B, 3 sampled per round: a run stopped after round 2 and resumed ends with the same
     global vector, the same running sum of B's and the same B for every client as the uninterrupted run."""
-    from test_lora_methods import toy_model
-    from test_loop_wiring import StubTrainer
-
-    def trainer():
-        model = toy_model()
-        numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        stub = StubTrainer(model, lambda k, t: torch.cos(torch.arange(float(numel)) * (k + 1) + t) / 10)
-        stub.model = model
-        return stub
-
     flags = dict(lora_method="personal", num_rounds=5, sample_clients=3, checkpoint_step=2)
-    full = run(tmp_path / "full", trainer(), sizes=[3 + k % 4 for k in range(40)], **flags)
+    full = run(tmp_path / "full", personal_trainer(), sizes=[3 + k % 4 for k in range(40)], **flags)
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")
     for later in ("checkpoint-4", "checkpoint-5"):
         shutil.rmtree(tmp_path / "resumed" / later)
-    resumed = run(tmp_path / "resumed", trainer(), sizes=[3 + k % 4 for k in range(40)], resume=True, **flags)
+    resumed = run(tmp_path / "resumed", personal_trainer(), sizes=[3 + k % 4 for k in range(40)], resume=True, **flags)
     assert torch.equal(full.x, resumed.x)
     assert all(torch.equal(full.server_state[k], resumed.server_state[k]) for k in full.server_state)
     a, b = states(full.client_store), states(resumed.client_store)
     assert a.keys() == b.keys() and len(a) > 8 and all(torch.equal(a[k]["lora_B"], b[k]["lora_B"]) for k in a)
+
+
+def test_an_old_personal_checkpoint_rebuilds_the_running_sum_and_resumes(tmp_path):
+    """A personal run checkpointed before the store kept its B's inside run_state.safetensors and had no b_sum or
+    b_clients: the resume moves the B's into the store and rebuilds the sum and count from them, and ends as the
+    uninterrupted run does."""
+    from safetensors.torch import save_file
+    flags = dict(lora_method="personal", sample_clients=2, checkpoint_step=2)
+    sizes = [4, 5, 6, 7]
+    full = run(tmp_path / "full", personal_trainer(), sizes=sizes, num_rounds=4, **flags)
+    old = tmp_path / "old"
+    run(old, personal_trainer(), sizes=sizes, num_rounds=2, **flags)
+    _, state = latest_good_checkpoint(old)
+    tensors = load_file(old / "checkpoint-2/run_state.safetensors")
+    del tensors["server/b_sum"], tensors["server/b_clients"]
+    tensors.update({f"client/{k}/lora_B": state.client_store[k]["lora_B"] for k in state.client_store})
+    save_file(tensors, old / "checkpoint-2/run_state.safetensors")
+    meta = json.loads((old / "checkpoint-2/run_state.json").read_text())
+    del meta["client_store"]
+    (old / "checkpoint-2/run_state.json").write_text(json.dumps(meta))
+    (old / "checkpoint-2/checksums.json").unlink()
+    shutil.rmtree(old / "client_state")
+    resumed = run(old, personal_trainer(), sizes=sizes, num_rounds=4, resume=True, **flags)
+    assert torch.equal(full.x, resumed.x) and int(resumed.server_state["b_clients"]) == len(full.client_store) == 4
+    stored = torch.stack([resumed.client_store[k]["lora_B"].double() for k in resumed.client_store])
+    assert torch.allclose(resumed.server_state["b_sum"], stored.sum(0), rtol=0, atol=1e-12)
+    assert torch.allclose(resumed.server_state["b_sum"], full.server_state["b_sum"], rtol=0, atol=1e-12)
