@@ -36,7 +36,7 @@ REQUIRED = ("run_state.json", "run_state.safetensors", "adapter_model.safetensor
 class RunState:
     x: torch.Tensor  # global vector (fp32, on the server device: federated/flat.py)
     server_state: dict[str, torch.Tensor]
-    # client -> its kept state (SCAFFOLD c_i), on disk; a plain dict only as loaded from a checkpoint of before the store
+    # client -> its kept state (SCAFFOLD c_i), on disk; a plain dict only as loaded from a pre-store checkpoint
     client_store: ClientStore | dict = field(default_factory=dict)
     round: int = 0  # rounds completed
     round_losses: list[dict[int, float]] = field(default_factory=list)  # per round: sampled client -> loss (-1 dropped)
