@@ -143,14 +143,17 @@ class ClientStore(Mapping):
     def __getitem__(self, client: int) -> dict[str, torch.Tensor]:
         entry = self.current[client]
         path = self.path(client, entry["version"])
+        what = f"{path} (client {client}'s state, round {entry['version']})"
+        # The checkpoints before that round do not read it: a resume from one of them writes it anew.
+        fix = (f"restore it from a backup, or remove the checkpoints of round {entry['version']} and later and "
+               f"--resume from an earlier one")
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise ClientStateError(f"{path} (client {client}'s state, round {entry['version']}) is missing") from None
+            raise ClientStateError(f"{what} is missing: {fix}") from None
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise ClientStateError(f"{path} (client {client}'s state, round {entry['version']}) does not match the "
-                                   f"SHA-256 recorded when it was written: the file is damaged. Restore it from a "
-                                   f"backup, or start the run anew")
+            raise ClientStateError(f"{what} does not match the SHA-256 recorded when it was written: the file is "
+                                   f"damaged; {fix}")
         return load_tensors(data)
 
     def __iter__(self):

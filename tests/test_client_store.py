@@ -62,6 +62,15 @@ def test_a_torn_or_damaged_index_line_after_the_checkpoint_is_cut_off_with_its_r
     assert (tmp_path / "index.jsonl").read_bytes().count(b"\n") == 1
 
 
+def test_a_fresh_store_forgets_a_run_that_never_checkpointed(tmp_path):
+    ClientStore.fresh(tmp_path).put(1, {"c": torch.ones(2)}, 1)  # a run killed before its first checkpoint
+    store = ClientStore.fresh(tmp_path)
+    store.put(2, {"c": torch.zeros(2)}, 1)
+    restored = ClientStore.restore(tmp_path, store.manifest())  # the index holds this run's lines only
+    assert sorted(restored) == [2] and sorted(p.name for p in tmp_path.iterdir()) == ["2-r1.safetensors",
+                                                                                      "index.jsonl"]
+
+
 def test_a_damaged_or_missing_state_is_named(tmp_path):
     store = ClientStore.fresh(tmp_path)
     store.put(4, {"c": torch.arange(1000.0)}, 1)
@@ -72,6 +81,9 @@ def test_a_damaged_or_missing_state_is_named(tmp_path):
     with pytest.raises(ClientStateError, match="4-r1.safetensors .*does not match the SHA-256"):
         store[4]
     manifest = store.manifest()
+    path.write_bytes(bytes(data[:-4]))  # cut short (a full disk): the size says so without reading every state
+    with pytest.raises(ClientStateError, match="4-r1.safetensors .*missing or has the wrong size"):
+        ClientStore.restore(tmp_path, manifest)
     path.unlink()
     with pytest.raises(ClientStateError, match="4-r1.safetensors .*missing"):
         ClientStore.restore(tmp_path, manifest)
@@ -129,7 +141,7 @@ def test_resume_with_a_damaged_client_state_stops_with_its_name(tmp_path):
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 0x10
     damaged.write_bytes(bytes(data))
-    with pytest.raises(ClientStateError, match=damaged.name):
+    with pytest.raises(ClientStateError, match=damaged.name + ".*remove the checkpoints of round 1 and later"):
         run(tmp_path, make(lambda k, t: torch.full((4,), 0.5)), sizes=[4, 4], resume=True, **flags)
 
 
