@@ -2,7 +2,9 @@
 disk, read only for the sampled clients, checkpoints that refer to them instead of copying them, resume bit for bit,
 damaged files named; personal adapters' global B from a running sum; the loss table written in bounded chunks."""
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +123,28 @@ def test_scaffold_at_many_clients_keeps_states_on_disk_and_resumes_bit_identical
     a, b = states(full.client_store), states(resumed.client_store)
     assert a.keys() == b.keys() and all(torch.equal(a[k]["c"], b[k]["c"]) for k in a)
     assert np.array_equal(np.load(tmp_path / "full/training_loss.npy"), np.load(tmp_path / "resumed/training_loss.npy"))
+
+
+def test_every_state_a_checkpoint_refers_to_is_on_disk_before_the_checkpoint(tmp_path, monkeypatch):
+    """The state files are written without fsync during a round; the checkpoint that refers to them must make them
+    durable (and the index) before it is renamed into place, or a power loss leaves it pointing at empty files."""
+    synced, renamed = set(), {}
+    real_fsync, real_rename = os.fsync, Path.rename
+
+    def fsync(fd):
+        synced.add(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    def rename(self, target):  # a checkpoint folder into place: which state files were durable by then
+        states = (tmp_path / "client_state").glob("*")
+        renamed[Path(target).name] = {p.name for p in states if p.stat().st_ino not in synced}
+        return real_rename(self, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", rename)
+    run(tmp_path, make(lambda k, t: torch.full((4,), 0.5)), sizes=[4] * 6, fed_alg="scaffold", num_rounds=4,
+        sample_clients=2, checkpoint_step=2)
+    assert renamed == {"checkpoint-2": set(), "checkpoint-4": set()}
 
 
 def test_a_checkpoints_size_does_not_grow_with_the_clients(tmp_path):
