@@ -17,13 +17,13 @@ from federated.loop import write_loss_table
 from test_loop_wiring import make, run
 
 
-def personal_trainer():
+def personal_trainer(delta=lambda k, t, numel: torch.cos(torch.arange(float(numel)) * (k + 1) + t) / 10):
     """The stub trainer on the toy peft model: every coordinate, A and B, moves by a client's and round's delta."""
     from test_lora_methods import toy_model
     from test_loop_wiring import StubTrainer
     model = toy_model()
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    stub = StubTrainer(model, lambda k, t: torch.cos(torch.arange(float(numel)) * (k + 1) + t) / 10)
+    stub = StubTrainer(model, lambda k, t: delta(k, t, numel))
     stub.model = model
     return stub
 
@@ -273,3 +273,27 @@ def test_an_old_personal_checkpoint_rebuilds_the_running_sum_and_resumes(tmp_pat
     stored = torch.stack([resumed.client_store[k]["lora_B"].double() for k in resumed.client_store])
     assert torch.allclose(resumed.server_state["b_sum"], stored.sum(0), rtol=0, atol=1e-12)
     assert torch.allclose(resumed.server_state["b_sum"], full.server_state["b_sum"], rtol=0, atol=1e-12)
+
+
+def test_personal_running_sum_does_not_depend_on_the_order_results_arrive_in(tmp_path):
+    """A transport hands the round's results over in any order; the B's enter the fp64 sum in client order, so the
+    sum is the same bits either way (B's of 1, 2^60 and -2^60, where the order of fp64 additions shows)."""
+    from federated.config import FedArguments, ScriptArguments
+    from federated.loop import Federation, train_client
+    from test_loop_wiring import SEED, client_data
+
+    values = {0: 1.0, 1: 2.0 ** 60, 2: -2.0 ** 60}
+    sums = []
+    for order in (1, -1):
+        trainer = personal_trainer(lambda k, t, numel: torch.full((numel,), values[k]))
+        script = ScriptArguments(output_dir=str(tmp_path / str(order)), max_steps=1, batch_size=1, seed=SEED)
+        fed_args = FedArguments(lora_method="personal", num_rounds=1, sample_clients=3)
+        data = client_data([2, 2, 2])
+        (tmp_path / str(order)).mkdir()
+        federation = Federation(script, fed_args, trainer.model, trainer.flat, [2, 2, 2], lr_min=0.0)
+        tasks, run_state = federation.plan(0), federation.run
+        results = [train_client(trainer, federation.algorithm, task, data[task.client], run_state.x,
+                                run_state.server_state, run_state.client_store) for task in tasks]
+        federation.finish_round(tasks, results[::order], round_time=0.0)
+        sums.append(run_state.server_state["b_sum"])
+    assert torch.equal(sums[0], sums[1])
