@@ -2,6 +2,7 @@
 disk, read only for the sampled clients, checkpoints that refer to them instead of copying them, resume bit for bit,
 damaged files named; personal adapters' global B from a running sum; the loss table written in bounded chunks."""
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -297,3 +298,17 @@ def test_personal_running_sum_does_not_depend_on_the_order_results_arrive_in(tmp
         federation.finish_round(tasks, results[::order], round_time=0.0)
         sums.append(run_state.server_state["b_sum"])
     assert torch.equal(sums[0], sums[1])
+
+
+def test_a_dropped_client_keeps_the_state_of_its_last_good_round(tmp_path):
+    """Round 2: client 1 diverges (NaN loss) and client 2's update is absurd (--drop_outliers): neither is aggregated,
+    and neither's c_i is replaced, so their next round does not start from a control built on a bad update."""
+    deltas = {0: 0.01, 1: 0.02, 2: 1e5}
+    trainer = make(lambda k, t: torch.full((4,), deltas[k] if t == 1 else 0.01 * (k + 1)),
+                   loss=lambda k, t: math.nan if (k, t) == (1, 1) else 1.0)
+    state = run(tmp_path, trainer, sizes=[5, 5, 5], fed_alg="scaffold", num_rounds=2, checkpoint_step=1,
+                drop_outliers=True)
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])["dropped_clients"] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "client_state").glob("*.safetensors")) == [
+        "0-r1.safetensors", "0-r2.safetensors", "1-r1.safetensors", "2-r1.safetensors"]
+    assert torch.equal(state.client_store[2]["c"], load_file(tmp_path / "client_state/2-r1.safetensors")["c"])
