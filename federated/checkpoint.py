@@ -36,7 +36,8 @@ REQUIRED = ("run_state.json", "run_state.safetensors", "adapter_model.safetensor
 class RunState:
     x: torch.Tensor  # global vector (fp32, on the server device: federated/flat.py)
     server_state: dict[str, torch.Tensor]
-    client_store: ClientStore | dict = field(default_factory=dict)  # client -> its kept state (SCAFFOLD c_i), on disk
+    # client -> its kept state (SCAFFOLD c_i), on disk; a plain dict only as loaded from a pre-store checkpoint
+    client_store: ClientStore | dict = field(default_factory=dict)
     round: int = 0  # rounds completed
     round_losses: list[dict[int, float]] = field(default_factory=list)  # per round: sampled client -> loss (-1 dropped)
     extra: dict = field(default_factory=dict)  # JSON-able state of optional parts (e.g. a privacy accountant)
@@ -154,11 +155,6 @@ def load_checkpoint(path: Path) -> RunState:
     run = RunState(x=tensors.pop("x"), server_state={}, round=meta["round"], extra=meta.get("extra", {}))
     run.round_losses = [{int(k): v for k, v in losses} for losses in meta["round_losses"]] \
         if "round_losses" in meta else _sparse(meta["loss_history"])
-    folder = path.parent / "client_state"
-    if "client_store" in meta:
-        run.client_store = ClientStore.restore(folder, meta["client_store"])
-    else:  # written before the store existed: the clients' states are inside run_state.safetensors
-        run.client_store = ClientStore.fresh(folder)
     old_states: dict[int, dict] = {}
     for key, value in tensors.items():
         scope, *rest = key.split("/")
@@ -166,8 +162,10 @@ def load_checkpoint(path: Path) -> RunState:
             run.server_state[rest[0]] = value
         else:
             old_states.setdefault(int(rest[0]), {})[rest[1]] = value
-    for client, state in sorted(old_states.items()):
-        run.client_store.put(client, state, run.round)
+    if "client_store" in meta:
+        run.client_store = ClientStore.restore(path.parent / "client_state", meta["client_store"])
+    else:  # written before the store existed: the clients' states, inside run_state.safetensors; the round loop
+        run.client_store = old_states  # moves them into the store through the algorithm (federated/loop.py)
     return run
 
 

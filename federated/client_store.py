@@ -56,6 +56,17 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def later_entry(line: bytes) -> dict | None:
+    """An index line after a checkpoint's prefix, or None when it is torn (a kill or a full disk mid-append) or
+    damaged: no checkpoint refers to it, so it is cut off with the rest, not a reason to refuse the checkpoint."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    whole = isinstance(entry, dict) and all(isinstance(entry.get(key), int) for key in ("client", "version"))
+    return entry if whole else None
+
+
 class ClientStore(Mapping):
     """client -> {name: tensor}, read from disk on access (CPU tensors). `put` writes a client's new state."""
 
@@ -85,6 +96,8 @@ class ClientStore(Mapping):
             leftover.unlink()
         index = store.folder / INDEX
         kept = manifest["lines"]
+        if kept and not index.is_file():
+            raise ClientStateError(f"{index} is missing; the checkpoint refers to its first {kept} lines")
         lines = index.read_bytes().splitlines(keepends=True) if index.exists() else []
         if len(lines) < kept:
             raise ClientStateError(f"{index} has {len(lines)} lines, the checkpoint recorded {kept}: it was cut")
@@ -97,8 +110,8 @@ class ClientStore(Mapping):
             if not path.is_file() or path.stat().st_size != entry["bytes"]:
                 raise ClientStateError(f"{path} (client {client}'s state) is missing or has the wrong size")
         for line in lines[kept:]:  # states from rounds after the checkpoint: they are redone
-            entry = json.loads(line)
-            if entry["version"] not in store.versions.get(entry["client"], ()):
+            entry = later_entry(line)
+            if entry and entry["version"] not in store.versions.get(entry["client"], ()):
                 store.path(entry["client"], entry["version"]).unlink(missing_ok=True)
         if len(lines) > kept:
             write_durably(index, b"".join(lines[:kept]))
@@ -130,14 +143,17 @@ class ClientStore(Mapping):
     def __getitem__(self, client: int) -> dict[str, torch.Tensor]:
         entry = self.current[client]
         path = self.path(client, entry["version"])
+        what = f"{path} (client {client}'s state, round {entry['version']})"
+        # The checkpoints before that round do not read it: a resume from one of them writes it anew.
+        fix = (f"restore it from a backup, or remove the checkpoints of round {entry['version']} and later and "
+               f"--resume from an earlier one")
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise ClientStateError(f"{path} (client {client}'s state, round {entry['version']}) is missing") from None
+            raise ClientStateError(f"{what} is missing: {fix}") from None
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise ClientStateError(f"{path} (client {client}'s state, round {entry['version']}) does not match the "
-                                   f"SHA-256 recorded when it was written: the file is damaged. Restore it from a "
-                                   f"backup, or start the run anew")
+            raise ClientStateError(f"{what} does not match the SHA-256 recorded when it was written: the file is "
+                                   f"damaged; {fix}")
         return load_tensors(data)
 
     def __iter__(self):

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from federated.algorithms import parse_local, server_step
 from federated.methods import make_algorithm
-from federated.checkpoint import RunState, latest_good_checkpoint, save_checkpoint
+from federated.checkpoint import RunState, checkpoints, latest_good_checkpoint, save_checkpoint
 from federated.client_store import ClientStore
 from federated.client import LocalTrainer, client_seed, is_finite, local_steps, round_subset
 
@@ -89,6 +89,11 @@ def restore_metrics(path: Path, run: RunState, rebuild) -> None:
 
 def _start(output_dir: Path, resume: bool, x0: torch.Tensor, algorithm, num_clients: int, fed_args) -> RunState:
     checkpoint, run = latest_good_checkpoint(output_dir) if resume else (None, None)
+    if resume and checkpoint is None and checkpoints(output_dir):  # damaged, not absent: starting over would
+        # delete client_state/ (which a restored file might have repaired) and redo every round
+        raise SystemExit(f"--resume: none of the checkpoints in {output_dir} can be used (the warnings above name "
+                         f"each one's problem); repair or restore the files named there, or start anew with "
+                         f"--overwrite_output_dir true.")
     if resume and checkpoint is None:
         logger.warning("--resume: no usable checkpoint in %s yet, starting from round 0", output_dir)
     if checkpoint is None:
@@ -98,8 +103,21 @@ def _start(output_dir: Path, resume: bool, x0: torch.Tensor, algorithm, num_clie
     logger.info("Resuming from %s (round %d)", checkpoint, run.round)
     run.x = run.x.to(x0.device)  # the server's device (federated/flat.py); client state stays on the CPU
     run.server_state = {k: v.to(x0.device) for k, v in run.server_state.items()}
+    if not isinstance(run.client_store, ClientStore):
+        migrate_client_states(run, algorithm, x0, num_clients, output_dir / "client_state")
     restore_metrics(output_dir / "metrics.jsonl", run, lambda r: rebuilt_row(run, fed_args, num_clients, r))
     return run
+
+
+def migrate_client_states(run: RunState, algorithm, x0: torch.Tensor, num_clients: int, folder: Path) -> None:
+    """A checkpoint from before the client-state store held the clients' states itself: they move into a new store
+    through the algorithm, which rebuilds what it derives from them (personal's running sum of B's, a server state
+    such a checkpoint lacks: it starts at its initial value, as it was when those states were all stored)."""
+    for key, value in algorithm.init_state(x0, num_clients).items():
+        run.server_state.setdefault(key, value)
+    old_states, run.client_store = run.client_store, ClientStore.fresh(folder)
+    for client in sorted(old_states):
+        algorithm.keep_client_state(run, client, old_states[client], run.round)
 
 
 def write_loss_table(path: Path, round_losses: list[dict[int, float]], num_clients: int,
