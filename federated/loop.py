@@ -194,6 +194,8 @@ class Federation:
         self.run = _start(self.output_dir, script_args.resume, initial, self.algorithm, self.num_clients, fed_args)
         if privacy is not None and "privacy" in self.run.extra:
             privacy.load_state_dict(self.run.extra["privacy"])
+        # The model holds the global model from the start: a resumed run with no round left is scored as saved.
+        self.algorithm.load_global(flat, self.run)
 
     def plan(self, t: int) -> list[ClientTask]:
         """Round t's sampled clients, each with its learning rate, steps, data window and seed."""

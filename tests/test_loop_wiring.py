@@ -126,6 +126,16 @@ def test_an_absurd_update_is_logged_and_optionally_dropped(tmp_path, caplog):
     assert torch.allclose(state.x, torch.arange(4.0) + 0.015)
 
 
+def test_a_resumed_run_with_no_round_left_holds_the_checkpointed_model(tmp_path):
+    """Resuming a finished run (to evaluate it again) trains nothing: the model must still be the trained one,
+    not the initial one it was loaded with."""
+    trained = run(tmp_path, make(lambda k, t: torch.full((N,), 1.0 + k)), sizes=[4, 4], checkpoint_step=1)
+    again = make(lambda k, t: torch.full((N,), 1.0 + k))
+    run(tmp_path, again, sizes=[4, 4], resume=True)
+    assert again.calls == [] and torch.equal(again.flat.get(), trained.x) and not torch.equal(trained.x,
+                                                                                             torch.arange(4.0))
+
+
 def test_outlier_rule_compares_each_update_with_the_median_of_the_others():
     x = torch.zeros(3)
     updates = [torch.full((3,), v) for v in (1.0, 2.0, 1500.0)]
