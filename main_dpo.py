@@ -33,7 +33,7 @@ def tokenize_clients(clients, tokenizer, template, seq_length, client_ids=None):
     seq_length (the collator would cut every answer token) are dropped."""
     from federated.setup import drop_untrainable
 
-    tokenized = [[tokenize_pair(tokenizer, template, s) for s in samples] for samples in clients]
+    tokenized = [[tokenize_pair(tokenizer, template, s, seq_length) for s in samples] for samples in clients]
     client_ids = client_ids or [str(k) for k in range(len(clients))]
     kept = drop_untrainable(tokenized, lambda pair: len(pair["prompt_ids"]) < seq_length, client_ids, seq_length)
     return [Dataset.from_list(pairs) for pairs in kept]
