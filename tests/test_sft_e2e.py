@@ -106,15 +106,18 @@ def write_json(path, obj):
 
 @pytest.mark.parametrize("payload,message", [
     (None, "does not exist"),
-    ("not json", "is not valid JSON"),
+    ("{oops", "is not valid JSON"),
+    # JSON keeps the last of two equal keys: client c0's first samples would be dropped without a word.
+    ('{"c0": [{"instruction": "a", "response": "b"}], "c1": [{"instruction": "c", "response": "d"}], '
+     '"c0": [{"instruction": "e", "response": "f"}]}', "holds client id 'c0' more than once"),
     ([{"instruction": "a", "response": "b"}], "must be one JSON object mapping client id to a list"),
     ({"u1": [{"instruction": "a"}]}, "client 'u1', sample 0 lacks 'response'"),
     ({"u1": [{"instruction": "a", "response": "b"}], "u2": []}, "client 'u2' has no samples"),
 ])
 def test_bad_dataset_files(payload, message, tiny_model_dir, tmp_path, capsys):
     file = tmp_path / "data.json"
-    if payload == "not json":
-        file.write_text("{oops")
+    if isinstance(payload, str):
+        file.write_text(payload)
     elif payload is not None:
         write_json(file, payload)
     out = tmp_path / "out"
