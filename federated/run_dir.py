@@ -8,6 +8,7 @@ resume continues only the run that args.json describes, and an interrupted run s
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -150,7 +151,21 @@ class RunGuard:
             print(f"Stopped by {exc}: {last_checkpoint_line(self.output_dir)}. Continue with: "
                   f"{self.command or resume_command(self.argv)}", file=sys.stderr, flush=True)
             raise SystemExit(128 + exc.signum) from None
+        if exc is not None and disk_full(exc):
+            free = shutil.disk_usage(self.output_dir).free
+            raise SystemExit(f"No space left on the disk of {self.output_dir} ({free / 2 ** 20:.0f} MiB free) while "
+                             f"writing {getattr(exc, 'filename', None) or 'a file'}: "
+                             f"{last_checkpoint_line(self.output_dir)}. Free some space and continue with: "
+                             f"{self.command or resume_command(self.argv)}") from None
         return False
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A write failed for lack of space: OSError ENOSPC or EDQUOT, or a library's own error that says so (the
+    safetensors writer raises its SafetensorError, not an OSError)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "No space left on device" in str(exc)
 
 
 def settings_of(*configs) -> dict:
