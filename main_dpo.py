@@ -5,7 +5,6 @@
 
 The reference model of DPO is the base model: the LoRA adapter disabled, so no second model copy is kept.
 """
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from transformers import HfArgumentParser
 from federated.config import FedArguments, ScriptArguments, check_arguments
 from federated.run_dir import RunGuard, prepare_run_dir, settings_of
 from utils.console import configure_console
+from utils.files import write_json_atomic
 from utils.preference import pair_texts, tokenize_pair
 
 LR_MIN = 1e-5  # the floor of the per-round cosine schedule for DPO
@@ -110,7 +110,7 @@ def train(script_args, fed_args, dpo_args):
         test = balanced_subset(dataset.test, script_args.eval_per_task)
         scores = score_preferences(model, tokenizer, script_args.template, test, beta=dpo_args.dpo_beta,
                                    max_length=script_args.seq_length)
-        (output_dir / "eval_preference.json").write_text(json.dumps(scores, indent=2))
+        write_json_atomic(output_dir / "eval_preference.json", scores, indent=2)
         print(f"On the {scores['n']} held-out pairs: preference accuracy {scores['preference_accuracy']:.3f}, "
               f"mean reward margin {scores['mean_margin']:.4f} (base model log-prob accuracy "
               f"{scores['base_logprob_accuracy']:.3f})")

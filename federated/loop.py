@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from federated.algorithms import make_algorithm, parse_local, server_step
 from federated.checkpoint import RunState, latest_good_checkpoint, save_checkpoint
 from federated.client import LocalTrainer, client_seed, is_finite, local_steps, round_subset
+from utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +81,7 @@ def restore_metrics(path: Path, run: RunState, rebuild) -> None:
         logger.warning("%s: %d torn line(s) skipped; rounds %s rebuilt from the checkpoint", path, torn,
                        missing or "none")
     rows.update({r: rebuild(r) for r in missing})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(rows[r]) + "\n" for r in sorted(rows)))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(rows[r]) + "\n" for r in sorted(rows)))
 
 
 def _start(output_dir: Path, resume: bool, x0: torch.Tensor, algorithm, num_clients: int, fed_args) -> RunState:

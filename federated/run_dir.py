@@ -21,6 +21,8 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
+from utils.files import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".run.lock"
@@ -176,12 +178,6 @@ def settings_of(*configs) -> dict:
     return json.loads(json.dumps(merged, default=str))
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def clean_leftovers(output_dir: Path) -> None:
     """Remove *.tmp files and folders a killed run left behind (half-written checkpoints, args, metrics)."""
     for leftover in output_dir.glob("*.tmp"):
@@ -239,4 +235,4 @@ def prepare_run_dir(output_dir: str | Path, settings: dict, resume: bool, overwr
                              f"it, or --overwrite_output_dir true to delete it and start anew.")
         logger.warning("--overwrite_output_dir: removing the earlier run's checkpoints and files in %s", output_dir)
         _remove_run(output_dir)
-    write_json_atomic(args_file, settings)
+    write_json_atomic(args_file, settings, indent=2, default=str)

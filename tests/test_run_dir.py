@@ -203,6 +203,17 @@ def test_other_errors_pass_through_the_guard(tmp_path):
             raise OSError(errno.EACCES, "Permission denied")
 
 
+def test_an_atomic_write_that_fails_midway_leaves_the_old_file_whole(tmp_path):
+    """The write fails after the file is opened (a lone surrogate cannot be encoded): a write in place would have
+    truncated the old file; the old one stays, and no temporary file is left."""
+    from utils.files import write_json_atomic, write_text_atomic
+    path = tmp_path / "args.json"
+    write_json_atomic(path, {"round": 1})
+    with pytest.raises(UnicodeEncodeError):
+        write_text_atomic(path, '{"round": 2, "note": "\ud800"}')
+    assert json.loads(path.read_text()) == {"round": 1} and [p.name for p in tmp_path.iterdir()] == ["args.json"]
+
+
 def test_model_conversion_orphans_of_dead_processes_are_removed(tmp_path):
     from utils.model import _remove_orphaned_conversions
     target = tmp_path / "SmolLM2-135M-Instruct"
