@@ -268,9 +268,12 @@ def test_jobs_run_trainings_side_by_side_and_evaluations_after_their_training(tm
     ctx = ctx_for(tmp_path, smoke=True)
 
     def waiting_for(me: str, other: str, done: Path) -> list[str]:
+        # Waits for the other's start file (up to 5 minutes: a loaded machine may start it late).
         code = (f"import pathlib, time; d = pathlib.Path({str(tmp_path)!r}); (d / {me!r}).touch()\n"
-                f"for _ in range(600):\n    if (d / {other!r}).exists(): break\n    time.sleep(0.05)\n"
-                f"else: raise SystemExit('ran alone')\npathlib.Path({str(done)!r}).touch()")
+                f"deadline = time.monotonic() + 300\n"
+                f"while not (d / {other!r}).exists():\n"
+                f"    if time.monotonic() > deadline: raise SystemExit('ran alone')\n    time.sleep(0.05)\n"
+                f"pathlib.Path({str(done)!r}).touch()")
         return [sys.executable, "-c", code]
 
     steps = []
