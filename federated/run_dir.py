@@ -40,7 +40,8 @@ RESUMABLE_CHANGES = {
     "dataset_name": "an alias: its value is compared as `dataset`",
 }
 # Files a run writes into its folder; --overwrite_output_dir removes exactly these (and checkpoint-* folders).
-RUN_FILES = ("args.json", "metrics.jsonl", "training_loss.npy", "eval_exact_match.json", "eval_preference.json")
+RUN_FILES = ("args.json", "metrics.jsonl", "training_loss.npy", "eval_exact_match.json", "eval_personal.json",
+             "eval_preference.json")
 
 
 class OutputDirLock:
