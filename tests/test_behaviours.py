@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import needs_eval_data
 from federated.checkpoint import RunState
 from federated.config import FedArguments, ScriptArguments
 from federated.loop import ClientResult, Federation, SummedUpdate, train_client
@@ -205,6 +206,22 @@ def test_a_boolean_json_rating_is_refused():
     from evaluation.judge import parse_score, parse_structured
     assert parse_structured('{"explanation": "fine", "rating": true}', parse_score) == -1
     assert parse_structured('{"explanation": "fine", "rating": 1}', parse_score) == 1.0
+
+
+@needs_eval_data
+def test_the_judge_model_id_is_matched_exactly_in_the_servers_list(tmp_path, caplog, monkeypatch):
+    """--judge_model judge-x against a server listing only judge-x-large: a different model, so a warning, and
+    the judgments record that the name was not listed."""
+    from evaluation.judge import read_judgments
+    from test_eval_judge import BENCHMARKS, EVAL_DATA, ScriptedServer, judge_cli, rating_reply, write_answers
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")  # a local server: any key
+    write_answers(tmp_path, "vicuna", "m1", BENCHMARKS["vicuna"].load(EVAL_DATA)[:1])
+    with ScriptedServer(rating_reply, served_model="judge-x-large") as server:
+        with caplog.at_level("WARNING", logger="evaluation.judge"):
+            judge_cli(tmp_path, server.url, ["vicuna"])
+    assert "does not list --judge_model 'judge-x'" in caplog.text
+    assert [row["judge_model_listed"] for row in read_judgments(tmp_path / "vicuna" / "judgments" /
+                                                                "m1__judge-x.jsonl")] == [False]
 
 
 def test_stratified_subsets_spread_the_extra_questions_over_the_strata():

@@ -204,3 +204,14 @@ def test_fedprox_term_counts_once_per_optimizer_step_with_accumulation(sft_train
     local.trainer.optimizer = local.optimizer
     prox_part = moved[mu] - moved[0.0]
     torch.testing.assert_close(prox_part, torch.full_like(prox_part, -lr * mu * -0.5), rtol=1e-3, atol=1e-7)
+
+
+def test_an_optimizer_step_takes_batch_size_times_accumulation_samples(sft_trainer, one_thread):
+    """batch 2 x accumulation 2: one step over 4 samples trains on all four (their real tokens), and one step
+    over 8 on four of them, not two or eight."""
+    local, data = sft_trainer
+    lengths = [len(sample["input_ids"]) for sample in data]
+    local.train(data.select(range(4)), 1, 1e-6, Recorder(), seed=1)
+    assert local.tokens["useful"] == sum(lengths[:4])
+    local.train(data, 1, 1e-6, Recorder(), seed=1)
+    assert min(lengths) * 4 <= local.tokens["useful"] <= max(lengths) * 4 < sum(lengths)
