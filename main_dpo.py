@@ -5,7 +5,6 @@
 
 The reference model of DPO is the base model: the LoRA adapter disabled, so no second model copy is kept.
 """
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from federated.config import (DRY_RUN_DONE, EntryArguments, FedArguments, Script
                               parse_flags)
 from federated.run_dir import RunGuard, prepare_run_dir, settings_of
 from utils.console import configure_console
+from utils.files import write_json_atomic
 from utils.preference import pair_texts, tokenize_pair
 
 LR_MIN = 1e-5  # the floor of the per-round cosine schedule for DPO
@@ -34,7 +34,7 @@ def tokenize_clients(clients, tokenizer, template, seq_length, client_ids=None):
     seq_length (the collator would cut every answer token) are dropped."""
     from federated.setup import drop_untrainable
 
-    tokenized = [[tokenize_pair(tokenizer, template, s) for s in samples] for samples in clients]
+    tokenized = [[tokenize_pair(tokenizer, template, s, seq_length) for s in samples] for samples in clients]
     client_ids = client_ids or [str(k) for k in range(len(clients))]
     kept = drop_untrainable(tokenized, lambda pair: len(pair["prompt_ids"]) < seq_length, client_ids, seq_length)
     return [Dataset.from_list(pairs) for pairs in kept]
@@ -114,7 +114,7 @@ def train(script_args, fed_args, dpo_args):
         test = balanced_subset(dataset.test, script_args.eval_per_task)
         scores = score_preferences(model, tokenizer, script_args.template, test, beta=dpo_args.dpo_beta,
                                    max_length=script_args.seq_length)
-        (output_dir / "eval_preference.json").write_text(json.dumps(scores, indent=2))
+        write_json_atomic(output_dir / "eval_preference.json", scores, indent=2)
         print(f"On the {scores['n']} held-out pairs: preference accuracy {scores['preference_accuracy']:.3f}, "
               f"mean reward margin {scores['mean_margin']:.4f} (base model log-prob accuracy "
               f"{scores['base_logprob_accuracy']:.3f})")

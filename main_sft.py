@@ -3,7 +3,6 @@
     python main_sft.py --fed_alg fedavg --dataset fed-synthetic --num_rounds 10 --sample_clients 4
     python main_sft.py --fed_alg fedavg --dataset fed-aya --model_name_or_path meta-llama/Llama-2-7b-hf --load_in_8bit
 """
-import json
 from pathlib import Path
 
 from datasets import Dataset
@@ -13,6 +12,7 @@ from federated.config import (DRY_RUN_DONE, EntryArguments, FedArguments, Script
                               parse_flags)
 from federated.run_dir import RunGuard, prepare_run_dir, settings_of
 from utils.console import configure_console
+from utils.files import write_json_atomic
 from utils.templates import tokenize_sft_sample
 
 LR_MIN = 1e-6  # the floor of the per-round cosine schedule for SFT
@@ -96,7 +96,7 @@ def train(script_args, fed_args):
             from evaluation.exact_match import score_exact_match
             test = balanced_subset(dataset.test, script_args.eval_per_task)
             scores = score_exact_match(model, tokenizer, script_args.template, test)
-            (output_dir / "eval_exact_match.json").write_text(json.dumps(scores, indent=2))
+            write_json_atomic(output_dir / "eval_exact_match.json", scores, indent=2)
             print(f"[{name}] exact match on the {scores['n']} held-out samples: {scores['accuracy']:.3f}")
             evaluate_client_models(model, tokenizer, script_args, test, local.flat, algorithm, run, scores,
                                    [dataset.client_metadata[i] for i in members] if dataset.client_metadata else [],
@@ -114,7 +114,7 @@ def evaluate_client_models(model, tokenizer, script_args, test, flat, algorithm,
     scores = score_personal_models(model, tokenizer, script_args.template, test, flat.set, client_models,
                                    [m["task_mixture"] for m in metadata], global_scores["per_task"])
     algorithm.load_global(flat, run)  # the model is the global one again
-    (output_dir / "eval_personal.json").write_text(json.dumps(scores, indent=2))
+    write_json_atomic(output_dir / "eval_personal.json", scores, indent=2)
     print(f"[{name}] own test distribution of the {len(client_models)} clients with a personal model: personal "
           f"{scores['mean_personal']:.3f}, global {scores['mean_global']:.3f} (mean over clients)")
 

@@ -21,6 +21,13 @@ def infer_kind(sample: dict) -> str:
     return "sft"
 
 
+def _object(pairs: list[tuple], repeated: list[str]) -> dict:
+    """A JSON object as a dict; `repeated` becomes the keys it repeats (json keeps a repeated key's last value)."""
+    obj = dict(pairs)
+    repeated[:] = [] if len(obj) == len(pairs) else [key for key in obj if sum(k == key for k, _ in pairs) > 1]
+    return obj
+
+
 def load_released_file(path: str, kind: str | None = None, name: str | None = None) -> FederatedDataset:
     file = Path(path)
     if file.is_dir():
@@ -31,13 +38,17 @@ def load_released_file(path: str, kind: str | None = None, name: str | None = No
         file = candidates[0]
     if not file.exists():
         raise SystemExit(f"Dataset file {path} does not exist: check --local_data_dir (the released JSON file).")
+    repeated: list[str] = []  # the keys repeated in the last JSON object the parser closed: the file's own
     try:
-        data = json.loads(read_utf8(file, "Local data file"))
+        data = json.loads(read_utf8(file, "Local data file"), object_pairs_hook=lambda pairs: _object(pairs, repeated))
     except json.JSONDecodeError as err:
         raise SystemExit(f"Dataset file {file} is not valid JSON ({err}); it must be one JSON object mapping "
                          "client id to a list of samples.") from err
     if isinstance(data, list):  # a local-training file: one client's samples
         data = {file.stem: data}
+    if isinstance(data, dict) and repeated:
+        raise SystemExit(f"Dataset file {file} holds client id {repeated[0]!r} more than once (JSON keeps only "
+                         f"the last one's samples): give each client one id, merging or renaming the duplicates.")
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise SystemExit(f"Dataset file {file} must be one JSON object mapping client id to a list of samples "
                          "(the released FedLLM-Bench format) or one list of samples (a local-training file), "

@@ -32,6 +32,7 @@ import numpy as np
 from data.cli import add_dataset_args, load_from_args
 from data.dataset import FederatedDataset
 from data.fedllm_bench import RECIPES, TABLE1_TOLERANCE, against_paper, population_mean_std
+from utils.files import write_json_atomic
 
 LLAMA2_TOKENIZERS = ("meta-llama/Llama-2-7b-hf", "hf-internal-testing/llama-tokenizer")  # the second is ungated
 AGGREGATIONS = ("pooled", "across_clients", "within_clients")
@@ -204,10 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     if quality is None:
         print("(quality: pass --quality_model M to compute IFD; the paper's scorer is probably Llama-2-7B)")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({**row, "aggregation": args.aggregation, "tokenizer": described,
-                       "quality_model": args.quality_model, "quality_max_per_client": args.quality_max_per_client},
-                      fh, indent=1)
+        # Atomic: the file is also run_all's done marker for this step.
+        write_json_atomic(args.json, {**row, "aggregation": args.aggregation, "tokenizer": described,
+                                      "quality_model": args.quality_model,
+                                      "quality_max_per_client": args.quality_max_per_client}, indent=1)
 
 
 if __name__ == "__main__":

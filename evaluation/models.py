@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from utils.files import write_json_atomic
 from utils.model import load_base_model, load_tokenizer
 from utils.templates import check_template
 
@@ -84,7 +85,7 @@ def scoring_target_from_args(args) -> ScoringTarget:
 def report_scores(scores: dict, output: str | None) -> dict:
     print(json.dumps(scores, indent=2))
     if output:
-        Path(output).write_text(json.dumps(scores, indent=2))
+        write_json_atomic(output, scores, indent=2)
     return scores
 
 

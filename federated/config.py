@@ -202,7 +202,9 @@ def check_arguments(script_args: ScriptArguments, fed_args: FedArguments) -> Non
     for flag, value in [("--num_clients", fed_args.num_clients), ("--save_model_freq", fed_args.save_model_freq),
                         ("--eval_per_task", script_args.eval_per_task)]:
         _check_number(flag, value, integer=True, low=0, optional=True)
+    _check_number("--token_budget", script_args.token_budget, integer=True, low=0, optional=True)
     _check_number("--learning_rate", script_args.learning_rate, low=0)
+    _check_number("--peft_lora_dropout", script_args.peft_lora_dropout, low=0, low_open=False, high=1)
     _check_number("--prox_mu", fed_args.prox_mu, low=0, low_open=False)
     _check_number("--fedopt_eta", fed_args.fedopt_eta, low=0)
     _check_number("--fedopt_tau", fed_args.fedopt_tau, low=0)

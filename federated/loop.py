@@ -28,6 +28,7 @@ from federated.methods import make_algorithm
 from federated.checkpoint import RunState, checkpoints, latest_good_checkpoint, save_checkpoint
 from federated.client_store import ClientStore
 from federated.client import LocalTrainer, client_seed, is_finite, local_steps, round_subset
+from utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +83,7 @@ def restore_metrics(path: Path, run: RunState, rebuild) -> None:
         logger.warning("%s: %d torn line(s) skipped; rounds %s rebuilt from the checkpoint", path, torn,
                        missing or "none")
     rows.update({r: rebuild(r) for r in missing})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(rows[r]) + "\n" for r in sorted(rows)))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(rows[r]) + "\n" for r in sorted(rows)))
 
 
 def _start(output_dir: Path, resume: bool, x0: torch.Tensor, algorithm, num_clients: int, fed_args) -> RunState:
@@ -236,6 +235,8 @@ class Federation:
         self.run = _start(self.output_dir, script_args.resume, initial, self.algorithm, self.num_clients, fed_args)
         if privacy is not None and "privacy" in self.run.extra:
             privacy.load_state_dict(self.run.extra["privacy"])
+        # The model holds the global model from the start: a resumed run with no round left is scored as saved.
+        self.algorithm.load_global(flat, self.run)
 
     def plan(self, t: int) -> list[ClientTask]:
         """Round t's sampled clients, each with its learning rate, steps, data window and seed."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from federated.algorithms import ALGORITHMS, Algorithm, ClientHooks, FedAvgM, FedOpt, Scaffold, parse_local, to_host
 from federated.privacy import resolve_mode
@@ -176,9 +177,24 @@ class FrozenA(LoraMethod):
                                "federated.setup.load_lora_model(script_args, fed_args)")
 
 
+_ORIGINAL_WEIGHTS = WeakIdKeyDictionary()  # base weight -> a copy of it as first bound, for ExactProduct
+
+
+def original_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of `weight` as it was the first time any run in this process bound to it (in its own dtype: the
+    conversion to fp32 is exact), so that a later federation on the same model starts from the same W0."""
+    if weight not in _ORIGINAL_WEIGHTS:
+        _ORIGINAL_WEIGHTS[weight] = weight.detach().clone()
+    return _ORIGINAL_WEIGHTS[weight]
+
+
 class ExactProduct(LoraMethod):
     """FedEx-LoRA: the rule averages A and B; the residual s (sum w_i B_i A_i - B_mean A_mean) of every module is
-    added to a dense base delta (server state, checkpointed) that every client folds into its frozen W."""
+    added to a dense base delta E (fp32 server state, checkpointed), and every module's frozen weight is set to
+    (W0 + E) rounded once to W's dtype, from an untouched copy of the original W0. The residuals are never added to
+    W itself: in bf16 a round's small residual would be rounded away (the method would silently become FedAvg),
+    and a resumed run would round differently from an uninterrupted one. Every federation on the same model
+    (--client_groups) starts from the same W0."""
     name = "exact"
     refused_rules = AVERAGING_RULES_ONLY
     refusal = "its server step is not a weighted mean of the clients' models, so no residual makes it exact"
@@ -193,25 +209,25 @@ class ExactProduct(LoraMethod):
             self.dense.append(slice(offset, offset + m.dense_numel))
             offset += m.dense_numel
         self.dense_numel = offset
-        self.applied, self.applied_rounds = None, 0  # the base delta this process's W already holds, and its age
+        self.w0 = [original_weight(m.base_weight) for m in layout.modules]
+        self.applied_rounds = None  # the base delta's age that the model's W holds; None: not set by this run yet
 
     def init_state(self, x):
-        return {"base_delta": torch.zeros(self.dense_numel, device=x.device),
+        return {"base_delta": torch.zeros(self.dense_numel, device=x.device, dtype=torch.float32),
                 "base_rounds": torch.zeros((), dtype=torch.int64)}  # residuals folded into base_delta so far
 
     @torch.no_grad()
     def sync_base(self, state: dict) -> None:
-        """Fold the part of the server's base delta that this model does not hold yet into its frozen W (the
-        whole delta in a freshly loaded model, e.g. after a resume)."""
+        """Set every module's frozen W to W0 + E (E the server's base delta) when E has changed since this run
+        last set it: a function of E alone, so the same after a resume, in any dtype."""
         rounds = int(state["base_rounds"])
         if rounds == self.applied_rounds:
             return
         delta = state["base_delta"]
-        change = delta if self.applied is None else delta - self.applied
-        for m, dense in zip(self.layout.modules, self.dense):
-            w = m.base_weight
-            w.add_(change[dense].view(m.b_shape[0], m.a_shape[1]).to(w.device, w.dtype))
-        self.applied, self.applied_rounds = delta.clone(), rounds
+        for m, dense, w0 in zip(self.layout.modules, self.dense, self.w0):
+            e = delta[dense].view(m.b_shape[0], m.a_shape[1]).to(w0.device, torch.float32)
+            m.base_weight.copy_((w0.to(torch.float32) + e).to(m.base_weight.dtype))
+        self.applied_rounds = rounds
 
     def start_vector(self, client, x, state, client_store):
         self.sync_base(state)

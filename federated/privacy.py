@@ -17,9 +17,11 @@ deterministic function of (seed, round, row), so a resumed run draws exactly the
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
+import numpy as np
 import torch
 
 import kernels
@@ -29,8 +31,13 @@ logger = logging.getLogger(__name__)
 
 MODES = ("paper", "clip")
 DEFAULT_CLIP = 1.0  # C when neither --dp_clip nor --dp_max_grad_norm is given
-CALIBRATION_TOLERANCE = 0.01  # --dp_target_epsilon: the calibrated epsilon lies in [target - tol, target]
+CALIBRATION_TOLERANCE = 0.01  # --dp_target_epsilon: the calibrated epsilon lies in [target - tol, target], with tol
+                              # at most 1% of the target (a small target is met closely, not with 2x the noise)
 MAX_NOISE_MULTIPLIER = 1e3  # a target epsilon that needs more noise than this is refused as impossible
+# The RDP orders the accountant minimises over: Opacus' defaults (1.1 to 10.9 by 0.1, then 12 to 63) and the powers
+# of two 64 to 16384. Opacus' defaults stop at 63, which caps how small an epsilon any noise can certify (about
+# 0.1 at delta 1e-5); a small target's best order lies in the thousands.
+RDP_ORDERS = [1 + x / 10 for x in range(1, 100)] + list(range(12, 64)) + [2 ** k for k in range(6, 15)]
 
 
 def paper_sigma(epsilon: float, delta: float, lr: float, clip: float, total_samples: int, num_clients: int,
@@ -121,7 +128,7 @@ class ClippedDP:
         return y
 
     def epsilon(self) -> float:
-        return float(self.accountant.get_epsilon(delta=self.delta))
+        return rdp_epsilon(self.accountant.history, self.delta)
 
     def metrics(self, run) -> dict:
         return {"dp_mode": self.mode, "dp_epsilon": self.epsilon(), "dp_delta": self.delta, "dp_clip": self.clip,
@@ -134,6 +141,22 @@ class ClippedDP:
         check_same_mode(self.mode, state)
         # JSON turns the accountant's (noise_multiplier, sample_rate, steps) tuples into lists; restore them.
         self.accountant.history = [tuple(entry) for entry in state["history"]]
+
+
+@functools.lru_cache(maxsize=64)
+def rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
+    """The subsampled Gaussian mechanism's RDP at every order of RDP_ORDERS, for one step (computed once: the
+    large orders take a while, and every round's metrics row asks again)."""
+    from opacus.accountants.analysis import rdp
+    return tuple(rdp.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS))
+
+
+def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon at `delta` of an Opacus RDPAccountant history [(noise multiplier, sample rate, steps)], as its
+    get_epsilon computes it, over RDP_ORDERS."""
+    from opacus.accountants.analysis import rdp
+    total = sum(np.array(rdp_of_one_step(z, q)) * steps for z, q, steps in history)
+    return float(rdp.get_privacy_spent(orders=RDP_ORDERS, rdp=total, delta=delta)[0])
 
 
 def clip_delta(x: torch.Tensor, y: torch.Tensor, clip: float) -> torch.Tensor:
@@ -189,14 +212,15 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
     # z above 1000, so the budget is checked there first, in one accountant call.
     floor = RDPAccountant()
     floor.history = [(MAX_NOISE_MULTIPLIER, sample_rate, num_rounds)]
-    lowest = floor.get_epsilon(delta=delta)
+    lowest = floor.get_epsilon(delta=delta, alphas=RDP_ORDERS)
     if lowest > target_epsilon:
         raise SystemExit(f"--dp_target_epsilon {target_epsilon:g} cannot be met at delta={delta:g} over {num_rounds} "
                          f"rounds at sampling rate {sample_rate:.4g}: even noise multiplier {MAX_NOISE_MULTIPLIER:g} "
                          f"gives epsilon {lowest:.3g}; raise the epsilon or delta, or lower --num_rounds or "
                          f"--sample_clients.")
     return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                steps=num_rounds, accountant="rdp", epsilon_tolerance=CALIBRATION_TOLERANCE)
+                                steps=num_rounds, accountant="rdp", alphas=RDP_ORDERS,
+                                epsilon_tolerance=min(CALIBRATION_TOLERANCE, target_epsilon / 100))
 
 
 def make_paper(fed_args, script_args, sample_counts: list[int], sample_rate: float) -> PaperDP:

@@ -8,6 +8,7 @@ resume continues only the run that args.json describes, and an interrupted run s
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -19,6 +20,8 @@ import sys
 import threading
 from dataclasses import asdict
 from pathlib import Path
+
+from utils.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,8 @@ RESUMABLE_CHANGES = {
     "dataset_name": "an alias: its value is compared as `dataset`",
 }
 # Files a run writes into its folder; --overwrite_output_dir removes exactly these (and checkpoint-* folders).
-RUN_FILES = ("args.json", "metrics.jsonl", "training_loss.npy", "eval_exact_match.json", "eval_preference.json")
+RUN_FILES = ("args.json", "metrics.jsonl", "training_loss.npy", "eval_exact_match.json", "eval_personal.json",
+             "eval_preference.json")
 
 
 class OutputDirLock:
@@ -150,7 +154,21 @@ class RunGuard:
             print(f"Stopped by {exc}: {last_checkpoint_line(self.output_dir)}. Continue with: "
                   f"{self.command or resume_command(self.argv)}", file=sys.stderr, flush=True)
             raise SystemExit(128 + exc.signum) from None
+        if exc is not None and disk_full(exc):
+            free = shutil.disk_usage(self.output_dir).free
+            raise SystemExit(f"No space left on the disk of {self.output_dir} ({free / 2 ** 20:.0f} MiB free) while "
+                             f"writing {getattr(exc, 'filename', None) or 'a file'}: "
+                             f"{last_checkpoint_line(self.output_dir)}. Free some space and continue with: "
+                             f"{self.command or resume_command(self.argv)}") from None
         return False
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A write failed for lack of space: OSError ENOSPC or EDQUOT, or a library's own error that says so (the
+    safetensors writer raises its SafetensorError, not an OSError)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "No space left on device" in str(exc)
 
 
 def settings_of(*configs) -> dict:
@@ -159,12 +177,6 @@ def settings_of(*configs) -> dict:
     for config in configs:
         merged.update(asdict(config))
     return json.loads(json.dumps(merged, default=str))
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def clean_leftovers(output_dir: Path) -> None:
@@ -225,4 +237,4 @@ def prepare_run_dir(output_dir: str | Path, settings: dict, resume: bool, overwr
                              f"it, or --overwrite_output_dir true to delete it and start anew.")
         logger.warning("--overwrite_output_dir: removing the earlier run's checkpoints and files in %s", output_dir)
         _remove_run(output_dir)
-    write_json_atomic(args_file, settings)
+    write_json_atomic(args_file, settings, indent=2, default=str)

@@ -3,6 +3,7 @@ the local trainer (load and choose clients, quality filtering, language groups, 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import replace
 from typing import Callable
 
@@ -65,15 +66,26 @@ def group_runs(dataset, script_args, fed_args) -> list[tuple[str, list[int], obj
     if not script_args.client_groups:
         return [("all", members, script_args, fed_args)]
     from data.groups import client_groups
-    runs = []
+    runs, folders = [], {}
     skip = tuple(name.strip() for name in (script_args.skip_groups or "").split(",") if name.strip())
     for name, indices in client_groups(dataset, script_args.client_groups, skip=skip).items():
         indices = [i for i in indices if i in members]
-        group_dir = f"{script_args.output_dir}/group-{name.replace(' ', '_')}"
+        folder = group_folder(name)
+        if folder in folders:
+            raise SystemExit(f"--client_groups: groups {folders[folder]!r} and {name!r} would share the folder "
+                             f"{folder}; make the language names in the data distinct in letters and digits.")
+        folders[folder] = name
+        group_dir = f"{script_args.output_dir}/{folder}"
         runs.append((name, indices, replace(script_args, output_dir=group_dir),
                      replace(fed_args, num_clients=len(indices), sample_clients=min(fed_args.sample_clients,
                                                                                      len(indices)))))
     return runs
+
+
+def group_folder(name: str) -> str:
+    """A group's output subfolder: group-<name>, every run of characters other than letters, digits, '.', '_' and
+    '-' replaced by '_' (the name is a language read from the data: it may hold '/', spaces or '..')."""
+    return "group-" + re.sub(r"[^\w.-]+", "_", name)
 
 
 def drop_untrainable(tokenized: list[list[dict]], trainable: Callable[[dict], bool], client_ids: list[str],

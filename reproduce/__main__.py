@@ -13,7 +13,6 @@ in <results>/<table>.md and .csv (and figure6.png), plus a training-loss plot pe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from reproduce.plan import PRESETS, ROOT, load_presets, plan, released_files, select_tables, with_script_settings
 from reproduce.steps import Context, execute, judge_load_lines, steps_for
 from reproduce.tables import Values, assemble, load_paper, plot_losses, plot_sweep, write_table
+from utils.files import write_json_atomic
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         if "plot" in presets["tables"][name]:
             plot_sweep(table, presets["tables"][name], work, results)
     plot_losses(work.runs, ctx)
-    (results / "steps.json").write_text(json.dumps(statuses, indent=1))
+    write_json_atomic(results / "steps.json", statuses, indent=1)
     print(f"Tables written to {results}: {', '.join(tables)}")
     return 0
 

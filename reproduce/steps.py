@@ -5,7 +5,6 @@ done marker exists, resumed when it was interrupted (--resume), and skipped with
 from __future__ import annotations
 
 import functools
-import json
 import os
 import random
 import subprocess
@@ -18,6 +17,7 @@ from typing import Callable
 
 from evaluation.show_results import COLUMNS  # standard library only: cheap to import
 from reproduce.plan import ROOT, LocalChoice, Model, Plan, Run, entry_flags, missing_piece
+from utils.files import reads_as_json, write_json_atomic, write_text_atomic
 
 DONE = "run_all.done"
 LOCAL_CLIENT = "local_client.json"  # which client a local baseline trained, written when it starts
@@ -39,6 +39,11 @@ class Step:
 
     def command(self) -> str:
         return " ".join(self.argv)
+
+    def finished(self) -> bool:
+        """The done marker exists, and a JSON output reads whole: a torn one (its writer killed mid-write, by an
+        older version that wrote in place) is redone, not counted as done and read later by the tables."""
+        return self.done.exists() and (self.done.suffix != ".json" or reads_as_json(self.done))
 
 
 @dataclass
@@ -105,7 +110,7 @@ def train_step(ctx: Context, run: Run) -> Step:
     def after(s: Step) -> None:
         finals = list(out.glob(f"**/checkpoint-{run.num_rounds}"))
         if finals:
-            s.done.write_text("")
+            write_text_atomic(s.done, "")
 
     step.before, step.after = before, after
     return step
@@ -212,7 +217,7 @@ def benchmark_step(ctx: Context, run: Run, model: Model, benchmarks: set[str], m
                                        ("__turn1" if turn1 else ""))
     step = Step(f"evaluate {model.key} on {', '.join(sorted(benchmarks))}", argv, marker, skip=skip,
                 run=run.name if run.entry else None)
-    step.after = lambda s: s.done.write_text("")
+    step.after = lambda s: write_text_atomic(s.done, "")
     return step
 
 
@@ -288,7 +293,7 @@ def choose_local_client(step: Step, run: Run, out: Path) -> str | None:
     out.mkdir(parents=True, exist_ok=True)
     record = {"client": index, "client_id": client_id, "samples": samples, "language": language, "chosen": how,
               "dataset": run.args["dataset"], "clients": len(clients)}
-    (out / LOCAL_CLIENT).write_text(json.dumps(record, indent=1))
+    write_json_atomic(out / LOCAL_CLIENT, record, indent=1)
     return None
 
 
@@ -332,7 +337,7 @@ def settle(step: Step, ctx: Context, dry_run: bool, echo: Callable[[str], None],
         blocked_by.result()
     if step.skip:
         step.status = f"skipped: {step.skip}"
-    elif step.done.exists():
+    elif step.finished():
         step.status = "done earlier"
     elif dry_run:
         step.status = "would run"
@@ -367,4 +372,4 @@ def run_step(step: Step, logs: Path, echo: Callable[[str], None], env: dict | No
         return f"failed (exit {rc}; see {log})"
     if step.after:
         step.after(step)
-    return "ran" if step.done.exists() else f"ran, but its output is missing (see {log})"
+    return "ran" if step.finished() else f"ran, but its output is missing or unreadable (see {log})"

@@ -13,6 +13,7 @@ from statistics import mean
 
 from reproduce.plan import Cell, Model, Plan, Run, TablePlan, stats_dataset
 from reproduce.steps import LOCAL_CLIENT, Context
+from utils.files import write_text_atomic
 
 PAPER_RESULTS = Path(__file__).resolve().parent.parent / "evaluation" / "paper_results.json"
 TITLES = {"figure6": "Figure 6", "analysis": "Section 3.3"}
@@ -324,8 +325,8 @@ def to_csv(table: Table) -> str:
 
 def write_table(table: Table, results: Path) -> None:
     results.mkdir(parents=True, exist_ok=True)
-    (results / f"{table.name}.md").write_text(to_markdown(table), encoding="utf-8")
-    (results / f"{table.name}.csv").write_text(to_csv(table), encoding="utf-8")
+    write_text_atomic(results / f"{table.name}.md", to_markdown(table))
+    write_text_atomic(results / f"{table.name}.csv", to_csv(table))
 
 
 def plot_sweep(table: Table, spec: dict, plan: Plan, results: Path) -> None:

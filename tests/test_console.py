@@ -1,6 +1,7 @@
 """The console of a run: the README quick-start prints only its progress bars and the INFO lines a user wants; no
 network fails in one line without the hub client's retries; --log_level is checked."""
 import http.server
+import json
 import os
 import re
 import socket
@@ -131,17 +132,22 @@ def test_log_level_is_checked():
 def test_bitsandbytes_only_when_quantising_and_never_its_hub_kernel_note(quantizes):
     """bitsandbytes (imported by peft whenever importable) asks for a hub kernel through the `kernels` import name,
     which this project's kernels/ answers: a run that does not quantise never imports it; a 4-bit CPU run says in
-    its one warning what that means, in place of bitsandbytes' failed import."""
-    code = ("import sys; from utils.console import configure_console; "
+    its one warning what that means, in place of bitsandbytes' failed import. Whether bitsandbytes asks for the
+    hub kernel at all depends on the CPU, and the warning on there being no GPU: the child reports both."""
+    code = ("import json, sys, torch; from utils.console import configure_console; "
             f"configure_console('info', quantizes={quantizes}); import peft; "
-            "from utils.model import quantization_config; "
-            f"quantization_config(False, {quantizes}); print('bitsandbytes' in sys.modules and "
-            "sys.modules['bitsandbytes'] is not None)")
+            "from utils.model import _HUB_KERNEL_NOTE, quantization_config; "
+            f"quantization_config(False, {quantizes}); print(json.dumps({{'imported': 'bitsandbytes' in sys.modules "
+            "and sys.modules['bitsandbytes'] is not None, 'hub_kernel_asked': _HUB_KERNEL_NOTE.seen, "
+            "'cuda': torch.cuda.is_available()}))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == str(quantizes)
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert child["imported"] == quantizes
     assert "kernels-community" not in proc.stderr
-    expected = ["WARNING utils.model: --load_in_4bit on a CPU: bitsandbytes runs its CPU code"] if quantizes else []
+    on_cpu = quantizes and not child["cuda"]
+    expected = ["WARNING utils.model: --load_in_4bit on a CPU: bitsandbytes runs its CPU code"] if on_cpu else []
     lines = proc.stderr.splitlines()
     assert len(lines) == len(expected) and all(e in line for e, line in zip(expected, lines)), proc.stderr
-    assert not quantizes or "optional CPU kernel from the Hugging Face hub is not used" in proc.stderr
+    hub_note = "optional CPU kernel from the Hugging Face hub is not used" in proc.stderr
+    assert hub_note == (on_cpu and child["hub_kernel_asked"])

@@ -64,3 +64,21 @@ def test_synthetic_clients_carry_round_robin_stand_in_languages(name):
     similar = client_groups(ds, "similar_language")
     assert similar == {"arabic-urdu-persian": [0, 8], "english-german": [1, 9], "romance": [2, 3, 4],
                        "slavic": [5], "cjk": [7]}
+
+
+def test_group_folders_are_safe_names_inside_the_output_folder(tmp_path):
+    """Language names come from the data: '/', '..' and spaces must not reach a path, and two names that clean
+    to the same folder are refused rather than mixed into one run."""
+    from federated.config import FedArguments, ScriptArguments
+    from federated.setup import group_runs
+    ds = labelled(["Chinese/Simplified", "../../etc", "Simplified Chinese", "Español"])
+    runs = group_runs(ds, ScriptArguments(output_dir=str(tmp_path), client_groups="same_language"),
+                      FedArguments(num_clients=4))
+    folders = [run_args.output_dir for _, _, run_args, _ in runs]
+    assert folders == [f"{tmp_path}/group-{name}" for name in
+                       ("Chinese_Simplified", ".._.._etc", "Simplified_Chinese", "Español")]
+    with pytest.raises(SystemExit, match="groups 'Simplified Chinese' and 'Simplified/Chinese' would share the "
+                                         "folder group-Simplified_Chinese"):
+        group_runs(labelled(["Simplified Chinese", "Simplified/Chinese"]),
+                   ScriptArguments(output_dir=str(tmp_path), client_groups="same_language"),
+                   FedArguments(num_clients=2))

@@ -126,6 +126,16 @@ def test_an_absurd_update_is_logged_and_optionally_dropped(tmp_path, caplog):
     assert torch.allclose(state.x, torch.arange(4.0) + 0.015)
 
 
+def test_a_resumed_run_with_no_round_left_holds_the_checkpointed_model(tmp_path):
+    """Resuming a finished run (to evaluate it again) trains nothing: the model must still be the trained one,
+    not the initial one it was loaded with."""
+    trained = run(tmp_path, make(lambda k, t: torch.full((N,), 1.0 + k)), sizes=[4, 4], checkpoint_step=1)
+    again = make(lambda k, t: torch.full((N,), 1.0 + k))
+    run(tmp_path, again, sizes=[4, 4], resume=True)
+    assert again.calls == [] and torch.equal(again.flat.get(), trained.x) and not torch.equal(trained.x,
+                                                                                             torch.arange(4.0))
+
+
 def test_outlier_rule_compares_each_update_with_the_median_of_the_others():
     x = torch.zeros(3)
     updates = [torch.full((3,), v) for v in (1.0, 2.0, 1500.0)]
@@ -194,3 +204,14 @@ def test_fedprox_term_counts_once_per_optimizer_step_with_accumulation(sft_train
     local.trainer.optimizer = local.optimizer
     prox_part = moved[mu] - moved[0.0]
     torch.testing.assert_close(prox_part, torch.full_like(prox_part, -lr * mu * -0.5), rtol=1e-3, atol=1e-7)
+
+
+def test_an_optimizer_step_takes_batch_size_times_accumulation_samples(sft_trainer, one_thread):
+    """batch 2 x accumulation 2: one step over 4 samples trains on all four (their real tokens), and one step
+    over 8 on four of them, not two or eight."""
+    local, data = sft_trainer
+    lengths = [len(sample["input_ids"]) for sample in data]
+    local.train(data.select(range(4)), 1, 1e-6, Recorder(), seed=1)
+    assert local.tokens["useful"] == sum(lengths[:4])
+    local.train(data, 1, 1e-6, Recorder(), seed=1)
+    assert min(lengths) * 4 <= local.tokens["useful"] <= max(lengths) * 4 < sum(lengths)

@@ -80,6 +80,67 @@ def test_exact_residual_on_hand_values():
     assert new.tolist() == [3.0, 4.0] and state["base_delta"].tolist() == [2.0]
 
 
+def hand_exact_round(method, state, base_weight_dtype=torch.float32):
+    """One round of two clients, A = [3/16], [0] and B = [1/16], [0], weights 1/2, s = 1: residual
+    (1/16)(3/16) / 4 = 3/1024, exact in fp32; then the model's W is synced as a client's start would."""
+    rule = Algorithm(FedArguments())
+    method.aggregate(rule, torch.zeros(2), torch.tensor([[3 / 16, 1 / 16], [0.0, 0.0]]), [1, 1], state, 0, {})
+    method.start_vector(0, torch.zeros(2), state, {})
+
+
+def exact_on(weight):
+    module = LoraModule("m", slice(0, 1), (1, 1), slice(1, 2), (1, 1), 1.0, weight)
+    method = ExactProduct(FedArguments(lora_method="exact"))
+    method.bind(SimpleNamespace(modules=[module]), torch.zeros(2))
+    return method, method.init_state(torch.zeros(2))
+
+
+def test_exact_keeps_residuals_below_bf16_resolution():
+    """W0 = 1 in bf16 (spacing 1/128 there): each round's residual 3/1024 alone rounds away, but W is W0 + E
+    rounded once, so E = 6/1024 after two rounds shows (W = 1 + 8/1024) and 18/1024 after six (1 + 16/1024).
+    Adding each residual to the bf16 W would leave it at 1 forever: the method would silently be FedAvg."""
+    weight = torch.ones(1, 1, dtype=torch.bfloat16)
+    method, state = exact_on(weight)
+    seen = []
+    for _ in range(6):
+        hand_exact_round(method, state)
+        seen.append(float(weight))
+    assert seen == [1.0, 1 + 8 / 1024, 1 + 8 / 1024, 1 + 16 / 1024, 1 + 16 / 1024, 1 + 16 / 1024]
+    assert state["base_delta"].dtype == torch.float32 and state["base_delta"].tolist() == [18 / 1024]
+
+
+def test_every_federation_on_the_same_model_starts_from_the_same_base():
+    """--client_groups runs one federation after another on one model: the second's W starts at W0, not at W0
+    plus the first group's residuals, and its own residuals build on W0."""
+    weight = torch.ones(1, 1)
+    first, first_state = exact_on(weight)
+    for _ in range(3):
+        hand_exact_round(first, first_state)
+    assert float(weight) == 1 + 9 / 1024
+    second, second_state = exact_on(weight)
+    second.start_vector(0, torch.zeros(2), second_state, {})
+    assert float(weight) == 1.0
+    hand_exact_round(second, second_state)
+    assert float(weight) == 1 + 3 / 1024
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_base_after_a_resume_is_bit_identical(dtype):
+    """A model that lived through rounds 1-3 and a freshly loaded one given round 3's checkpointed state hold the
+    same W, bit for bit (adding each round's change to W rounds differently from adding E once)."""
+    running, flat = composed("exact", toy_model().to(dtype))
+    state = running.init_state(flat.get(), 4)
+    for t in range(3):  # three clients' random factors aggregated, then a client's start syncs the base
+        clients = random_clients(flat, seed=t)
+        x = running.step(flat.get(), clients, [10, 30, 60], state, t)
+        running.client_hooks(0, x, state, {})
+    resumed, resumed_flat = composed("exact", toy_model().to(dtype))
+    resumed.load_global(resumed_flat, RunState(x=x, server_state=state))
+    for a, b, w0 in zip(running.method.layout.modules, resumed.method.layout.modules, running.method.w0):
+        assert b.base_weight.dtype == dtype and torch.equal(a.base_weight, b.base_weight)
+        assert not torch.equal(a.base_weight, w0)  # the residuals are in W
+
+
 @pytest.mark.parametrize("rule", ["fedavg", "fedprox", "scaffold"])
 def test_exact_aggregation_is_the_weighted_mean_of_the_clients_models(rule):
     model = toy_model()
@@ -245,26 +306,29 @@ def test_ffa_never_changes_a_and_sends_only_b(tiny_model_dir, tmp_path, one_thre
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, kept", [("personal", "b_sum"), ("exact", "base_delta")])
-def test_an_interrupted_run_resumes_bit_identically(method, kept, tiny_model_dir, tmp_path, one_thread):
-    """Personal B's (client store) and the exact method's base delta (server state, folded into the freshly
-    loaded base weights on resume: round 2 trains on them) survive a stop after round 1 bit for bit."""
+@pytest.mark.parametrize("method, kept, rounds", [("personal", "b_sum", 3), ("exact", "base_delta", 3)])
+def test_an_interrupted_run_resumes_bit_identically(method, kept, rounds, tiny_model_dir, tmp_path, one_thread):
+    """Personal B's (client store) and the exact method's base delta (server state, set into the freshly loaded
+    base weights on resume: the last round trains on them) survive a stop before the last round bit for bit
+    (exact: the base that lived through two rounds is the base built from their sum at once)."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    # lr 1e-2: factors that move enough in round 1 for the residual to change round 2's training visibly.
-    args = ["--lora_method", method, "--checkpoint_step", 1, "--learning_rate", 1e-2, "--max_steps", 3]
+    # lr 1e-2: factors that move enough for the residual to change the next round's training visibly.
+    args = ["--lora_method", method, "--checkpoint_step", 1, "--learning_rate", 1e-2, "--max_steps", 3,
+            "--num_rounds", rounds]
     run_entry(main_sft, tiny_args(tiny_model_dir, full, *args))
     shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoint-2")
+    shutil.rmtree(resumed / f"checkpoint-{rounds}")
     run_entry(main_sft, tiny_args(tiny_model_dir, resumed, *args, "--resume", "true"))
-    a = load_file(full / "checkpoint-2" / "run_state.safetensors")
-    b = load_file(resumed / "checkpoint-2" / "run_state.safetensors")
+    a = load_file(full / f"checkpoint-{rounds}" / "run_state.safetensors")
+    b = load_file(resumed / f"checkpoint-{rounds}" / "run_state.safetensors")
     assert a.keys() == b.keys() and len([k for k in a if k.endswith(kept)]) == 1
     assert all(torch.equal(a[k], b[k]) for k in a if k != "torch_rng")
     if method == "personal":  # every client's own B, in the client-state store
         stores = [latest_good_checkpoint(run)[1].client_store for run in (full, resumed)]
-        assert sorted(stores[0]) == sorted(stores[1]) and len(stores[0]) == 3
+        assert sorted(stores[0]) == sorted({k for r in rows(full) for k in r["clients"]}) == sorted(stores[1])
         assert all(torch.equal(stores[0][k]["lora_B"], stores[1][k]["lora_B"]) for k in stores[0])
-    trained_a, trained_b = (load_file(run / "checkpoint-2" / "adapter_model.safetensors") for run in (full, resumed))
+    trained_a, trained_b = (load_file(run / f"checkpoint-{rounds}" / "adapter_model.safetensors")
+                            for run in (full, resumed))
     assert all(torch.equal(trained_a[k], trained_b[k]) for k in trained_a)
     assert [r["bytes_uploaded"] for r in rows(full)] == [r["bytes_uploaded"] for r in rows(resumed)]
     if method == "personal":  # only A is sent

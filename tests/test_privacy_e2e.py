@@ -5,14 +5,13 @@ import shutil
 
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 from safetensors.torch import load_file
 
 import main_sft
 from conftest import run_entry
 from data import load_federated_dataset
-from federated.privacy import paper_sigma
+from federated.privacy import RDP_ORDERS, paper_sigma
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,7 +58,7 @@ def test_clip_mode_resumes_exactly_with_the_accountant(script, fed_alg, tiny_mod
         run_entry(module, tiny_args(tiny_model_dir, full, *args))
     assert "seeded by the round index, not secret" in caplog.text
     # Per-round epsilon: Opacus' own analysis of t subsampled Gaussian steps at q = 2/4, z = 0.8.
-    orders = RDPAccountant.DEFAULT_ALPHAS
+    orders = RDP_ORDERS
     for t, row in enumerate(rows(full), start=1):
         direct = opacus_rdp.get_privacy_spent(orders=orders, delta=1e-5, rdp=opacus_rdp.compute_rdp(
             q=0.5, noise_multiplier=0.8, steps=t, orders=orders))[0]

@@ -266,6 +266,22 @@ def test_finished_step_is_skipped_and_interrupted_run_resumes(tmp_path):
     assert evaluation.status == "skipped: its training run did not finish"
 
 
+def test_a_torn_json_output_is_redone_not_done_earlier(tmp_path):
+    """A statistics file cut short (its writer killed mid-write) is no done marker: the step runs again, instead of
+    every later call reporting it done and the tables failing on it."""
+    ctx = ctx_for(tmp_path, smoke=True)
+    output = tmp_path / "table1" / "fed-x.json"
+    output.parent.mkdir(parents=True)
+    output.write_text('{"samples": 1')
+    write = f"import json; open({str(output)!r}, 'w').write(json.dumps({{'samples': 12}}))"
+    step = rs.Step("statistics fed-x", [sys.executable, "-c", write], output)
+    rs.execute([step], ctx, echo=lambda _: None)
+    assert step.status == "ran" and json.loads(output.read_text()) == {"samples": 12}
+    again = rs.Step(step.name, ["false"], output)
+    rs.execute([again], ctx, echo=lambda _: None)
+    assert again.status == "done earlier"
+
+
 def test_jobs_run_trainings_side_by_side_and_evaluations_after_their_training(tmp_path):
     """--jobs 2: two trainings that can only finish together (each waits for the other's start file) both finish,
     so they ran at the same time; each evaluation starts after its own training's done marker; an evaluation of a
@@ -273,9 +289,12 @@ def test_jobs_run_trainings_side_by_side_and_evaluations_after_their_training(tm
     ctx = ctx_for(tmp_path, smoke=True)
 
     def waiting_for(me: str, other: str, done: Path) -> list[str]:
+        # Waits for the other's start file (up to 5 minutes: a loaded machine may start it late).
         code = (f"import pathlib, time; d = pathlib.Path({str(tmp_path)!r}); (d / {me!r}).touch()\n"
-                f"for _ in range(600):\n    if (d / {other!r}).exists(): break\n    time.sleep(0.05)\n"
-                f"else: raise SystemExit('ran alone')\npathlib.Path({str(done)!r}).touch()")
+                f"deadline = time.monotonic() + 300\n"
+                f"while not (d / {other!r}).exists():\n"
+                f"    if time.monotonic() > deadline: raise SystemExit('ran alone')\n    time.sleep(0.05)\n"
+                f"pathlib.Path({str(done)!r}).touch()")
         return [sys.executable, "-c", code]
 
     steps = []

@@ -1,11 +1,13 @@
 """The output-folder rules of federated/run_dir.py and the checkpoint checks of federated/checkpoint.py, on real
 files and real processes (no model needed)."""
+import errno
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import torch
 from conftest import ROOT
 from federated.checkpoint import RunState, checkpoint_problem, latest_good_checkpoint, save_checkpoint
 from federated.loop import restore_metrics
-from federated.run_dir import OutputDirLock, prepare_run_dir, resume_command
+from federated.run_dir import OutputDirLock, RunGuard, prepare_run_dir, resume_command
 
 SETTINGS = {"fed_alg": "fedavg", "learning_rate": 1e-3, "num_rounds": 3, "dp_mode": None, "output_dir": "x"}
 
@@ -155,8 +157,7 @@ def test_an_interrupted_run_prints_one_line_with_the_resume_command(tmp_path):
             "    time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "working"
-    time.sleep(0.2)
+    assert proc.stdout.readline().strip() == "working"  # the handlers are in place: RunGuard entered first
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM
@@ -165,6 +166,52 @@ def test_an_interrupted_run_prints_one_line_with_the_resume_command(tmp_path):
                          f"--output_dir {tmp_path} --resume true")
     assert not any("Traceback" in line for line in lines)
     assert (tmp_path / ".run.lock").read_text() == ""  # released
+
+
+def fill_the_disk(path):
+    """A write that fails as on a full disk: to /dev/full where the kernel has it (a character device), else the
+    OSError such a write raises."""
+    full = Path("/dev/full")
+    if full.exists() and stat.S_ISCHR(full.stat().st_mode):
+        with open(full, "w") as f:
+            f.write("x" * 2 ** 16)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def safetensors_disk_full(path):
+    """safetensors' writer reports a full disk in its own exception type, with the OS error in its message."""
+    raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left '
+                       'on device" })')
+
+
+@pytest.mark.parametrize("disk_full", [fill_the_disk, safetensors_disk_full])
+def test_a_full_disk_stops_the_run_with_one_line_naming_the_folder_and_its_space(tmp_path, disk_full):
+    (tmp_path / "checkpoint-2").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        with RunGuard(tmp_path, argv=["main_sft.py", "--output_dir", str(tmp_path)]):
+            disk_full(tmp_path / "checkpoint-3.tmp" / "adapter_model.safetensors")
+    message = str(stop.value.code)
+    assert message.startswith(f"No space left on the disk of {tmp_path} (") and " MiB free) while writing " in message
+    assert message.endswith(f"{tmp_path}: round 2 checkpointed. Free some space and continue with: python main_sft.py "
+                            f"--output_dir {tmp_path} --resume true") and "\n" not in message
+    assert (tmp_path / ".run.lock").read_text() == ""  # released
+
+
+def test_other_errors_pass_through_the_guard(tmp_path):
+    with pytest.raises(OSError, match="Permission denied"):
+        with RunGuard(tmp_path):
+            raise OSError(errno.EACCES, "Permission denied")
+
+
+def test_an_atomic_write_that_fails_midway_leaves_the_old_file_whole(tmp_path):
+    """The write fails after the file is opened (a lone surrogate cannot be encoded): a write in place would have
+    truncated the old file; the old one stays, and no temporary file is left."""
+    from utils.files import write_json_atomic, write_text_atomic
+    path = tmp_path / "args.json"
+    write_json_atomic(path, {"round": 1})
+    with pytest.raises(UnicodeEncodeError):
+        write_text_atomic(path, '{"round": 2, "note": "\ud800"}')
+    assert json.loads(path.read_text()) == {"round": 1} and [p.name for p in tmp_path.iterdir()] == ["args.json"]
 
 
 def test_model_conversion_orphans_of_dead_processes_are_removed(tmp_path):

@@ -112,15 +112,18 @@ def write_json(path, obj):
 
 @pytest.mark.parametrize("payload,message", [
     (None, "does not exist"),
-    ("not json", "is not valid JSON"),
+    ("{oops", "is not valid JSON"),
+    # JSON keeps the last of two equal keys: client c0's first samples would be dropped without a word.
+    ('{"c0": [{"instruction": "a", "response": "b"}], "c1": [{"instruction": "c", "response": "d"}], '
+     '"c0": [{"instruction": "e", "response": "f"}]}', "holds client id 'c0' more than once"),
     ({"u1": "not a list"}, "must be one JSON object mapping client id to a list"),  # a plain list is one client
     ({"u1": [{"instruction": "a"}]}, "client 'u1', sample 0 lacks 'response'"),
     ({"u1": [{"instruction": "a", "response": "b"}], "u2": []}, "client 'u2' has no samples"),
 ])
 def test_bad_dataset_files(payload, message, tiny_model_dir, tmp_path, capsys):
     file = tmp_path / "data.json"
-    if payload == "not json":
-        file.write_text("{oops")
+    if isinstance(payload, str):
+        file.write_text(payload)
     elif payload is not None:
         write_json(file, payload)
     out = tmp_path / "out"
@@ -152,11 +155,28 @@ def test_bad_dataset_files(payload, message, tiny_model_dir, tmp_path, capsys):
      "--dp_target_epsilon 1e-06 cannot be met"),
     (["--fed_alg", "fedavg", "--fedopt_variant", "reddi"], "no adaptive server step"),
     (["--resume", "true", "--overwrite_output_dir", "true"], "contradict each other"),
+    (["--peft_lora_dropout", 1.5], "--peft_lora_dropout 1.5 is invalid: it must be a finite number >= 0 and < 1"),
+    (["--peft_lora_dropout", -0.1], "--peft_lora_dropout -0.1 is invalid"),
+    (["--token_budget", -5], "--token_budget -5 is invalid: it must be an integer > 0"),
+    (["--token_budget", 0], "--token_budget 0 is invalid"),
 ])
 def test_bad_arguments_fail_before_loading(extra, message, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match=message):
         run_entry(main_sft, tiny_args("/nonexistent/model", out, *extra))
+    assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("model, extra, message", [
+    ("/nonexistent/model", [], "Model folder /nonexistent/model does not exist"),
+    ("./no/such/model", [], "Model folder ./no/such/model does not exist"),
+    (None, ["--seq_length", 10_000_000], "--seq_length 10000000 exceeds the 512 positions of model"),
+])
+def test_a_model_that_is_not_there_or_too_short_fails_in_one_line_before_loading(model, extra, message,
+                                                                                 tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=message):
+        run_entry(main_sft, tiny_args(model or tiny_model_dir, out, *extra))
     assert not (out / "metrics.jsonl").exists()
 
 

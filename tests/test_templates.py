@@ -33,3 +33,43 @@ def test_only_the_responses_and_their_end_of_turn_are_trained(smol_tokenizer, te
     assert all(part in got_masked for part in prompt_parts)
     for response in ("Eleven", "A helper", "It is 4"):
         assert response not in got_masked  # no response token is masked, so none is missing from training
+
+
+class TextLengths:
+    """The real tokenizer, recording the length of every text it is asked to tokenise."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def __call__(self, text, **kwargs):
+        self.lengths.append(len(text))
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+HUGE = {"instruction": "Summarise this.", "response": " ".join(f"w{i}" for i in range(20_000))}  # 129k characters
+
+
+def test_a_huge_sample_is_cut_before_tokenising_and_keeps_its_first_tokens(smol_tokenizer):
+    """Only what --seq_length tokens can cover is tokenised (a 50 MB sample tokenised whole was OOM-killed), and
+    the first seq_length tokens and labels are those of the whole sample."""
+    from utils.templates import chars_for_tokens
+    whole = tokenize_sft_sample(smol_tokenizer, "alpaca", HUGE, None)
+    spy = TextLengths(smol_tokenizer)
+    cut = tokenize_sft_sample(spy, "alpaca", HUGE, 64)
+    assert cut == {key: ids[:64] for key, ids in whole.items()} and len(whole["input_ids"]) > 30_000
+    assert max(spy.lengths) <= chars_for_tokens(smol_tokenizer, 64) < len(HUGE["response"]) / 10
+
+
+def test_a_huge_preference_answer_is_cut_before_tokenising(smol_tokenizer):
+    from utils.preference import tokenize_pair
+    pair = {"prompt": "Summarise this.", "chosen": HUGE["response"], "rejected": "No."}
+    whole = tokenize_pair(smol_tokenizer, "alpaca", pair)
+    spy = TextLengths(smol_tokenizer)
+    cut = tokenize_pair(spy, "alpaca", pair, 64)
+    assert cut["prompt_ids"] == whole["prompt_ids"] and cut["rejected_ids"] == whole["rejected_ids"]
+    answer = 64 - len(whole["prompt_ids"])  # what the collator keeps of prompt + chosen
+    assert cut["chosen_ids"][:answer] == whole["chosen_ids"][:answer] and len(cut["chosen_ids"]) >= answer
+    assert max(spy.lengths) < len(pair["chosen"]) / 10

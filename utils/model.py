@@ -7,6 +7,7 @@ cache so later loads take under a second.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -83,15 +84,47 @@ def _process_alive(pid: int) -> bool:
 
 
 def resolve_model_path(model_name_or_path: str) -> str:
+    """The embedded SmolLM2's folder for its alias, else the argument; a path (absolute, relative with ./ or ../,
+    ~, or more than one /: a hub id is org/name) must exist."""
     if model_name_or_path in (DEFAULT_MODEL, "", None):
         return str(embedded_smollm2_dir())
-    return model_name_or_path
+    path_like = model_name_or_path.startswith(("/", ".", "~")) or model_name_or_path.count("/") > 1
+    if path_like and not Path(model_name_or_path).expanduser().exists():
+        raise SystemExit(f"Model folder {model_name_or_path} does not exist: pass a local model folder or a hub id "
+                         f"(org/name) to --model_name_or_path, or omit it for the embedded SmolLM2.")
+    return str(Path(model_name_or_path).expanduser()) if path_like else model_name_or_path
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")  # config names of the limit
+
+
+def check_seq_length(model_dir: str, seq_length: int) -> None:
+    """--seq_length within the positions the model was built for (read from a local folder's config.json; a hub
+    model is checked by its own loading)."""
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    config = config.get("text_config", config)
+    positions = next((config[key] for key in POSITION_KEYS if isinstance(config.get(key), int)), None)
+    if positions is not None and seq_length > positions:
+        raise SystemExit(f"--seq_length {seq_length} exceeds the {positions} positions of model {model_dir}: pass "
+                         f"--seq_length {positions} or less.")
 
 
 def load_tokenizer(model_name_or_path: str, seq_length: int | None = None):
+    """The model's tokenizer (with a pad token); with seq_length, also checks it against the model's positions."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_name_or_path))
+    model_dir = resolve_model_path(model_name_or_path)
+    if seq_length:
+        check_seq_length(model_dir, seq_length)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except OSError as err:
+        raise SystemExit(f"Could not load the tokenizer of model {model_name_or_path!r}: "
+                         f"{str(err).splitlines()[0]} Pass a local model folder or a hub id reachable from this "
+                         f"machine, or omit --model_name_or_path for the embedded SmolLM2.") from None
     if tokenizer.pad_token is None:
         # A pad token is needed for batching; labels never see it (padding is masked by the collator).
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -6,7 +6,7 @@ DataCollatorForPreference pads and what DPOTrainer trains on), so client data is
 """
 from __future__ import annotations
 
-from utils.templates import prompt_text, segments
+from utils.templates import bounded, prompt_text, segments
 
 
 def _answer_text(template: str, tokenizer, prompt: str, answer: str) -> str:
@@ -28,9 +28,12 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def tokenize_pair(tokenizer, template: str, sample: dict) -> dict:
-    """prompt_ids, chosen_ids, rejected_ids of one pair (untruncated: the collator cuts to max_length)."""
+def tokenize_pair(tokenizer, template: str, sample: dict, max_length: int | None = None) -> dict:
+    """prompt_ids, chosen_ids, rejected_ids of one pair (the collator cuts prompt + answer to max_length; only
+    text beyond what max_length tokens can cover is cut here, before tokenising)."""
     texts = pair_texts(template, tokenizer, sample)
+    texts["prompt"], texts["chosen"] = bounded([texts["prompt"], texts["chosen"]], tokenizer, max_length)
+    texts["rejected"] = bounded([texts["prompt"], texts["rejected"]], tokenizer, max_length)[1]
     # verbose=False: long pairs are expected here, the collator cuts them (no "longer than the maximum" note).
     prompt = tokenizer(texts["prompt"], verbose=False)["input_ids"]
     chosen = tokenizer(texts["prompt"] + texts["chosen"], verbose=False)["input_ids"]
