@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from flower_app.config import RunSettings, parse_run_config
-from flower_app.messages import payload_bytes, read_result, task_content
+from flower_app.messages import Exchange, payload_bytes, read_result, task_content
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +42,6 @@ def main(grid: Grid, context: Context) -> None:
 
 class NotEnoughReplies(SystemExit):
     """A round ended with fewer replies than min-replies, retries included."""
-
-
-@dataclass
-class Exchange:
-    """One round's traffic: the clients' results, the clients that failed (with why), the bytes really moved."""
-    results: dict = field(default_factory=dict)  # client -> ClientResult
-    failed: dict = field(default_factory=dict)  # client -> reason
-    uploaded: int = 0
-    downloaded: int = 0
-    summed: object = None  # SummedUpdate: the round's mean update from secure aggregation (results: no vectors)
 
 
 def gather(tasks: list, send, min_replies: int, retries: int, round_number: int,
@@ -156,7 +145,9 @@ def send_tasks(grid: Grid, federation, tasks: list, node_of: dict, settings: Run
         content = task_content(task, federation.num_clients, run.x, run.server_state,
                                run.client_store.get(task.client, {}), algorithm.shared_with_clients)
         exchange.downloaded += payload_bytes(content)
-        messages.append(Message(content, node, "train", group_id=str(task.round_idx + 1)))
+        # The TTL lets a task of a run that stopped expire on the SuperLink instead of waiting for its node.
+        messages.append(Message(content, node, "train", ttl=settings.flower.round_timeout,
+                                group_id=str(task.round_idx + 1)))
     grid.push_messages(messages)
     for message, task in zip(messages, [t for t in tasks if t.client not in exchange.failed]):
         client_of[message.metadata.message_id] = task.client
@@ -197,10 +188,11 @@ def collect_replies(grid: Grid, client_of: dict, node_of: dict, timeout: float) 
 
 
 def ask(grid: Grid, nodes: list[int], timeout: float) -> dict[int, dict]:
-    """node id -> its answer to the query (which client it holds, how many samples it trains on)."""
+    """node id -> its answer to the query (which client it holds, how many samples it trains on). A query
+    expires after `timeout` (its TTL): a node that comes up later never answers a stale one."""
     answers = {}
-    replies = grid.send_and_receive([Message(RecordDict(), node, "query") for node in nodes], timeout=timeout)
-    for reply in replies:
+    queries = [Message(RecordDict(), node, "query", ttl=timeout) for node in nodes]
+    for reply in grid.send_and_receive(queries, timeout=timeout):
         if reply.has_error():
             raise SystemExit(f"Node {reply.metadata.src_node_id} cannot join the run: "
                              f"{(reply.error.reason or '').strip()[-500:]}")
@@ -208,25 +200,50 @@ def ask(grid: Grid, nodes: list[int], timeout: float) -> dict[int, dict]:
     return answers
 
 
+PROGRESS_S = 10.0  # how often the start says what it is waiting for
+
+
 def discover(grid: Grid, settings: RunSettings) -> dict[int, tuple[int, int]]:
-    """Ask the connected nodes which client they hold until every client of the run has one (or wait-for-nodes
-    runs out): client index -> (node id, its sample count). The run's clients are num-clients if given, else
-    the nodes' num-partitions."""
-    deadline = time.monotonic() + settings.flower.wait_for_nodes
+    """Ask the connected nodes which client they hold until every client of the run has one: client index ->
+    (node id, its sample count). The run's clients are num-clients if given, else the nodes' num-partitions.
+    wait-for-nodes is the longest wait without progress: it starts again whenever a new node answers, so a start
+    of many nodes that keep arriving is never cut short, and a start where none arrives stops with what is
+    missing. Every PROGRESS_S the log says what it is waiting for."""
+    patience = settings.flower.wait_for_nodes
     answers: dict[int, dict] = {}  # node id -> its answer
+    last_progress = next_report = time.monotonic()
     while True:
-        new = [node for node in grid.get_node_ids() if node not in answers]
+        connected = grid.get_node_ids()
+        new = [node for node in connected if node not in answers]
         if new:
-            answers.update(ask(grid, new, max(1.0, deadline - time.monotonic())))
+            answers.update(ask(grid, new, patience))
+            last_progress = time.monotonic()
         clients = clients_of(answers, settings.fed_args.num_clients)
         if clients is not None:
+            logger.info("All %d clients have a node (%d nodes answered)", len(clients), len(answers))
             return clients
-        if time.monotonic() > deadline:
-            have = sorted(a["partition_id"] for a in answers.values() if a["num_samples"])
-            raise SystemExit(f"After wait-for-nodes {settings.flower.wait_for_nodes:g} s the nodes hold clients "
-                             f"{have}; the run needs clients 0 .. {expected_clients(answers, settings) - 1}: start "
-                             f"their SuperNodes (node-config partition-id) or lower num-clients.")
+        if time.monotonic() > last_progress + patience:
+            missing = waiting_for(answers, connected, settings)
+            raise SystemExit(f"No new node for wait-for-nodes {patience:g} s: {missing}. Start the missing "
+                             f"SuperNodes (node-config partition-id), lower num-clients, or raise wait-for-nodes.")
+        if time.monotonic() > next_report:
+            logger.info("Waiting for nodes: %s", waiting_for(answers, connected, settings))
+            next_report = time.monotonic() + PROGRESS_S
         time.sleep(1.0)
+
+
+def waiting_for(answers: dict, connected, settings: RunSettings) -> str:
+    """What the start still lacks, in words: how many nodes are connected and which partitions have no node."""
+    if not connected:
+        return ("no SuperNode is connected to the SuperLink: check that they run and reach its address (a node's log "
+                "with 401 Unauthorized: its public key is not registered, see docs/FLOWER.md)")
+    expected = expected_clients(answers, settings)
+    held = {a["partition_id"] for a in answers.values()}
+    missing = [k for k in range(expected) if k not in held]
+    shown = ", ".join(map(str, missing[:20])) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
+    return (f"{len(connected)} nodes connected, {len(answers)} answered; "
+            + (f"partitions {shown} of 0 .. {expected - 1} have no node yet" if expected else
+               "no node declares num-partitions and run-config num-clients is not set"))
 
 
 def rejoin(grid: Grid, node_of: dict, counts: list[int], timeout: float, asked: set) -> None:

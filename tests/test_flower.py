@@ -14,7 +14,8 @@ import torch
 from conftest import ROOT, run_entry
 from federated.loop import ClientResult, ClientTask
 from flower_app.config import FlowerArguments, default_run_config, key_of, parse_node_config, parse_run_config
-from flower_app.server_app import Exchange, NotEnoughReplies, clients_of, gather
+from flower_app.messages import Exchange
+from flower_app.server_app import NotEnoughReplies, clients_of, gather
 
 # One thread per process on the shared cores; Ray's out-of-memory killer off (it counts other jobs' memory on
 # this machine against ours and kills a 0.4 GB client actor).
@@ -83,6 +84,54 @@ def test_clients_are_complete_only_when_every_partition_has_a_node():
     answers[14] = {"partition_id": 1, "num_samples": 7}
     with pytest.raises(SystemExit, match="both hold partition 1"):
         clients_of(answers, None)
+
+
+def test_waiting_for_nodes_says_what_is_missing():
+    from flower_app.server_app import waiting_for
+    settings = parse_run_config({"num-clients": 30})
+    assert "no SuperNode is connected" in waiting_for({}, [], settings)
+    answers = {n: {"partition_id": n - 100, "num_samples": 3} for n in range(100, 105)}  # partitions 0 .. 4
+    said = waiting_for(answers, list(range(100, 106)), settings)
+    assert said.startswith("6 nodes connected, 5 answered; partitions 5, 6,") and "(25 in all)" in said
+
+
+# --- scale: what a node and the server hold --------------------------------------------------------------------
+
+def test_the_server_builds_the_initial_adapter_without_the_base_weights(tiny_model_dir, tmp_path):
+    """layout_model gives load_lora_model's initial adapter bit for bit, for standard and ffa (A frozen), with
+    no base weight in memory (meta tensors, or one-element stand-ins), and saves the same adapter file."""
+    from federated.config import FedArguments, ScriptArguments
+    from federated.flat import FlatParams
+    from federated.setup import load_lora_model
+    from flower_app.training import layout_model
+
+    for method in ("standard", "ffa"):
+        s, f = ScriptArguments(model_name_or_path=tiny_model_dir), FedArguments(lora_method=method)
+        full, bare = load_lora_model(s, f), layout_model(s, f)
+        assert FlatParams(bare).names == FlatParams(full).names
+        assert torch.equal(FlatParams(bare).get(), FlatParams(full).get())
+        base = [p for n, p in bare.named_parameters() if "lora_" not in n]
+        assert base and all(p.is_meta or p.untyped_storage().nbytes() <= 4 for p in base)
+    full.save_pretrained(tmp_path / "full")
+    bare.save_pretrained(tmp_path / "bare")
+    assert same_adapter(tmp_path / "bare", tmp_path / "full")
+
+
+def test_a_worker_loads_the_dataset_once_and_keeps_few_tokenised_partitions(tiny_model_dir):
+    from flower_app.config import NodeData
+    from flower_app.training import TOKENISED_PER_WORKER, Worker
+
+    settings = parse_run_config({**TINY_RUN, "synthetic-num-clients": 40, "model-name-or-path": tiny_model_dir})
+    worker = Worker(settings)
+    first = worker.client(1000, NodeData(0, 41, None))
+    partitions = worker.partitions
+    for node in range(1, 41):
+        worker.client(1000 + node, NodeData(node, 41, None))
+    assert worker.partitions is partitions  # loaded once for every node
+    assert len(worker.clients) == TOKENISED_PER_WORKER and 1000 not in worker.clients
+    assert worker.clients[1040] is None  # partition 40: past the dataset's 40 clients, no data
+    again = worker.client(1000, NodeData(0, 41, None))  # tokenised again, the same samples
+    assert again is not first and again.data["input_ids"] == first.data["input_ids"]
 
 
 # --- failures and the minimum of replies ---------------------------------------------------------------------
