@@ -20,6 +20,14 @@ protobuf bytes and back, and read, for this model's LoRA vector.
     python benchmarks/bench_flower.py --modes in-process,simulation,deployment,in-process   # load drift shown
     python benchmarks/bench_flower.py --modes in-process,in-process@1   # the sequential clients at 1 thread
     python benchmarks/bench_flower.py --modes simulation,simulation+secagg,simulation   # SecAgg+'s cost
+
+Scale (issue #23): `--modes standin --nodes 747` runs the real ServerApp in the Simulation Engine with 747 nodes
+whose ClientApp is a stand-in (benchmarks/flower_standin.py: the real query, a train that answers with a seeded
+random delta at once), so it measures the engine and the server alone: start-up (submission to the first
+round: Ray, the actors, discovery of every node, the server's model) and each round's time, which is all
+engine and server overhead (no training).
+
+    python benchmarks/bench_flower.py --modes standin --nodes 747 --sample 10 --rounds 5
 """
 from __future__ import annotations
 
@@ -73,6 +81,41 @@ def flower(args, work: Path, simulation: bool, secagg: bool = False, index: int 
     return rows(out)
 
 
+def standin(args, work: Path) -> dict:
+    """The real ServerApp with --nodes simulated stand-in clients (flower_standin.py); start-up and round times."""
+    import shutil
+
+    from flower_app.launch import ROOT as PROJECT, LocalFlower
+
+    app, out, home = work / "standin-app", work / "standin", work / "home-standin"
+    app.mkdir()
+    pyproject = (PROJECT / "pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(pyproject.replace('clientapp = "flower_app.client_app:app"',
+                                                          'clientapp = "flower_standin:app"'))
+    shutil.copy(ROOT / "benchmarks" / "flower_standin.py", app / "flower_standin.py")
+    config = {"model-name-or-path": args.model, "output-dir": str(out), "synthetic-num-clients": args.nodes,
+              "synthetic-mean-samples": 4, "sample-clients": args.sample, "num-rounds": args.rounds,
+              "max-steps": 1, "seq-length": 64, "eval-after": False, "checkpoint-step": args.rounds}
+    env = {"OMP_NUM_THREADS": "1", "RAY_memory_monitor_refresh_ms": "0", "PYTHONPATH": str(PROJECT)}
+    metrics = out / "metrics.jsonl"
+    with LocalFlower(home, simulation=True, env=env) as engine:
+        submitted = time.perf_counter()
+        process = engine.run(config, num_supernodes=args.nodes, client_cpus=1, app=app)
+        while not metrics.exists() and process.poll() is None:
+            time.sleep(0.1)
+        first_row = time.perf_counter()
+        if process.wait(timeout=7200) != 0 or not metrics.exists():
+            raise SystemExit(f"the stand-in run failed: see {home}/run.log")
+        total = time.perf_counter() - submitted
+    round_times = [r["round_time_s"] for r in rows(out)]
+    log = (home / "run.log").read_text()
+    discovery = [line for line in log.splitlines() if "clients have a node" in line]
+    return {"mode": f"standin x {args.nodes} nodes", "start_up_s": round(first_row - submitted - round_times[0], 1),
+            "round_s": round_times, "mean_round_s": sum(round_times[1:] or round_times) / len(round_times[1:] or
+                                                                                            round_times),
+            "run_wall_s": round(total, 1), "discovery": discovery[-1].split(": ", 1)[-1] if discovery else None}
+
+
 def serialisation_seconds(args, repeats: int = 5) -> tuple[float, int]:
     """One round's messages (2 tasks, 2 results) built, encoded to protobuf bytes, decoded and read; seconds per
     round, and the bytes of one task message."""
@@ -121,8 +164,20 @@ def main():
     parser.add_argument("--seq_length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2, help="total CPU threads of the clients, every mode")
     parser.add_argument("--modes", default="in-process,simulation,deployment")
+    parser.add_argument("--nodes", type=int, default=747, help="standin: simulated nodes (= clients)")
+    parser.add_argument("--sample", type=int, default=10, help="standin: clients sampled per round")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-flower-"))
+    if args.modes == "standin":
+        result = standin(args, work)
+        print(json.dumps(result))
+        print(f"\n{args.model}'s LoRA layout, {args.nodes} simulated nodes with stand-in clients, {args.sample} "
+              f"sampled per round, {args.rounds} rounds, client-resources-num-cpus 1. Work folder: {work}")
+        print("| nodes | start-up to round 1 (s) | mean round, engine + server (s) | per-round overhead in a 1-min round |")
+        print("|---|---|---|---|")
+        print(f"| {args.nodes} | {result['start_up_s']:.1f} | {result['mean_round_s']:.2f} | "
+              f"{100 * result['mean_round_s'] / 60:.1f}% |")
+        return
     results = []
     for i, mode in enumerate(args.modes.split(",")):
         name, _, threads = mode.partition("@")  # in-process@1: one thread, for comparison

@@ -29,6 +29,17 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    try:
+        run(grid, context)
+    except SystemExit as stop:
+        if stop.code in (None, 0):
+            raise
+        # Flower records a run as failed (flwr ls, flower_app.deploy wait) and logs why only for an Exception; a
+        # SystemExit would end a simulation's ServerApp thread silently.
+        raise RunFailed(str(stop.code)) from None
+
+
+def run(grid: Grid, context: Context) -> None:
     from federated.run_dir import RunGuard
     from utils.console import configure_console
 
@@ -38,6 +49,10 @@ def main(grid: Grid, context: Context) -> None:
     with RunGuard(s.output_dir, command=f"flwr run . <connection> --run-config "
                                         f"'output-dir=\"{s.output_dir}\" resume=true' (and the same other keys)"):
         serve(grid, settings, context)
+
+
+class RunFailed(Exception):
+    """The run stopped on bad input or too few nodes or replies; the message says why and what to do."""
 
 
 class NotEnoughReplies(SystemExit):
@@ -187,16 +202,30 @@ def collect_replies(grid: Grid, client_of: dict, node_of: dict, timeout: float) 
     return replies
 
 
+QUERIES_IN_FLIGHT = 64  # queries out at once: each must be answered within its TTL, whatever the node count
+
+
 def ask(grid: Grid, nodes: list[int], timeout: float) -> dict[int, dict]:
-    """node id -> its answer to the query (which client it holds, how many samples it trains on). A query
-    expires after `timeout` (its TTL): a node that comes up later never answers a stale one."""
-    answers = {}
-    queries = [Message(RecordDict(), node, "query", ttl=timeout) for node in nodes]
-    for reply in grid.send_and_receive(queries, timeout=timeout):
-        if reply.has_error():
-            raise SystemExit(f"Node {reply.metadata.src_node_id} cannot join the run: "
-                             f"{(reply.error.reason or '').strip()[-500:]}")
-        answers[reply.metadata.src_node_id] = dict(reply.content["node"])
+    """node id -> its answer to the query (which client it holds, how many samples it trains on). At most
+    QUERIES_IN_FLIGHT queries are out at once, the next sent as answers come in, each expiring after `timeout`
+    (its TTL): hundreds of nodes served by a few simulation actors are all asked, and a node that does not answer
+    in time is left out (the caller asks it again)."""
+    answers, pending, out = {}, list(nodes), {}  # out: message id -> the time it expires
+    while pending or out:
+        batch, pending = pending[:QUERIES_IN_FLIGHT - len(out)], pending[QUERIES_IN_FLIGHT - len(out):]
+        if batch:
+            ids = grid.push_messages([Message(RecordDict(), node, "query", ttl=timeout) for node in batch])
+            out.update({message_id: time.monotonic() + timeout for message_id in ids})
+        replies = list(grid.pull_messages(list(out)))
+        for reply in replies:
+            out.pop(reply.metadata.reply_to_message_id, None)
+            if reply.has_error():
+                raise SystemExit(f"Node {reply.metadata.src_node_id} cannot join the run: "
+                                 f"{(reply.error.reason or '').strip()[-500:]}")
+            answers[reply.metadata.src_node_id] = dict(reply.content["node"])
+        out = {m: expires for m, expires in out.items() if expires > time.monotonic()}
+        if not replies:
+            time.sleep(POLL_S)
     return answers
 
 
@@ -211,7 +240,7 @@ def discover(grid: Grid, settings: RunSettings) -> dict[int, tuple[int, int]]:
     missing. Every PROGRESS_S the log says what it is waiting for."""
     patience = settings.flower.wait_for_nodes
     answers: dict[int, dict] = {}  # node id -> its answer
-    last_progress = next_report = time.monotonic()
+    start = last_progress = next_report = time.monotonic()
     while True:
         connected = grid.get_node_ids()
         new = [node for node in connected if node not in answers]
@@ -220,7 +249,8 @@ def discover(grid: Grid, settings: RunSettings) -> dict[int, tuple[int, int]]:
             last_progress = time.monotonic()
         clients = clients_of(answers, settings.fed_args.num_clients)
         if clients is not None:
-            logger.info("All %d clients have a node (%d nodes answered)", len(clients), len(answers))
+            logger.info("All %d clients have a node (%d nodes answered in %.1f s)", len(clients), len(answers),
+                        time.monotonic() - start)
             return clients
         if time.monotonic() > last_progress + patience:
             missing = waiting_for(answers, connected, settings)

@@ -242,12 +242,13 @@ def test_deployment_on_loopback_survives_a_supernode_stopped_mid_run(tiny_model_
     (a third SuperNode whose key is not registered claims partition 1 and is kept out), `flwr run` on this
     project, FedAvg for 2 rounds. Round 1 equals main_sft.py's bit for bit; then SuperNode 1 is stopped (SIGTERM
     to its pid) and round 2 aggregates client 0 alone, with client 1 logged as failed."""
-    from flower_app.launch import LocalFlower, make_test_certificates
+    from flower_app.deploy import make_certificates
+    from flower_app.launch import LocalFlower
 
     out = tmp_path / "flower"
     config = {**TINY_RUN, "fed-alg": "fedavg", "model-name-or-path": tiny_model_dir, "output-dir": str(out),
               "checkpoint-step": 1, "round-timeout": 300.0}
-    certificates = make_test_certificates(tmp_path / "certificates")
+    certificates = make_certificates(tmp_path / "certificates", ["127.0.0.1", "localhost"])
     with LocalFlower(tmp_path / "home", simulation=False, env=QUIET_RAY, certificates=certificates,
                      node_auth=True) as flower:
         for k in range(2):
