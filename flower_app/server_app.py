@@ -202,6 +202,7 @@ def collect_replies(grid: Grid, client_of: dict, node_of: dict, timeout: float) 
     return replies
 
 
+PROGRESS_S = 10.0  # how often the start says what it is waiting for
 QUERIES_IN_FLIGHT = 64  # queries out at once: each must be answered within its TTL, whatever the node count
 
 
@@ -211,7 +212,11 @@ def ask(grid: Grid, nodes: list[int], timeout: float) -> dict[int, dict]:
     (its TTL): hundreds of nodes served by a few simulation actors are all asked, and a node that does not answer
     in time is left out (the caller asks it again)."""
     answers, pending, out = {}, list(nodes), {}  # out: message id -> the time it expires
+    next_report = time.monotonic() + PROGRESS_S
     while pending or out:
+        if time.monotonic() > next_report:
+            logger.info("Asking %d nodes which client they hold: %d answered", len(nodes), len(answers))
+            next_report = time.monotonic() + PROGRESS_S
         batch, pending = pending[:QUERIES_IN_FLIGHT - len(out)], pending[QUERIES_IN_FLIGHT - len(out):]
         if batch:
             ids = grid.push_messages([Message(RecordDict(), node, "query", ttl=timeout) for node in batch])
@@ -227,9 +232,6 @@ def ask(grid: Grid, nodes: list[int], timeout: float) -> dict[int, dict]:
         if not replies:
             time.sleep(POLL_S)
     return answers
-
-
-PROGRESS_S = 10.0  # how often the start says what it is waiting for
 
 
 def discover(grid: Grid, settings: RunSettings) -> dict[int, tuple[int, int]]:
