@@ -21,6 +21,12 @@ protobuf bytes and back, and read, for this model's LoRA vector.
     python benchmarks/bench_flower.py --modes in-process,in-process@1   # the sequential clients at 1 thread
     python benchmarks/bench_flower.py --modes simulation,simulation+secagg,simulation   # SecAgg+'s cost
 
+Per message (issue #27): `--modes message` runs a train message's work (imports, tokenizer, the silo's data,
+model and trainer, decoding the task) in fresh processes, as a deployment's ClientApp process does, phase by
+phase: the first run fills the node's caches, the second finds them.
+
+    python benchmarks/bench_flower.py --modes message --seq_length 128
+
 Scale (issue #23): `--modes standin --nodes 747` runs the real ServerApp in the Simulation Engine with 747 nodes
 whose ClientApp is a stand-in (benchmarks/flower_standin.py: the real query, a train that answers with a seeded
 random delta at once), so it measures the engine and the server alone: start-up (submission to the first
@@ -116,6 +122,68 @@ def standin(args, work: Path) -> dict:
             "run_wall_s": round(total, 1), "discovery": discovery[-1].split(": ", 1)[-1] if discovery else None}
 
 
+PHASES = ("imports", "tokenizer", "data", "model_and_trainer", "decode_task")
+
+
+def probe(args) -> None:
+    """One train message's work in this fresh process, as a deployment's ClientApp process does it, phase by
+    phase (seconds, printed as one JSON line): importing the ClientApp, the tokenizer, the node's data (a silo
+    file: read and tokenised, or its tokenised cache), the model and trainer, decoding the task message."""
+    times, start = {}, time.perf_counter()
+
+    def lap(name):
+        nonlocal start
+        times[name] = round(time.perf_counter() - start, 3)
+        start = time.perf_counter()
+
+    from flower_app import client_app  # noqa: F401  (what flwr-clientapp imports first)
+    from flower_app.config import NodeData, parse_run_config
+    lap("imports")
+    from flower_app.training import Worker
+    settings = parse_run_config({"model-name-or-path": args.model, "seq-length": args.seq_length,
+                                 "batch-size": args.batch_size, "max-steps": args.steps})
+    worker = Worker(settings)
+    lap("tokenizer")
+    client = worker.client(1, NodeData(0, 1, args.probe))
+    lap("data")
+    trainer = worker.trainer_for(client)
+    lap("model_and_trainer")
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+    from federated.loop import ClientTask
+    from flower_app.messages import read_task, task_content
+    wire = recorddict_to_proto(task_content(ClientTask(0, 0, 1e-4, 1, 4, None, 1), 1, trainer.flat.get(), {}, {},
+                                            ())).SerializeToString()
+    start = time.perf_counter()  # the bytes arrive; decoding them is the node's work
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+    read_task(recorddict_from_proto(ProtoRecordDict.FromString(wire)), trainer.flat.device)
+    lap("decode_task")
+    print(json.dumps(times), flush=True)
+
+
+def message_cost(args, work: Path, repeats: int = 2) -> list[dict]:
+    """A train message's per-process cost in fresh processes, `repeats` times on the same silo file (the first
+    fills the node's caches, the later ones find them): process wall time and its phases."""
+    import subprocess
+    silo = work / "silos"
+    subprocess.run([sys.executable, "-m", "flower_app.deploy", "split", "--out", str(silo), "--dataset",
+                    "fed-synthetic", "--num_clients", "1", "--synthetic_num_clients", "1",
+                    "--synthetic_mean_samples", str(args.silo_samples)], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "FEDLLM_CACHE_DIR": str(work / "cache")}
+    results = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--probe", str(silo / "silo0.json"),
+                               "--model", args.model, "--seq_length", str(args.seq_length), "--steps",
+                               str(args.steps), "--batch_size", str(args.batch_size)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, check=True)
+        phases = json.loads(done.stdout.strip().splitlines()[-1])
+        results.append({"process_s": round(time.perf_counter() - start, 2), **phases})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
 def serialisation_seconds(args, repeats: int = 5) -> tuple[float, int]:
     """One round's messages (2 tasks, 2 results) built, encoded to protobuf bytes, decoded and read; seconds per
     round, and the bytes of one task message."""
@@ -166,14 +234,30 @@ def main():
     parser.add_argument("--modes", default="in-process,simulation,deployment")
     parser.add_argument("--nodes", type=int, default=747, help="standin: simulated nodes (= clients)")
     parser.add_argument("--sample", type=int, default=10, help="standin: clients sampled per round")
+    parser.add_argument("--silo_samples", type=int, default=200, help="message: samples in the probe's silo")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)  # message: the fresh process, on this silo file
     args = parser.parse_args()
+    if args.probe:
+        return probe(args)
     work = Path(tempfile.mkdtemp(prefix="bench-flower-"))
+    if args.modes == "message":
+        rows_ = message_cost(args, work)
+        print(f"\nOne train message's work in a fresh process (a Flower 1.42 deployment starts one per message): "
+              f"{args.model}, a silo of {args.silo_samples} fed-synthetic samples, seq {args.seq_length}. "
+              f"Work folder: {work}")
+        print("| process | total (s) | " + " | ".join(PHASES) + " |")
+        print("|---|---|" + "---|" * len(PHASES))
+        for i, r in enumerate(rows_):
+            print(f"| {'first (caches empty)' if i == 0 else 'again (caches filled)'} | {r['process_s']:.2f} | "
+                  + " | ".join(f"{r[p]:.2f}" for p in PHASES) + " |")
+        return
     if args.modes == "standin":
         result = standin(args, work)
         print(json.dumps(result))
         print(f"\n{args.model}'s LoRA layout, {args.nodes} simulated nodes with stand-in clients, {args.sample} "
               f"sampled per round, {args.rounds} rounds, client-resources-num-cpus 1. Work folder: {work}")
-        print("| nodes | start-up to round 1 (s) | mean round, engine + server (s) | per-round overhead in a 1-min round |")
+        print("| nodes | start-up to round 1 (s) | mean round, engine + server (s) | "
+              "per-round overhead in a 1-min round |")
         print("|---|---|---|---|")
         print(f"| {args.nodes} | {result['start_up_s']:.1f} | {result['mean_round_s']:.2f} | "
               f"{100 * result['mean_round_s'] / 60:.1f}% |")

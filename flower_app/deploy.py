@@ -8,6 +8,9 @@
         `data-file` of that silo's SuperNode; takes the dataset flags of main_sft.py / main_dpo.py
     python -m flower_app.deploy wait <connection> [--run-id N]
         waits for a run (default: the latest) to finish; exit status 0 only when it completed
+    python -m flower_app.deploy supernode [--retry-for 300] -- <flower-supernode flags>
+        flower-supernode, started again with a growing pause while the SuperLink refuses it (exit 305: a node
+        restarted while its previous session's heartbeats have not lapsed yet; Flower's exit code 305)
 
 `--dry-run` on certificates and split says what would be written and writes nothing.
 """
@@ -180,6 +183,36 @@ def wait_command(args) -> None:
         time.sleep(args.poll)
 
 
+# --- a SuperNode that rejoins --------------------------------------------------------------------------------------
+
+# flower-supernode's exit when the SuperLink refuses its connection: Flower's ExitCode 305, which a process
+# status holds modulo 256.
+REFUSED = 305 % 256
+
+
+def supernode_command(args, flags: list[str]) -> None:
+    """Run flower-supernode; while it exits refused (a restart within the SuperLink's heartbeat window of the
+    node's previous session, about 40 s), start it again after a pause that doubles up to 30 s, for at most
+    --retry-for seconds. Any other exit, and SIGTERM/SIGINT, end it with flower-supernode's own status."""
+    import signal
+
+    command = [args.executable, *flags]
+    deadline, pause = time.monotonic() + args.retry_for, args.backoff
+    while True:
+        node = subprocess.Popen(command)
+        previous = {sig: signal.signal(sig, lambda sig, _: node.send_signal(sig))
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        code = node.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if code != REFUSED or time.monotonic() + pause > deadline:
+            sys.exit(code)
+        print(f"flower-supernode was refused by the SuperLink (Flower exit code 305); starting it again in {pause:g} s",
+              file=sys.stderr, flush=True)
+        time.sleep(pause)
+        pause = min(2 * pause, 30.0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flower_app.deploy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,8 +231,15 @@ def main(argv: list[str] | None = None) -> None:
     wait.add_argument("connection", help="the SuperLink connection of `flwr run`")
     wait.add_argument("--run-id", type=int, help="default: the latest run")
     wait.add_argument("--poll", type=float, default=5.0, help="seconds between checks")
+    node = commands.add_parser("supernode", help="flower-supernode, started again while the SuperLink refuses it",
+                               epilog="everything after -- goes to flower-supernode")
+    node.add_argument("--retry-for", type=float, default=300.0, help="seconds to keep starting it again")
+    node.add_argument("--backoff", type=float, default=5.0, help="the first pause, in seconds (doubles to 30)")
+    node.add_argument("--executable", default="flower-supernode", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
-    if args.command == "split":
+    if args.command == "supernode":
+        supernode_command(args, rest[1:] if rest[:1] == ["--"] else rest)
+    elif args.command == "split":
         split_command(args, rest)
     elif rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")

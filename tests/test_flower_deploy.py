@@ -57,10 +57,29 @@ def test_silo_files_hold_the_partitions_a_simulation_trains(tmp_path, tiny_model
         main(["split", "--out", str(out), *options])
 
 
+def test_a_refused_supernode_is_started_again_until_it_joins(tmp_path):
+    """A stand-in for flower-supernode that is refused (exit 305) twice, then runs and exits 0; and one that is
+    always refused gives up after --retry-for with the refusal's status."""
+    fake = tmp_path / "fake-supernode"
+    fake.write_text(f"#!{sys.executable}\nimport pathlib, sys\ncount = pathlib.Path(sys.argv[1])\n"
+                    "count.write_text(count.read_text() + 'x')\n"
+                    "sys.exit(305 if len(count.read_text()) <= int(sys.argv[2]) else 0)\n")
+    fake.chmod(0o755)
+    starts = tmp_path / "starts"
+    for refusals, retry_for, expected_code, expected_starts in ((2, 60, 0, 3), (99, 0, 305 % 256, 1)):
+        starts.write_text("")
+        done = subprocess.run([sys.executable, "-m", "flower_app.deploy", "supernode", "--backoff", "0.1",
+                               "--retry-for", str(retry_for), "--executable", str(fake), "--", str(starts),
+                               str(refusals)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert (done.returncode, len(starts.read_text())) == (expected_code, expected_starts), done.stderr
+        assert done.stderr.count("was refused by the SuperLink") == expected_starts - 1
+
+
 @pytest.mark.parametrize("command", [
     [sys.executable, "-m", "flower_app.deploy", "certificates", "--help"],
     [sys.executable, "-m", "flower_app.deploy", "split", "--help"],
     [sys.executable, "-m", "flower_app.deploy", "wait", "--help"],
+    [sys.executable, "-m", "flower_app.deploy", "supernode", "--help"],
 ])
 def test_the_documented_commands_answer_help(command):
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
