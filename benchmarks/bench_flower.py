@@ -20,10 +20,11 @@ protobuf bytes and back, and read, for this model's LoRA vector.
     python benchmarks/bench_flower.py --modes in-process,simulation,deployment,in-process   # load drift shown
     python benchmarks/bench_flower.py --modes in-process,in-process@1   # the sequential clients at 1 thread
     python benchmarks/bench_flower.py --modes simulation,simulation+secagg,simulation   # SecAgg+'s cost
+    python benchmarks/bench_flower.py --modes deployment+cold,deployment   # the nodes' warm workers (#27)
 
 Per message (issue #27): `--modes message` runs a train message's work (imports, tokenizer, the silo's data,
 model and trainer, decoding the task) in fresh processes, as a deployment's ClientApp process does, phase by
-phase: the first run fills the node's caches, the second finds them.
+phase, twice (the spread shows the machine's load).
 
     python benchmarks/bench_flower.py --modes message --seq_length 128
 
@@ -70,12 +71,16 @@ def in_process(args, work: Path, threads: int, out: Path) -> list[dict]:
     return rows(out)
 
 
-def flower(args, work: Path, simulation: bool, secagg: bool = False, index: int = 0) -> list[dict]:
+def flower(args, work: Path, simulation: bool, option: str = "", index: int = 0) -> list[dict]:
+    """option: "secagg" (secure aggregation), or "cold" (a deployment without the nodes' warm workers: every
+    message's ClientApp process imports, loads and builds everything itself, as before issue #27)."""
     from flower_app.launch import LocalFlower
-    name = ("simulation" if simulation else "deployment") + ("+secagg" if secagg else "")
+    secagg = option == "secagg"
+    name = ("simulation" if simulation else "deployment") + (f"+{option}" if option else "")
     out, home = work / f"{name}-{index}", work / f"home-{name}-{index}"
     threads = str(max(1, args.threads // 2))
-    env = {"OMP_NUM_THREADS": threads, "RAY_memory_monitor_refresh_ms": "0"}
+    env = {"OMP_NUM_THREADS": threads, "RAY_memory_monitor_refresh_ms": "0",
+           "FEDLLM_WARM_WORKER": "0" if option == "cold" else "1"}
     with LocalFlower(home, simulation=simulation, env=env) as engine:
         if not simulation:
             for k in range(2):
@@ -136,6 +141,7 @@ def probe(args) -> None:
         times[name] = round(time.perf_counter() - start, 3)
         start = time.perf_counter()
 
+    from federated import loop  # noqa: F401  (train_client and, through it, torch, transformers, peft)
     from flower_app import client_app  # noqa: F401  (what flwr-clientapp imports first)
     from flower_app.config import NodeData, parse_run_config
     lap("imports")
@@ -162,15 +168,15 @@ def probe(args) -> None:
 
 
 def message_cost(args, work: Path, repeats: int = 2) -> list[dict]:
-    """A train message's per-process cost in fresh processes, `repeats` times on the same silo file (the first
-    fills the node's caches, the later ones find them): process wall time and its phases."""
+    """A train message's per-process cost in `repeats` fresh processes on the same silo file: process wall time
+    and its phases."""
     import subprocess
     silo = work / "silos"
     subprocess.run([sys.executable, "-m", "flower_app.deploy", "split", "--out", str(silo), "--dataset",
                     "fed-synthetic", "--num_clients", "1", "--synthetic_num_clients", "1",
                     "--synthetic_mean_samples", str(args.silo_samples)], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "FEDLLM_CACHE_DIR": str(work / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     results = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -248,7 +254,7 @@ def main():
         print("| process | total (s) | " + " | ".join(PHASES) + " |")
         print("|---|---|" + "---|" * len(PHASES))
         for i, r in enumerate(rows_):
-            print(f"| {'first (caches empty)' if i == 0 else 'again (caches filled)'} | {r['process_s']:.2f} | "
+            print(f"| {i + 1} | {r['process_s']:.2f} | "
                   + " | ".join(f"{r[p]:.2f}" for p in PHASES) + " |")
         return
     if args.modes == "standin":
@@ -270,7 +276,7 @@ def main():
             mode_rows = in_process(args, work, int(threads or args.threads), work / f"inprocess-{i}")
         else:
             engine, _, option = name.partition("+")
-            mode_rows = flower(args, work, simulation=engine == "simulation", secagg=option == "secagg", index=i)
+            mode_rows = flower(args, work, simulation=engine == "simulation", option=option, index=i)
         results.append(summary(mode, mode_rows))
         results[-1]["process_wall_s"] = round(time.perf_counter() - start, 1)
         print(json.dumps(results[-1]), flush=True)

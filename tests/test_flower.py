@@ -134,6 +134,41 @@ def test_a_worker_loads_the_dataset_once_and_keeps_few_tokenised_partitions(tiny
     assert again is not first and again.data["input_ids"] == first.data["input_ids"]
 
 
+def test_a_node_worker_answers_the_messages_of_one_message_processes(tiny_model_dir):
+    """A deployment's ClientApp process forwards to the node's warm worker: the first message starts it, the next
+    ones reach the same process; its answer equals the one computed in process, and its failure (a bad run
+    config) comes back as an error with the reason."""
+    import os
+    import random
+    import signal
+
+    from flwr.common.serde import recorddict_from_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+    from flower_app.client_app import answer_query
+    from flower_app.node_worker import call, folder
+
+    node_id = random.randrange(1, 2 ** 62)
+    run_config = {**TINY_RUN, "model-name-or-path": tiny_model_dir}
+    node_config = {"partition-id": 1, "num-partitions": 4}
+    log = folder() / f"node-{node_id}.log"
+    try:
+        answers = [call("query", b"", 7, node_id, node_config, run_config, supernode_pid=os.getpid())
+                   for _ in range(2)]
+        with pytest.raises(RuntimeError, match="Unknown run-config key 'fed_alg'"):
+            call("query", b"", 8, node_id, node_config, {"fed_alg": "fedavg"}, supernode_pid=os.getpid())
+    finally:
+        started = [int(line.split()[2]) for line in log.read_text().splitlines() if "listening on" in line]
+        for pid in started:
+            os.kill(pid, signal.SIGTERM)
+    assert len(started) == 1  # one worker served all three
+    from flwr.app import Context, RecordDict
+    expected = answer_query(Context(7, node_id, node_config, RecordDict(), run_config))
+    for answer in answers:
+        assert dict(recorddict_from_proto(ProtoRecordDict.FromString(answer))["node"]) == dict(expected["node"])
+    assert dict(expected["node"])["partition_id"] == 1 and dict(expected["node"])["num_samples"] > 0
+
+
 # --- failures and the minimum of replies ---------------------------------------------------------------------
 
 def tasks(*clients):
