@@ -61,7 +61,7 @@ def forward(kind: str, msg: Message, context: Context) -> Message:
     from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-    from flower_app.node_worker import call
+    from flower_app.worker_link import call
 
     answer = call(kind, recorddict_to_proto(msg.content).SerializeToString(), context.run_id, context.node_id,
                   dict(context.node_config), dict(context.run_config))

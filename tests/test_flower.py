@@ -146,7 +146,7 @@ def test_a_node_worker_answers_the_messages_of_one_message_processes(tiny_model_
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
     from flower_app.client_app import answer_query
-    from flower_app.node_worker import call, folder
+    from flower_app.worker_link import call, folder
 
     node_id = random.randrange(1, 2 ** 62)
     run_config = {**TINY_RUN, "model-name-or-path": tiny_model_dir}
