@@ -139,7 +139,7 @@ def test_a_node_worker_answers_the_messages_of_one_message_processes(tiny_model_
     ones reach the same process; its answer equals the one computed in process, and its failure (a bad run
     config) comes back as an error with the reason."""
     import os
-    import random
+    import secrets
     import signal
 
     from flwr.common.serde import recorddict_from_proto
@@ -148,10 +148,11 @@ def test_a_node_worker_answers_the_messages_of_one_message_processes(tiny_model_
     from flower_app.client_app import answer_query
     from flower_app.worker_link import call, folder
 
-    node_id = random.randrange(1, 2 ** 62)
+    node_id = secrets.randbits(62)  # not the seeded `random`: a node id of its own, in every run
     run_config = {**TINY_RUN, "model-name-or-path": tiny_model_dir}
     node_config = {"partition-id": 1, "num-partitions": 4}
     log = folder() / f"node-{node_id}.log"
+    assert not log.exists()
     try:
         answers = [call("query", b"", 7, node_id, node_config, run_config, supernode_pid=os.getpid())
                    for _ in range(2)]
