@@ -46,10 +46,11 @@ def config_arg(config: dict) -> str:
 
 class LocalFlower:
     def __init__(self, home: str | Path, simulation: bool, log_dir: str | Path | None = None, env: dict | None = None,
-                 certificates: str | Path | None = None, node_auth: bool = False):
+                 certificates: str | Path | None = None, node_auth: bool = False, database: bool = False):
         self.home, self.simulation = Path(home), simulation
         self.certificates = Path(certificates).resolve() if certificates else None
         self.node_auth = node_auth  # only registered SuperNodes may join (needs TLS)
+        self.database = database  # the SuperLink keeps its state in home/superlink.db (a restart keeps it)
         self.log_dir = Path(log_dir or home)
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                     "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
@@ -65,9 +66,15 @@ class LocalFlower:
         command = [str(BIN / "flower-superlink"), *self._tls("superlink"), "--host", "127.0.0.1", "--port",
                    str(self.port), "--disable-runtime-dependency-installation"]
         command += ["--enable-supernode-auth"] if self.node_auth else []
-        self._start("superlink", command + (["--simulation"] if self.simulation else []))
-        self._wait_for_health()
+        command += ["--database", str(self.home / "superlink.db")] if self.database else []
+        self.superlink_command = command + (["--simulation"] if self.simulation else [])
+        self.start_superlink()
         return self
+
+    def start_superlink(self) -> None:
+        """Start the SuperLink (again, after a crash: the same port, and with `database` the same state)."""
+        self._start("superlink", self.superlink_command)
+        self._wait_for_health()
 
     def __exit__(self, *exc):
         self.stop()
