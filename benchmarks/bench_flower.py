@@ -20,6 +20,21 @@ protobuf bytes and back, and read, for this model's LoRA vector.
     python benchmarks/bench_flower.py --modes in-process,simulation,deployment,in-process   # load drift shown
     python benchmarks/bench_flower.py --modes in-process,in-process@1   # the sequential clients at 1 thread
     python benchmarks/bench_flower.py --modes simulation,simulation+secagg,simulation   # SecAgg+'s cost
+    python benchmarks/bench_flower.py --modes deployment+cold,deployment   # the nodes' warm workers (#27)
+
+Per message (issue #27): `--modes message` runs a train message's work (imports, tokenizer, the silo's data,
+model and trainer, decoding the task) in fresh processes, as a deployment's ClientApp process does, phase by
+phase, twice (the spread shows the machine's load).
+
+    python benchmarks/bench_flower.py --modes message --seq_length 128
+
+Scale (issue #23): `--modes standin --nodes 747` runs the real ServerApp in the Simulation Engine with 747 nodes
+whose ClientApp is a stand-in (benchmarks/flower_standin.py: the real query, a train that answers with a seeded
+random delta at once), so it measures the engine and the server alone: start-up (submission to the first
+round: Ray, the actors, discovery of every node, the server's model) and each round's time, which is all
+engine and server overhead (no training).
+
+    python benchmarks/bench_flower.py --modes standin --nodes 747 --sample 10 --rounds 5
 """
 from __future__ import annotations
 
@@ -56,12 +71,16 @@ def in_process(args, work: Path, threads: int, out: Path) -> list[dict]:
     return rows(out)
 
 
-def flower(args, work: Path, simulation: bool, secagg: bool = False, index: int = 0) -> list[dict]:
+def flower(args, work: Path, simulation: bool, option: str = "", index: int = 0) -> list[dict]:
+    """option: "secagg" (secure aggregation), or "cold" (a deployment without the nodes' warm workers: every
+    message's ClientApp process imports, loads and builds everything itself, as before issue #27)."""
     from flower_app.launch import LocalFlower
-    name = ("simulation" if simulation else "deployment") + ("+secagg" if secagg else "")
+    secagg = option == "secagg"
+    name = ("simulation" if simulation else "deployment") + (f"+{option}" if option else "")
     out, home = work / f"{name}-{index}", work / f"home-{name}-{index}"
     threads = str(max(1, args.threads // 2))
-    env = {"OMP_NUM_THREADS": threads, "RAY_memory_monitor_refresh_ms": "0"}
+    env = {"OMP_NUM_THREADS": threads, "RAY_memory_monitor_refresh_ms": "0",
+           "FEDLLM_WARM_WORKER": "0" if option == "cold" else "1"}
     with LocalFlower(home, simulation=simulation, env=env) as engine:
         if not simulation:
             for k in range(2):
@@ -71,6 +90,104 @@ def flower(args, work: Path, simulation: bool, secagg: bool = False, index: int 
         if process.wait(timeout=7200) != 0 or not (out / "metrics.jsonl").exists():
             raise SystemExit(f"the {name} run failed: see {home}")
     return rows(out)
+
+
+def standin(args, work: Path) -> dict:
+    """The real ServerApp with --nodes simulated stand-in clients (flower_standin.py); start-up and round times."""
+    import shutil
+
+    from flower_app.launch import ROOT as PROJECT, LocalFlower
+
+    app, out, home = work / "standin-app", work / "standin", work / "home-standin"
+    app.mkdir()
+    pyproject = (PROJECT / "pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(pyproject.replace('clientapp = "flower_app.client_app:app"',
+                                                          'clientapp = "flower_standin:app"'))
+    shutil.copy(ROOT / "benchmarks" / "flower_standin.py", app / "flower_standin.py")
+    config = {"model-name-or-path": args.model, "output-dir": str(out), "synthetic-num-clients": args.nodes,
+              "synthetic-mean-samples": 4, "sample-clients": args.sample, "num-rounds": args.rounds,
+              "max-steps": 1, "seq-length": 64, "eval-after": False, "checkpoint-step": args.rounds}
+    env = {"OMP_NUM_THREADS": "1", "RAY_memory_monitor_refresh_ms": "0", "PYTHONPATH": str(PROJECT)}
+    metrics = out / "metrics.jsonl"
+    with LocalFlower(home, simulation=True, env=env) as engine:
+        submitted = time.perf_counter()
+        process = engine.run(config, num_supernodes=args.nodes, client_cpus=1, app=app)
+        while not metrics.exists() and process.poll() is None:
+            time.sleep(0.1)
+        first_row = time.perf_counter()
+        if process.wait(timeout=7200) != 0 or not metrics.exists():
+            raise SystemExit(f"the stand-in run failed: see {home}/run.log")
+        total = time.perf_counter() - submitted
+    round_times = [r["round_time_s"] for r in rows(out)]
+    log = (home / "run.log").read_text()
+    discovery = [line for line in log.splitlines() if "clients have a node" in line]
+    return {"mode": f"standin x {args.nodes} nodes", "start_up_s": round(first_row - submitted - round_times[0], 1),
+            "round_s": round_times, "mean_round_s": sum(round_times[1:] or round_times) / len(round_times[1:] or
+                                                                                            round_times),
+            "run_wall_s": round(total, 1), "discovery": discovery[-1].split(": ", 1)[-1] if discovery else None}
+
+
+PHASES = ("imports", "tokenizer", "data", "model_and_trainer", "decode_task")
+
+
+def probe(args) -> None:
+    """One train message's work in this fresh process, as a deployment's ClientApp process does it, phase by
+    phase (seconds, printed as one JSON line): importing the ClientApp, the tokenizer, the node's data (a silo
+    file: read and tokenised, or its tokenised cache), the model and trainer, decoding the task message."""
+    times, start = {}, time.perf_counter()
+
+    def lap(name):
+        nonlocal start
+        times[name] = round(time.perf_counter() - start, 3)
+        start = time.perf_counter()
+
+    from federated import loop  # noqa: F401  (train_client and, through it, torch, transformers, peft)
+    from flower_app import client_app  # noqa: F401  (what flwr-clientapp imports first)
+    from flower_app.config import NodeData, parse_run_config
+    lap("imports")
+    from flower_app.training import Worker
+    settings = parse_run_config({"model-name-or-path": args.model, "seq-length": args.seq_length,
+                                 "batch-size": args.batch_size, "max-steps": args.steps})
+    worker = Worker(settings)
+    lap("tokenizer")
+    client = worker.client(1, NodeData(0, 1, args.probe))
+    lap("data")
+    trainer = worker.trainer_for(client)
+    lap("model_and_trainer")
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+    from federated.loop import ClientTask
+    from flower_app.messages import read_task, task_content
+    wire = recorddict_to_proto(task_content(ClientTask(0, 0, 1e-4, 1, 4, None, 1), 1, trainer.flat.get(), {}, {},
+                                            ())).SerializeToString()
+    start = time.perf_counter()  # the bytes arrive; decoding them is the node's work
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+    read_task(recorddict_from_proto(ProtoRecordDict.FromString(wire)), trainer.flat.device)
+    lap("decode_task")
+    print(json.dumps(times), flush=True)
+
+
+def message_cost(args, work: Path, repeats: int = 2) -> list[dict]:
+    """A train message's per-process cost in `repeats` fresh processes on the same silo file: process wall time
+    and its phases."""
+    import subprocess
+    silo = work / "silos"
+    subprocess.run([sys.executable, "-m", "flower_app.deploy", "split", "--out", str(silo), "--dataset",
+                    "fed-synthetic", "--num_clients", "1", "--synthetic_num_clients", "1",
+                    "--synthetic_mean_samples", str(args.silo_samples)], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    results = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--probe", str(silo / "silo0.json"),
+                               "--model", args.model, "--seq_length", str(args.seq_length), "--steps",
+                               str(args.steps), "--batch_size", str(args.batch_size)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, check=True)
+        phases = json.loads(done.stdout.strip().splitlines()[-1])
+        results.append({"process_s": round(time.perf_counter() - start, 2), **phases})
+        print(json.dumps(results[-1]), flush=True)
+    return results
 
 
 def serialisation_seconds(args, repeats: int = 5) -> tuple[float, int]:
@@ -121,8 +238,36 @@ def main():
     parser.add_argument("--seq_length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2, help="total CPU threads of the clients, every mode")
     parser.add_argument("--modes", default="in-process,simulation,deployment")
+    parser.add_argument("--nodes", type=int, default=747, help="standin: simulated nodes (= clients)")
+    parser.add_argument("--sample", type=int, default=10, help="standin: clients sampled per round")
+    parser.add_argument("--silo_samples", type=int, default=200, help="message: samples in the probe's silo")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)  # message: the fresh process, on this silo file
     args = parser.parse_args()
+    if args.probe:
+        return probe(args)
     work = Path(tempfile.mkdtemp(prefix="bench-flower-"))
+    if args.modes == "message":
+        rows_ = message_cost(args, work)
+        print(f"\nOne train message's work in a fresh process (a Flower 1.42 deployment starts one per message): "
+              f"{args.model}, a silo of {args.silo_samples} fed-synthetic samples, seq {args.seq_length}. "
+              f"Work folder: {work}")
+        print("| process | total (s) | " + " | ".join(PHASES) + " |")
+        print("|---|---|" + "---|" * len(PHASES))
+        for i, r in enumerate(rows_):
+            print(f"| {i + 1} | {r['process_s']:.2f} | "
+                  + " | ".join(f"{r[p]:.2f}" for p in PHASES) + " |")
+        return
+    if args.modes == "standin":
+        result = standin(args, work)
+        print(json.dumps(result))
+        print(f"\n{args.model}'s LoRA layout, {args.nodes} simulated nodes with stand-in clients, {args.sample} "
+              f"sampled per round, {args.rounds} rounds, client-resources-num-cpus 1. Work folder: {work}")
+        print("| nodes | start-up to round 1 (s) | mean round, engine + server (s) | "
+              "per-round overhead in a 1-min round |")
+        print("|---|---|---|---|")
+        print(f"| {args.nodes} | {result['start_up_s']:.1f} | {result['mean_round_s']:.2f} | "
+              f"{100 * result['mean_round_s'] / 60:.1f}% |")
+        return
     results = []
     for i, mode in enumerate(args.modes.split(",")):
         name, _, threads = mode.partition("@")  # in-process@1: one thread, for comparison
@@ -131,7 +276,7 @@ def main():
             mode_rows = in_process(args, work, int(threads or args.threads), work / f"inprocess-{i}")
         else:
             engine, _, option = name.partition("+")
-            mode_rows = flower(args, work, simulation=engine == "simulation", secagg=option == "secagg", index=i)
+            mode_rows = flower(args, work, simulation=engine == "simulation", option=option, index=i)
         results.append(summary(mode, mode_rows))
         results[-1]["process_wall_s"] = round(time.perf_counter() - start, 1)
         print(json.dumps(results[-1]), flush=True)

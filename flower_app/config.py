@@ -25,8 +25,9 @@ class FlowerArguments:
                                                             "fewer than min-replies answered"})
     round_timeout: float = field(default=3600.0, metadata={"help": "seconds to wait for a round's replies; a "
                                                                    "client that has not answered by then failed"})
-    wait_for_nodes: float = field(default=120.0, metadata={"help": "seconds to wait at the start for the nodes of "
-                                                                   "every client (partition) to connect"})
+    wait_for_nodes: float = field(default=120.0, metadata={"help": "seconds the start waits without a new node "
+                                                                   "answering (the wait starts again with each "
+                                                                   "one) for a node of every client (partition)"})
     secagg: bool = field(default=False, metadata={"help": "Flower's secure aggregation (SecAgg+): the server sees "
                                                           "only the weighted sum of the clients' updates "
                                                           "(FedAvg-family rules; docs/FLOWER.md)"})

@@ -6,7 +6,7 @@ project, and a stop that ends exactly the processes started here (and their chil
         flower.run({"fed-alg": "scaffold", "output-dir": "/tmp/out", ...}, num_supernodes=4)
 
 Without `certificates`, insecure (no TLS) on 127.0.0.1 only; with a folder holding ca.crt, server.pem and
-server.key (a server certificate for IP 127.0.0.1), every link is TLS as in a real deployment (docs/FLOWER.md).
+server.key (flower_app.deploy.make_certificates for 127.0.0.1), every link is TLS as in a real deployment.
 """
 from __future__ import annotations
 
@@ -44,49 +44,13 @@ def config_arg(config: dict) -> str:
     return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
 
 
-def make_test_certificates(folder: str | Path) -> Path:
-    """A throw-away CA and a server certificate for 127.0.0.1 (ca.crt, server.pem, server.key), for a TLS
-    deployment on loopback. Real deployments use their own PKI (docs/FLOWER.md)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def certificate(subject, key, issuer, issuer_key, ca: bool):
-        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if not ca:
-            builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedllm test CA")])
-    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    ca = certificate(ca_name, ca_key, ca_name, ca_key, ca=True)
-    server = certificate(server_name, server_key, ca_name, ca_key, ca=False)
-    (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (folder / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    (folder / "server.key").write_bytes(server_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return folder
-
-
 class LocalFlower:
     def __init__(self, home: str | Path, simulation: bool, log_dir: str | Path | None = None, env: dict | None = None,
-                 certificates: str | Path | None = None, node_auth: bool = False):
+                 certificates: str | Path | None = None, node_auth: bool = False, database: bool = False):
         self.home, self.simulation = Path(home), simulation
         self.certificates = Path(certificates).resolve() if certificates else None
         self.node_auth = node_auth  # only registered SuperNodes may join (needs TLS)
+        self.database = database  # the SuperLink keeps its state in home/superlink.db (a restart keeps it)
         self.log_dir = Path(log_dir or home)
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                     "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
@@ -102,9 +66,15 @@ class LocalFlower:
         command = [str(BIN / "flower-superlink"), *self._tls("superlink"), "--host", "127.0.0.1", "--port",
                    str(self.port), "--disable-runtime-dependency-installation"]
         command += ["--enable-supernode-auth"] if self.node_auth else []
-        self._start("superlink", command + (["--simulation"] if self.simulation else []))
-        self._wait_for_health()
+        command += ["--database", str(self.home / "superlink.db")] if self.database else []
+        self.superlink_command = command + (["--simulation"] if self.simulation else [])
+        self.start_superlink()
         return self
+
+    def start_superlink(self) -> None:
+        """Start the SuperLink (again, after a crash: the same port, and with `database` the same state)."""
+        self._start("superlink", self.superlink_command)
+        self._wait_for_health()
 
     def __exit__(self, *exc):
         self.stop()
@@ -151,28 +121,19 @@ class LocalFlower:
         return self._start(name, command)
 
     def node_key(self, name: str, register: bool) -> Path:
-        """An EC key pair for a SuperNode (OpenSSH format, as ssh-keygen -t ecdsa makes), its public key registered
-        with the SuperLink by `flwr supernode register`; returns the private key's path."""
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
+        """A key pair for a SuperNode (flower_app.deploy.make_node_key), its public key registered with the
+        SuperLink by `flwr supernode register`; returns the private key's path."""
+        from flower_app.deploy import make_node_key
 
-        keys = self.home / "keys"
-        keys.mkdir(exist_ok=True)
-        key = ec.generate_private_key(ec.SECP384R1())
-        private, public = keys / name, keys / f"{name}.pub"
-        private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                              serialization.NoEncryption()))
-        private.chmod(0o600)
-        public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                         serialization.PublicFormat.OpenSSH))
+        private, public = make_node_key(self.home / "keys", name)
         if register:
             subprocess.run([str(BIN / "flwr"), "supernode", "register", str(public), CONNECTION], cwd=ROOT,
                            env=self.env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         return private
 
     def run_command(self, run_config: dict, num_supernodes: int | None = None,
-                    client_cpus: float | None = None) -> list[str]:
-        command = [str(BIN / "flwr"), "run", str(ROOT), CONNECTION, "--stream", "--run-config", config_arg(run_config)]
+                    client_cpus: float | None = None, app: str | Path = ROOT) -> list[str]:
+        command = [str(BIN / "flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", config_arg(run_config)]
         if self.simulation:
             federation = {"num-supernodes": num_supernodes or 2}
             if client_cpus is not None:

@@ -9,7 +9,7 @@ before anything leaves the node, its weight as num_examples, its loss and steps 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -20,6 +20,16 @@ from flwr.compat.common import recorddict_compat
 from federated.loop import ClientResult, ClientTask
 
 GLOBAL, SERVER, CLIENT, UPLOAD = "x", "server/", "client/", "upload/"
+
+
+@dataclass
+class Exchange:
+    """One round's traffic: the clients' results, the clients that failed (with why), the bytes really moved."""
+    results: dict = field(default_factory=dict)  # client -> ClientResult
+    failed: dict = field(default_factory=dict)  # client -> reason
+    uploaded: int = 0
+    downloaded: int = 0
+    summed: object = None  # SummedUpdate: the round's mean update from secure aggregation (results: no vectors)
 
 
 def _array(tensor: torch.Tensor) -> Array:

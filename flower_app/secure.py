@@ -193,8 +193,7 @@ def secure_exchange(grid, context, federation, tasks: list, node_of: dict, setti
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 
     from federated.loop import SummedUpdate
-    from flower_app.messages import read_secure_result, secure_task
-    from flower_app.server_app import Exchange
+    from flower_app.messages import Exchange, read_secure_result, secure_task
 
     run, flower = federation.run, settings.flower
     weights = client_weights(federation)

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from flower_app.config import RunSettings, parse_run_config
-from flower_app.messages import payload_bytes, read_result, task_content
+from flower_app.messages import Exchange, payload_bytes, read_result, task_content
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +29,17 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    try:
+        run(grid, context)
+    except SystemExit as stop:
+        if stop.code in (None, 0):
+            raise
+        # Flower records a run as failed (flwr ls, flower_app.deploy wait) and logs why only for an Exception; a
+        # SystemExit would end a simulation's ServerApp thread silently.
+        raise RunFailed(str(stop.code)) from None
+
+
+def run(grid: Grid, context: Context) -> None:
     from federated.run_dir import RunGuard
     from utils.console import configure_console
 
@@ -41,18 +51,12 @@ def main(grid: Grid, context: Context) -> None:
         serve(grid, settings, context)
 
 
+class RunFailed(Exception):
+    """The run stopped on bad input or too few nodes or replies; the message says why and what to do."""
+
+
 class NotEnoughReplies(SystemExit):
     """A round ended with fewer replies than min-replies, retries included."""
-
-
-@dataclass
-class Exchange:
-    """One round's traffic: the clients' results, the clients that failed (with why), the bytes really moved."""
-    results: dict = field(default_factory=dict)  # client -> ClientResult
-    failed: dict = field(default_factory=dict)  # client -> reason
-    uploaded: int = 0
-    downloaded: int = 0
-    summed: object = None  # SummedUpdate: the round's mean update from secure aggregation (results: no vectors)
 
 
 def gather(tasks: list, send, min_replies: int, retries: int, round_number: int,
@@ -156,7 +160,9 @@ def send_tasks(grid: Grid, federation, tasks: list, node_of: dict, settings: Run
         content = task_content(task, federation.num_clients, run.x, run.server_state,
                                run.client_store.get(task.client, {}), algorithm.shared_with_clients)
         exchange.downloaded += payload_bytes(content)
-        messages.append(Message(content, node, "train", group_id=str(task.round_idx + 1)))
+        # The TTL lets a task of a run that stopped expire on the SuperLink instead of waiting for its node.
+        messages.append(Message(content, node, "train", ttl=settings.flower.round_timeout,
+                                group_id=str(task.round_idx + 1)))
     grid.push_messages(messages)
     for message, task in zip(messages, [t for t in tasks if t.client not in exchange.failed]):
         client_of[message.metadata.message_id] = task.client
@@ -196,37 +202,80 @@ def collect_replies(grid: Grid, client_of: dict, node_of: dict, timeout: float) 
     return replies
 
 
+PROGRESS_S = 10.0  # how often the start says what it is waiting for
+QUERIES_IN_FLIGHT = 64  # queries out at once: each must be answered within its TTL, whatever the node count
+
+
 def ask(grid: Grid, nodes: list[int], timeout: float) -> dict[int, dict]:
-    """node id -> its answer to the query (which client it holds, how many samples it trains on)."""
-    answers = {}
-    replies = grid.send_and_receive([Message(RecordDict(), node, "query") for node in nodes], timeout=timeout)
-    for reply in replies:
-        if reply.has_error():
-            raise SystemExit(f"Node {reply.metadata.src_node_id} cannot join the run: "
-                             f"{(reply.error.reason or '').strip()[-500:]}")
-        answers[reply.metadata.src_node_id] = dict(reply.content["node"])
+    """node id -> its answer to the query (which client it holds, how many samples it trains on). At most
+    QUERIES_IN_FLIGHT queries are out at once, the next sent as answers come in, each expiring after `timeout`
+    (its TTL): hundreds of nodes served by a few simulation actors are all asked, and a node that does not answer
+    in time is left out (the caller asks it again)."""
+    answers, pending, out = {}, list(nodes), {}  # out: message id -> the time it expires
+    next_report = time.monotonic() + PROGRESS_S
+    while pending or out:
+        if time.monotonic() > next_report:
+            logger.info("Asking %d nodes which client they hold: %d answered", len(nodes), len(answers))
+            next_report = time.monotonic() + PROGRESS_S
+        batch, pending = pending[:QUERIES_IN_FLIGHT - len(out)], pending[QUERIES_IN_FLIGHT - len(out):]
+        if batch:
+            ids = grid.push_messages([Message(RecordDict(), node, "query", ttl=timeout) for node in batch])
+            out.update({message_id: time.monotonic() + timeout for message_id in ids})
+        replies = list(grid.pull_messages(list(out)))
+        for reply in replies:
+            out.pop(reply.metadata.reply_to_message_id, None)
+            if reply.has_error():
+                raise SystemExit(f"Node {reply.metadata.src_node_id} cannot join the run: "
+                                 f"{(reply.error.reason or '').strip()[-500:]}")
+            answers[reply.metadata.src_node_id] = dict(reply.content["node"])
+        out = {m: expires for m, expires in out.items() if expires > time.monotonic()}
+        if not replies:
+            time.sleep(POLL_S)
     return answers
 
 
 def discover(grid: Grid, settings: RunSettings) -> dict[int, tuple[int, int]]:
-    """Ask the connected nodes which client they hold until every client of the run has one (or wait-for-nodes
-    runs out): client index -> (node id, its sample count). The run's clients are num-clients if given, else
-    the nodes' num-partitions."""
-    deadline = time.monotonic() + settings.flower.wait_for_nodes
+    """Ask the connected nodes which client they hold until every client of the run has one: client index ->
+    (node id, its sample count). The run's clients are num-clients if given, else the nodes' num-partitions.
+    wait-for-nodes is the longest wait without progress: it starts again whenever a new node answers, so a start
+    of many nodes that keep arriving is never cut short, and a start where none arrives stops with what is
+    missing. Every PROGRESS_S the log says what it is waiting for."""
+    patience = settings.flower.wait_for_nodes
     answers: dict[int, dict] = {}  # node id -> its answer
+    start = last_progress = next_report = time.monotonic()
     while True:
-        new = [node for node in grid.get_node_ids() if node not in answers]
+        connected = grid.get_node_ids()
+        new = [node for node in connected if node not in answers]
         if new:
-            answers.update(ask(grid, new, max(1.0, deadline - time.monotonic())))
+            answers.update(ask(grid, new, patience))
+            last_progress = time.monotonic()
         clients = clients_of(answers, settings.fed_args.num_clients)
         if clients is not None:
+            logger.info("All %d clients have a node (%d nodes answered in %.1f s)", len(clients), len(answers),
+                        time.monotonic() - start)
             return clients
-        if time.monotonic() > deadline:
-            have = sorted(a["partition_id"] for a in answers.values() if a["num_samples"])
-            raise SystemExit(f"After wait-for-nodes {settings.flower.wait_for_nodes:g} s the nodes hold clients "
-                             f"{have}; the run needs clients 0 .. {expected_clients(answers, settings) - 1}: start "
-                             f"their SuperNodes (node-config partition-id) or lower num-clients.")
+        if time.monotonic() > last_progress + patience:
+            missing = waiting_for(answers, connected, settings)
+            raise SystemExit(f"No new node for wait-for-nodes {patience:g} s: {missing}. Start the missing "
+                             f"SuperNodes (node-config partition-id), lower num-clients, or raise wait-for-nodes.")
+        if time.monotonic() > next_report:
+            logger.info("Waiting for nodes: %s", waiting_for(answers, connected, settings))
+            next_report = time.monotonic() + PROGRESS_S
         time.sleep(1.0)
+
+
+def waiting_for(answers: dict, connected, settings: RunSettings) -> str:
+    """What the start still lacks, in words: how many nodes are connected and which partitions have no node."""
+    if not connected:
+        return ("no SuperNode is connected to the SuperLink: check that they run and reach its address (a node's log "
+                "with 401 Unauthorized: its public key is not registered, see docs/FLOWER.md)")
+    expected = expected_clients(answers, settings)
+    held = {a["partition_id"] for a in answers.values()}
+    missing = [k for k in range(expected) if k not in held]
+    shown = ", ".join(map(str, missing[:20])) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
+    return (f"{len(connected)} nodes connected, {len(answers)} answered; "
+            + (f"partitions {shown} of 0 .. {expected - 1} have no node yet" if expected else
+               "no node declares num-partitions and run-config num-clients is not set"))
 
 
 def rejoin(grid: Grid, node_of: dict, counts: list[int], timeout: float, asked: set) -> None:

@@ -1,18 +1,27 @@
 """What a node and the server build for a run, from the entry scripts' own functions: a node loads its client's
 samples (a partition of the run's dataset, or the silo's own file), tokenises them once, and builds the model,
-the trainer and its LocalTrainer once per run; the server loads the LoRA model (the initial global vector, and
-the adapter its checkpoints save)."""
+the trainer and its LocalTrainer once per run; the server builds the LoRA layout (the initial global vector, and
+the adapter its checkpoints save) without the base model's weights.
+
+At scale (hundreds of nodes in simulation, a few Ray actors serving them in turn) a worker loads the run's
+dataset once and keeps it, and keeps the tokenised samples of the last TOKENISED_PER_WORKER nodes it served
+(least recently used dropped): its memory is bounded whatever the number of nodes.
+"""
 from __future__ import annotations
 
 import logging
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass, replace
+
+import torch
 
 from flower_app.config import NodeData, RunSettings
 
 logger = logging.getLogger(__name__)
 
 KINDS = {"sft": ("sft", "multiturn"), "dpo": ("preference",)}
+TOKENISED_PER_WORKER = 16  # nodes whose tokenised samples a worker keeps (a simulation actor serves many)
 ENTRY = {"sft": "main_sft.py", "dpo": "main_dpo.py"}
 
 
@@ -31,8 +40,9 @@ class NodeClient:
 
 class Worker:
     """A process that trains clients for one run: one tokenizer, model, trainer and LocalTrainer, whichever client
-    it trains (as main_sft.py trains every client on one trainer), and each of its nodes' tokenised data. In
-    simulation one Ray actor process serves many virtual nodes in turn; a SuperNode serves one."""
+    it trains (as main_sft.py trains every client on one trainer), the run's dataset (loaded on first need) and
+    the tokenised data of its last TOKENISED_PER_WORKER nodes. In simulation one Ray actor process serves many
+    virtual nodes in turn; a SuperNode serves one."""
 
     def __init__(self, settings: RunSettings):
         from utils.model import load_tokenizer
@@ -43,15 +53,20 @@ class Worker:
         self.script_args = replace(settings.script_args, output_dir=self.scratch.name)
         self.tokenizer = load_tokenizer(self.script_args.model_name_or_path, self.script_args.seq_length)
         self.local_trainer = None
-        self.clients: dict[int, NodeClient | None] = {}  # node id -> its client (None: no data in this run)
+        self.partitions = None  # (client ids, each client's raw samples) of the run's dataset, once loaded
+        self.clients: OrderedDict[int, NodeClient | None] = OrderedDict()  # node id -> its client, recent last
 
     def client(self, node_id: int, node: NodeData) -> NodeClient | None:
-        if node_id not in self.clients:
+        if node_id in self.clients:
+            self.clients.move_to_end(node_id)
+        else:
             self.clients[node_id] = self._load_client(node)
+            while len(self.clients) > TOKENISED_PER_WORKER:
+                self.clients.popitem(last=False)
         return self.clients[node_id]
 
     def _load_client(self, node: NodeData) -> NodeClient | None:
-        found = node_samples(self.settings, node)
+        found = self._samples(node)
         if found is None:
             logger.info("Partition %d has no client in this run's dataset: the node stays idle", node.partition_id)
             return None
@@ -60,6 +75,17 @@ class Worker:
         tokenize = _entry(self.settings.task).tokenize_clients
         data = tokenize([samples], self.tokenizer, s.template, s.seq_length, [client_id])[0]
         return NodeClient(node.partition_id, client_id, data, samples[0])
+
+    def _samples(self, node: NodeData):
+        """(client id, raw samples) of this node, or None when the run's dataset has no client at its partition."""
+        if node.data_file:
+            return silo_samples(self.settings, node.data_file)
+        if self.partitions is None:
+            self.partitions = run_partitions(self.settings)
+        client_ids, clients = self.partitions
+        if node.partition_id >= len(clients):
+            return None
+        return client_ids[node.partition_id], clients[node.partition_id]
 
     def trainer_for(self, client: NodeClient):
         """The LocalTrainer, built on first use exactly as the entry script builds it."""
@@ -78,22 +104,26 @@ class Worker:
         return self.local_trainer
 
 
-def node_samples(settings: RunSettings, node: NodeData):
-    """(client id, raw samples) of this node, or None when the run's dataset has no client at its partition."""
+def silo_samples(settings: RunSettings, data_file: str):
+    """(client id, samples) of a silo's own file, which holds one client."""
+    from federated.setup import load_dataset_for
+
+    s, task = settings.script_args, settings.task
+    dataset = load_dataset_for(replace(s, local_data_dir=data_file), kinds=KINDS[task], entry=ENTRY[task])
+    if dataset.num_clients != 1:
+        raise SystemExit(f"node-config data-file {data_file} holds {dataset.num_clients} clients; a silo's file "
+                         f"holds one (client id -> its samples): write one with python -m flower_app.split.")
+    return dataset.client_ids[0], dataset.clients[0]
+
+
+def run_partitions(settings: RunSettings) -> tuple[list[str], list[list[dict]]]:
+    """The run's clients as main_sft.py/main_dpo.py choose them: (client ids, each client's raw samples)."""
     from federated.setup import load_dataset_for, select_clients
 
     s, task = settings.script_args, settings.task
-    if node.data_file:  # a silo: its own file, one client
-        dataset = load_dataset_for(replace(s, local_data_dir=node.data_file), kinds=KINDS[task], entry=ENTRY[task])
-        if dataset.num_clients != 1:
-            raise SystemExit(f"node-config data-file {node.data_file} holds {dataset.num_clients} clients; a silo's "
-                             f"file holds one (client id -> its samples).")
-        return dataset.client_ids[0], dataset.clients[0]
     dataset = load_dataset_for(s, kinds=KINDS[task], entry=ENTRY[task])
     clients = select_clients(dataset, replace(settings.fed_args))
-    if node.partition_id >= len(clients):
-        return None
-    return dataset.client_ids[node.partition_id], clients[node.partition_id]
+    return dataset.client_ids[:len(clients)], clients
 
 
 def _entry(task: str):
@@ -102,10 +132,48 @@ def _entry(task: str):
     return {"sft": main_sft, "dpo": main_dpo}[task]
 
 
-def load_server_model(settings: RunSettings):
-    """The LoRA model as the entry scripts build it (seeded: the same initial adapter), and its flat view."""
-    from federated.flat import FlatParams
-    from federated.setup import load_lora_model
+def adapter_dtype(script_args) -> torch.dtype:
+    """The dtype the LoRA weights pass through when peft creates them next to the base layer as the entry scripts
+    load it (peft casts to the base layer's float dtype, then back to fp32): the same initial values."""
+    if script_args.load_in_8bit:
+        return torch.float32  # int8 base weights: peft does not cast
+    if script_args.load_in_4bit or torch.cuda.is_available():
+        return torch.bfloat16  # 4-bit's compute dtype; bf16 base weights on a GPU
+    return torch.float32
 
-    model = load_lora_model(settings.script_args, settings.fed_args)
+
+def layout_model(script_args, fed_args):
+    """The LoRA-wrapped model without the base model's weights: the architecture from the model's config on the
+    meta device, every Linear's weight a one-element CPU stand-in of the right shape and dtype (peft puts each
+    adapter next to its base layer's weight), LoRA seeded and prepared as federated.setup.load_lora_model does:
+    the same initial adapter, bit for bit, in the memory of the adapter alone, and never on an accelerator."""
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+
+    from federated.lora_methods import make_lora_method
+    from utils.model import resolve_model_path, wrap_with_lora
+
+    s = script_args
+    set_seed(s.seed)
+    dtype = adapter_dtype(s)
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(s.model_name_or_path))
+    except OSError as err:
+        raise SystemExit(f"Could not read the config of model {s.model_name_or_path!r}: {err}. Pass a local "
+                         f"directory or omit model-name-or-path for the embedded SmolLM2.") from err
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            stand_in = torch.empty((), dtype=dtype).expand(module.weight.shape)
+            module.weight = torch.nn.Parameter(stand_in, requires_grad=False)
+    model = wrap_with_lora(model, r=s.peft_lora_r, alpha=s.peft_lora_alpha, dropout=s.peft_lora_dropout)
+    make_lora_method(fed_args).prepare_model(model)
+    return model
+
+
+def load_server_model(settings: RunSettings):
+    """The server's LoRA model (layout_model: no base weights) and its flat view, on the CPU."""
+    from federated.flat import FlatParams
+
+    model = layout_model(settings.script_args, settings.fed_args)
     return model, FlatParams(model)

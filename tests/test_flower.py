@@ -14,7 +14,8 @@ import torch
 from conftest import ROOT, run_entry
 from federated.loop import ClientResult, ClientTask
 from flower_app.config import FlowerArguments, default_run_config, key_of, parse_node_config, parse_run_config
-from flower_app.server_app import Exchange, NotEnoughReplies, clients_of, gather
+from flower_app.messages import Exchange
+from flower_app.server_app import NotEnoughReplies, clients_of, gather
 
 # One thread per process on the shared cores; Ray's out-of-memory killer off (it counts other jobs' memory on
 # this machine against ours and kills a 0.4 GB client actor).
@@ -83,6 +84,90 @@ def test_clients_are_complete_only_when_every_partition_has_a_node():
     answers[14] = {"partition_id": 1, "num_samples": 7}
     with pytest.raises(SystemExit, match="both hold partition 1"):
         clients_of(answers, None)
+
+
+def test_waiting_for_nodes_says_what_is_missing():
+    from flower_app.server_app import waiting_for
+    settings = parse_run_config({"num-clients": 30})
+    assert "no SuperNode is connected" in waiting_for({}, [], settings)
+    answers = {n: {"partition_id": n - 100, "num_samples": 3} for n in range(100, 105)}  # partitions 0 .. 4
+    said = waiting_for(answers, list(range(100, 106)), settings)
+    assert said.startswith("6 nodes connected, 5 answered; partitions 5, 6,") and "(25 in all)" in said
+
+
+# --- scale: what a node and the server hold --------------------------------------------------------------------
+
+def test_the_server_builds_the_initial_adapter_without_the_base_weights(tiny_model_dir, tmp_path):
+    """layout_model gives load_lora_model's initial adapter bit for bit, for standard and ffa (A frozen), with
+    no base weight in memory (meta tensors, or one-element stand-ins), and saves the same adapter file."""
+    from federated.config import FedArguments, ScriptArguments
+    from federated.flat import FlatParams
+    from federated.setup import load_lora_model
+    from flower_app.training import layout_model
+
+    for method in ("standard", "ffa"):
+        s, f = ScriptArguments(model_name_or_path=tiny_model_dir), FedArguments(lora_method=method)
+        full, bare = load_lora_model(s, f), layout_model(s, f)
+        assert FlatParams(bare).names == FlatParams(full).names
+        assert torch.equal(FlatParams(bare).get(), FlatParams(full).get())
+        base = [p for n, p in bare.named_parameters() if "lora_" not in n]
+        assert base and all(p.is_meta or p.untyped_storage().nbytes() <= 4 for p in base)
+    full.save_pretrained(tmp_path / "full")
+    bare.save_pretrained(tmp_path / "bare")
+    assert same_adapter(tmp_path / "bare", tmp_path / "full")
+
+
+def test_a_worker_loads_the_dataset_once_and_keeps_few_tokenised_partitions(tiny_model_dir):
+    from flower_app.config import NodeData
+    from flower_app.training import TOKENISED_PER_WORKER, Worker
+
+    settings = parse_run_config({**TINY_RUN, "synthetic-num-clients": 40, "model-name-or-path": tiny_model_dir})
+    worker = Worker(settings)
+    first = worker.client(1000, NodeData(0, 41, None))
+    partitions = worker.partitions
+    for node in range(1, 41):
+        worker.client(1000 + node, NodeData(node, 41, None))
+    assert worker.partitions is partitions  # loaded once for every node
+    assert len(worker.clients) == TOKENISED_PER_WORKER and 1000 not in worker.clients
+    assert worker.clients[1040] is None  # partition 40: past the dataset's 40 clients, no data
+    again = worker.client(1000, NodeData(0, 41, None))  # tokenised again, the same samples
+    assert again is not first and again.data["input_ids"] == first.data["input_ids"]
+
+
+def test_a_node_worker_answers_the_messages_of_one_message_processes(tiny_model_dir):
+    """A deployment's ClientApp process forwards to the node's warm worker: the first message starts it, the next
+    ones reach the same process; its answer equals the one computed in process, and its failure (a bad run
+    config) comes back as an error with the reason."""
+    import os
+    import secrets
+    import signal
+
+    from flwr.common.serde import recorddict_from_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+    from flower_app.client_app import answer_query
+    from flower_app.worker_link import call, folder
+
+    node_id = secrets.randbits(62)  # not the seeded `random`: a node id of its own, in every run
+    run_config = {**TINY_RUN, "model-name-or-path": tiny_model_dir}
+    node_config = {"partition-id": 1, "num-partitions": 4}
+    log = folder() / f"node-{node_id}.log"
+    assert not log.exists()
+    try:
+        answers = [call("query", b"", 7, node_id, node_config, run_config, supernode_pid=os.getpid())
+                   for _ in range(2)]
+        with pytest.raises(RuntimeError, match="Unknown run-config key 'fed_alg'"):
+            call("query", b"", 8, node_id, node_config, {"fed_alg": "fedavg"}, supernode_pid=os.getpid())
+    finally:
+        started = [int(line.split()[2]) for line in log.read_text().splitlines() if "listening on" in line]
+        for pid in started:
+            os.kill(pid, signal.SIGTERM)
+    assert len(started) == 1  # one worker served all three
+    from flwr.app import Context, RecordDict
+    expected = answer_query(Context(7, node_id, node_config, RecordDict(), run_config))
+    for answer in answers:
+        assert dict(recorddict_from_proto(ProtoRecordDict.FromString(answer))["node"]) == dict(expected["node"])
+    assert dict(expected["node"])["partition_id"] == 1 and dict(expected["node"])["num_samples"] > 0
 
 
 # --- failures and the minimum of replies ---------------------------------------------------------------------
@@ -193,12 +278,13 @@ def test_deployment_on_loopback_survives_a_supernode_stopped_mid_run(tiny_model_
     (a third SuperNode whose key is not registered claims partition 1 and is kept out), `flwr run` on this
     project, FedAvg for 2 rounds. Round 1 equals main_sft.py's bit for bit; then SuperNode 1 is stopped (SIGTERM
     to its pid) and round 2 aggregates client 0 alone, with client 1 logged as failed."""
-    from flower_app.launch import LocalFlower, make_test_certificates
+    from flower_app.deploy import make_certificates
+    from flower_app.launch import LocalFlower
 
     out = tmp_path / "flower"
     config = {**TINY_RUN, "fed-alg": "fedavg", "model-name-or-path": tiny_model_dir, "output-dir": str(out),
               "checkpoint-step": 1, "round-timeout": 300.0}
-    certificates = make_test_certificates(tmp_path / "certificates")
+    certificates = make_certificates(tmp_path / "certificates", ["127.0.0.1", "localhost"])
     with LocalFlower(tmp_path / "home", simulation=False, env=QUIET_RAY, certificates=certificates,
                      node_auth=True) as flower:
         for k in range(2):

@@ -42,7 +42,7 @@ def configure_console(log_level: str = "info", quantizes: bool = False) -> None:
     library_level = level if level == logging.DEBUG else max(level, logging.WARNING)
     logging.basicConfig(level=library_level, format=LOG_FORMAT, handlers=[ProgressAwareHandler()])
     logging.getLogger().setLevel(library_level)  # basicConfig leaves an already configured root alone
-    for name in ("__main__", "federated", "data", "evaluation", "utils", "kernels"):
+    for name in ("__main__", "federated", "data", "evaluation", "utils", "kernels", "flower_app"):
         logging.getLogger(name).setLevel(level)
     for name in LIBRARIES:
         library = logging.getLogger(name)
