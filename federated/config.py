@@ -108,8 +108,22 @@ class ScriptArguments:
                                                                        "sources); test sets for leakage removal"})
     source_path: str | None = field(default=None, metadata={"help": "local copy of a FedLLM-Bench source dataset"})
     hf_token: str | None = field(default=None, metadata={"help": "token for gated sources (default: HF_TOKEN)"})
-    quality_filter: str | None = field(default=None, metadata={"help": "'ira': drop each client's low-IRA samples"})
+    quality_filter: str | None = field(default=None, metadata={
+        "help": "'ira': drop each client's low-IRA samples (FedDQC); 'anchor': drop samples whose influence on a "
+                "public anchor set is below one global threshold (CLUES); 'anchor_per_client': each client keeps "
+                "its own top share by the same score (data/anchor_quality.py)"})
     quality_threshold: float = field(default=0.0, metadata={"help": "keep samples with IRA >= this"})
+    quality_threshold_quantile: float = field(default=0.1, metadata={
+        "help": "anchor: the global threshold is this quantile of the anchors' own scores; anchor_per_client: "
+                "each client drops this share of its samples"})
+    quality_anchor_data: str | None = field(default=None, metadata={
+        "help": "anchor filters: a JSON list of good {instruction, response} samples (fed-synthetic datasets: "
+                "generated clean, disjoint from the test set, when not given)"})
+    quality_anchor_size: int = field(default=48, metadata={"help": "anchors generated for fed-synthetic datasets"})
+    quality_checkpoints: int = field(default=3, metadata={"help": "anchor filters: warm-up checkpoints summed in "
+                                                                  "the TracIn score"})
+    quality_warmup_lr: float = field(default=0.05, metadata={"help": "anchor filters: step size of the warm-up's "
+                                                                     "gradient steps on the anchors"})
     quality_order: bool = field(default=False, metadata={"help": "train each client from high to low IRA"})
     quality_model: str | None = field(default=None, metadata={"help": "model scoring IRA (default: the trained one)"})
     client_groups: str | None = field(default=None, metadata={"help": "same_language or similar_language: one "
@@ -136,7 +150,7 @@ def dataset_options(script_args: ScriptArguments) -> dict:
 
 
 FEDOPT_VARIANTS = ("fedllm-bench", "reddi")
-QUALITY_FILTERS = ("ira",)
+QUALITY_FILTERS = ("ira", "anchor", "anchor_per_client")
 
 
 def _fail(flag: str, value, requirement: str, fix: str):
@@ -193,7 +207,12 @@ def check_arguments(script_args: ScriptArguments, fed_args: FedArguments) -> Non
         _fail("--fedopt_variant", fed_args.fedopt_variant, f"one of {', '.join(FEDOPT_VARIANTS)}",
               "pass --fedopt_variant reddi for Reddi et al.'s Algorithm 2")
     if script_args.quality_filter is not None and script_args.quality_filter not in QUALITY_FILTERS:
-        _fail("--quality_filter", script_args.quality_filter, "'ira'", "pass --quality_filter ira or omit it")
+        _fail("--quality_filter", script_args.quality_filter, f"one of {', '.join(QUALITY_FILTERS)}",
+              "or omit it for no filter")
+    _check_number("--quality_threshold_quantile", script_args.quality_threshold_quantile, low=0, high=1)
+    _check_number("--quality_anchor_size", script_args.quality_anchor_size, integer=True, low=1)
+    _check_number("--quality_checkpoints", script_args.quality_checkpoints, integer=True, low=0)
+    _check_number("--quality_warmup_lr", script_args.quality_warmup_lr, low=0)
     if script_args.client_groups is not None:
         from data.groups import GROUP_MODES
         if script_args.client_groups not in GROUP_MODES:
