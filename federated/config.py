@@ -60,6 +60,22 @@ class FedArguments:
     dp_noise_multiplier: float | None = field(default=None, metadata={"help": "clip mode: z, noise std z C / K"})
     dp_target_epsilon: float | None = field(default=None, metadata={"help": "clip mode: calibrate z so that "
                                                                              "epsilon after --num_rounds is this"})
+    # FedCOG (federated/fedcog.py): consensus generation and distillation in local training, with any --fed_alg.
+    fedcog: bool = field(default=False, metadata={"help": "FedCOG: each sampled client answers prompts with the "
+                                                         "global model, keeps those its own last model disagrees "
+                                                         "with most (token KL) and distils them while training "
+                                                         "(main_sft.py)"})
+    cog_kd_weight: float = field(default=1.0, metadata={"help": "FedCOG: weight of KL(global || local) on the kept "
+                                                               "generations in the local loss"})
+    cog_num_generate: int = field(default=8, metadata={"help": "FedCOG: prompts answered per client per round"})
+    cog_num_keep: int = field(default=4, metadata={"help": "FedCOG: generations kept (largest KL) per client"})
+    cog_max_new_tokens: int = field(default=32, metadata={"help": "FedCOG: answer length limit"})
+    cog_prompts: str = field(default="own", metadata={"help": "FedCOG prompt source: own (the client's "
+                                                             "instructions) or public (--cog_public_prompts; "
+                                                             "fed-synthetic: generated, disjoint from the test set)"})
+    cog_public_prompts: str | None = field(default=None, metadata={"help": "FedCOG: a JSON list of samples (or "
+                                                                          "strings) whose instructions are the "
+                                                                          "public prompts"})
 
     def __post_init__(self):
         if self.local_epochs is not None:  # checked with every other flag in check_arguments
@@ -176,6 +192,7 @@ def _check_number(flag: str, value, *, integer=False, low=None, low_open=True, h
 def check_arguments(script_args: ScriptArguments, fed_args: FedArguments) -> None:
     """Every flag checked before any data or model is loaded: each failure one line naming the flag and the fix."""
     from federated.algorithms import check_algorithm_arguments, parse_local
+    from federated.fedcog import check_fedcog_arguments
     from federated.lora_methods import check_lora_arguments
     from federated.privacy import check_privacy_arguments
     from utils.model import check_quantization
@@ -224,4 +241,5 @@ def check_arguments(script_args: ScriptArguments, fed_args: FedArguments) -> Non
     check_algorithm_arguments(fed_args)
     check_privacy_arguments(fed_args)
     check_lora_arguments(fed_args, script_args)
+    check_fedcog_arguments(fed_args)
     check_quantization(script_args.load_in_8bit, script_args.load_in_4bit)

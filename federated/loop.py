@@ -241,6 +241,7 @@ class Federation:
         if self.privacy is not None:
             row.update(self.privacy.metrics(run))
         row.update(summed.metrics if summed is not None else {})
+        row.update(getattr(self.algorithm, "round_metrics", dict)())  # a method's own costs (FedCOG's generation)
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         np.save(self.output_dir / "training_loss.npy", np.array(run.loss_history))
