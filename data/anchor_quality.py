@@ -175,3 +175,21 @@ def score_with_anchors(dataset, anchors: list[dict], model, tokenizer, template:
     scores = [sample_scores(model, checkpoints, tokenize_samples(client, tokenizer, template, max_length), pad_id,
                             batch_size).tolist() for client in dataset.clients]
     return scores, anchor_scores
+
+
+def cached_scores(dataset, anchors: list[dict], settings: dict, compute) -> tuple[list[list[float]], np.ndarray]:
+    """score_with_anchors' result from the disk cache, or `compute()` stored there. The key covers `settings`
+    (model, LoRA shape, seed, template, length, checkpoints, step size), the anchors and every client's samples."""
+    import hashlib
+
+    from utils.model import cache_root
+    digest = hashlib.sha256(json.dumps([settings, anchors, dataset.clients], sort_keys=True, default=str).encode())
+    path = cache_root() / "anchor_quality" / f"{digest.hexdigest()[:16]}.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        return saved["scores"], np.asarray(saved["anchor_scores"])
+    scores, anchor_scores = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"scores": scores, "anchor_scores": [float(v) for v in anchor_scores]}))
+    return scores, anchor_scores
+

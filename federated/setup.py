@@ -61,13 +61,18 @@ def filter_by_anchors(dataset, script_args):
     s = script_args
     anchors = aq.load_anchors(dataset, s.quality_anchor_data, s.quality_anchor_size, s.seed)
     name = s.quality_model or s.model_name_or_path
-    tokenizer = load_tokenizer(name, s.seq_length)
-    base = load_base_model(name)
-    torch.manual_seed(s.seed)  # the adapter's initial A: the warm-up's start
-    model = wrap_with_lora(base, r=s.peft_lora_r, alpha=s.peft_lora_alpha, dropout=0.0)
-    scores, anchor_scores = aq.score_with_anchors(dataset, anchors, model, tokenizer, s.template, s.seq_length,
-                                                  s.quality_checkpoints, s.quality_warmup_lr)
-    del model
+
+    def compute():
+        tokenizer = load_tokenizer(name, s.seq_length)
+        base = load_base_model(name)
+        torch.manual_seed(s.seed)  # the adapter's initial A: the warm-up's start
+        model = wrap_with_lora(base, r=s.peft_lora_r, alpha=s.peft_lora_alpha, dropout=0.0)
+        return aq.score_with_anchors(dataset, anchors, model, tokenizer, s.template, s.seq_length,
+                                     s.quality_checkpoints, s.quality_warmup_lr)
+
+    settings = {"model": name, "r": s.peft_lora_r, "alpha": s.peft_lora_alpha, "seed": s.seed, "template": s.template,
+                "seq_length": s.seq_length, "checkpoints": s.quality_checkpoints, "lr": s.quality_warmup_lr}
+    scores, anchor_scores = aq.cached_scores(dataset, anchors, settings, compute)
     q = s.quality_threshold_quantile
     threshold = (aq.global_threshold(anchor_scores, q) if s.quality_filter == "anchor"
                  else aq.per_client_thresholds(scores, q))

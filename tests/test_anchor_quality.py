@@ -2,6 +2,7 @@
 global and per-client thresholds, the quality-mixed fed-synthetic variant, and the filter through apply_quality."""
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -129,9 +130,12 @@ def test_corrupted_answers_are_wrong():
     assert checked > 5  # the check ran on real samples
 
 
-def test_apply_quality_anchor_filter_on_a_tiny_model(tiny_model_dir, one_thread):
-    """The flags' path end to end: anchors generated beside the noisy dataset, scored, filtered, recorded."""
+def test_apply_quality_anchor_filter_on_a_tiny_model(tiny_model_dir, one_thread, tmp_path, monkeypatch):
+    """The flags' path end to end: anchors generated beside the noisy dataset, scored, filtered, recorded; the
+    per-client rule then reads the same scores from the cache."""
+    from data import anchor_quality
     from federated.setup import apply_quality
+    monkeypatch.setenv("FEDLLM_CACHE", str(tmp_path))
     ds = build_noisy_synthetic(num_clients=2, seed=0, mean_samples=16)
     args = SimpleNamespace(quality_filter="anchor", quality_order=False, quality_anchor_data=None,
                            quality_anchor_size=6, seed=0, quality_model=None, model_name_or_path=tiny_model_dir,
@@ -142,3 +146,9 @@ def test_apply_quality_anchor_filter_on_a_tiny_model(tiny_model_dir, one_thread)
     assert record["metric"] == "anchor" and record["anchors"] == 6
     assert record["samples_before"] == sum(ds.sample_counts) > record["samples_after"] > 0
     assert 0 <= record["recall"] <= 1 and record["corrupted"] == sum(s["corrupted"] for c in ds.clients for s in c)
+    monkeypatch.setattr(anchor_quality, "score_with_anchors", lambda *a, **k: pytest.fail("scored twice"))
+    per_client = apply_quality(ds, SimpleNamespace(**{**vars(args), "quality_filter": "anchor_per_client"}))
+    for before, after in zip(ds.clients, per_client.clients):  # each client drops the scores below its own
+        # interpolated lower quartile: ceil(0.25 (n - 1)) samples, fewer where repeated samples tie at it
+        assert 0 < len(before) - len(after) <= math.ceil(0.25 * (len(before) - 1))
+
