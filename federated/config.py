@@ -142,6 +142,16 @@ class ScriptArguments:
                                                                      "gradient steps on the anchors"})
     quality_order: bool = field(default=False, metadata={"help": "train each client from high to low IRA"})
     quality_model: str | None = field(default=None, metadata={"help": "model scoring IRA (default: the trained one)"})
+    feddca: bool = field(default=False, metadata={"help": "FedDCA: each client sends k-means centres of its "
+                                                           "instruction embeddings; the server picks one per client "
+                                                           "for coverage and returns the nearest public samples, "
+                                                           "added to the client's data (data/feddca.py)"})
+    dca_clusters: int = field(default=4, metadata={"help": "FedDCA: k-means centres per client"})
+    dca_retrieve: int = field(default=16, metadata={"help": "FedDCA: public samples retrieved per chosen centre"})
+    dca_public_data: str | None = field(default=None, metadata={"help": "FedDCA: the public pool, a JSON list of "
+                                                                       "samples (fed-synthetic: generated over "
+                                                                       "every task, disjoint from the test set)"})
+    dca_pool_size: int = field(default=480, metadata={"help": "FedDCA: size of the generated fed-synthetic pool"})
     client_groups: str | None = field(default=None, metadata={"help": "same_language or similar_language: one "
                                                                       "federation (adapter) per language group"})
     eval_per_task: int | None = field(default=None, metadata={"help": "score the first N held-out samples of "
@@ -230,6 +240,9 @@ def check_arguments(script_args: ScriptArguments, fed_args: FedArguments) -> Non
     _check_number("--quality_anchor_size", script_args.quality_anchor_size, integer=True, low=1)
     _check_number("--quality_checkpoints", script_args.quality_checkpoints, integer=True, low=0)
     _check_number("--quality_warmup_lr", script_args.quality_warmup_lr, low=0)
+    for flag, value in [("--dca_clusters", script_args.dca_clusters), ("--dca_retrieve", script_args.dca_retrieve),
+                        ("--dca_pool_size", script_args.dca_pool_size)]:
+        _check_number(flag, value, integer=True, low=0)
     if script_args.client_groups is not None:
         from data.groups import GROUP_MODES
         if script_args.client_groups not in GROUP_MODES:

@@ -16,14 +16,16 @@ logger = logging.getLogger(__name__)
 
 
 def load_dataset_for(script_args, kinds: tuple[str, ...], entry: str):
-    """The run's dataset, checked to hold `kinds` of samples, after the optional IRA filter and ordering."""
+    """The run's dataset, checked to hold `kinds` of samples, after the optional quality filter and ordering and
+    FedDCA's augmentation."""
     kind = "preference" if kinds == ("preference",) else None
     dataset = load_federated_dataset(script_args.dataset, local_data_dir=script_args.local_data_dir, kind=kind,
                                      **dataset_options(script_args))
     if dataset.kind not in kinds:
         raise SystemExit(f"{dataset.described} holds {dataset.kind} samples, which {entry} does not train: "
                          f"use {'main_dpo.py' if dataset.kind == 'preference' else 'main_sft.py'}.")
-    return apply_quality(dataset, script_args)
+    from data.feddca import apply_feddca
+    return apply_feddca(apply_quality(dataset, script_args), script_args)  # retrieved public samples: not filtered
 
 
 def apply_quality(dataset, script_args):
