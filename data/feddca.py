@@ -108,15 +108,20 @@ def augment(dataset, pool: list[dict], embed, clusters: int, per_centre: int, se
                for samples, indices in zip(dataset.clients, found)]
     record = {"clusters": clusters, "per_centre": per_centre, "pool": len(pool),
               "retrieved_distinct": len({j for indices in found for j in indices})}
-    if dataset.test:
+    if dataset.test:  # per client, and of the federation's data together (what the global model is trained on)
         domain = as_tensor([sample_pair(s)[0] for s in dataset.test])
+        retrieved = pool_vectors[sorted({j for indices in found for j in indices})]
         record["coverage_before"] = float(np.mean([coverage(v, domain) for v in client_vectors]))
         record["coverage_after"] = float(np.mean([coverage(torch.cat([v, pool_vectors[idx]]), domain)
                                                   for v, idx in zip(client_vectors, found)]))
+        record["retrieved_coverage"] = coverage(retrieved, domain)
+        record["federation_coverage_before"] = coverage(torch.cat(client_vectors), domain)
+        record["federation_coverage_after"] = coverage(torch.cat([*client_vectors, retrieved]), domain)
     if all("task" in s for s in pool):
         tasks = lambda samples: {s["task"] for s in samples if "task" in s}  # noqa: E731
         record["tasks_per_client_before"] = float(np.mean([len(tasks(c)) for c in dataset.clients]))
         record["tasks_per_client_after"] = float(np.mean([len(tasks(c)) for c in clients]))
+        record["tasks_retrieved"] = len(tasks([pool[j] for indices in found for j in indices]))
     logger.info("FedDCA: %s", record)
     return replace(dataset, clients=clients, info={**dataset.info, "feddca": record})
 
