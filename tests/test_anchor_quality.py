@@ -152,3 +152,14 @@ def test_apply_quality_anchor_filter_on_a_tiny_model(tiny_model_dir, one_thread,
         # interpolated lower quartile: ceil(0.25 (n - 1)) samples, fewer where repeated samples tie at it
         assert 0 < len(before) - len(after) <= math.ceil(0.25 * (len(before) - 1))
 
+
+
+@pytest.mark.parametrize("flags, message", [(["--quality_filter", "anchor", "--quality_threshold_quantile", 1.5],
+                                             "--quality_threshold_quantile"),
+                                            (["--quality_filter", "tracin"], "--quality_filter"),
+                                            (["--quality_checkpoints", 0], "--quality_checkpoints")])
+def test_bad_anchor_flags_are_refused_before_loading(flags, message, tmp_path):
+    import main_sft
+    from conftest import run_entry
+    with pytest.raises(SystemExit, match=message):
+        run_entry(main_sft, ["--output_dir", tmp_path / "x", *flags])

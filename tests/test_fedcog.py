@@ -114,3 +114,9 @@ def test_main_sft_fedcog_with_scaffold(tiny_model_dir, tmp_path, one_thread):
 def test_bad_fedcog_flags_are_refused_before_loading(flags, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         run_entry(main_sft, ["--output_dir", tmp_path / "x", "--fedcog", *flags])
+
+
+def test_main_dpo_refuses_fedcog(tmp_path):
+    import main_dpo
+    with pytest.raises(SystemExit, match="--fedcog"):
+        run_entry(main_dpo, ["--output_dir", tmp_path / "x", "--fedcog"])

@@ -46,3 +46,10 @@ def test_augmentation_widens_a_skewed_clients_coverage():
     assert all(s.get("retrieved") for c in out.clients for s in c[-8:])
     assert record["coverage_after"] > record["coverage_before"]
     assert record["tasks_per_client_after"] >= record["tasks_per_client_before"]
+
+
+def test_bad_dca_flags_are_refused_before_loading(tmp_path):
+    import main_sft
+    from conftest import run_entry
+    with pytest.raises(SystemExit, match="--dca_clusters"):
+        run_entry(main_sft, ["--output_dir", tmp_path / "x", "--feddca", "--dca_clusters", 0])
