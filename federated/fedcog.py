@@ -57,8 +57,8 @@ def token_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Te
 class ConsensusHooks(ClientHooks):
     """The inner algorithm's hooks, plus the distillation term on the kept generations and the kept local model."""
 
-    def __init__(self, inner: ClientHooks, model, generations: Generations | None, weight: float):
-        self.inner, self.model, self.generations, self.weight = inner, model, generations, weight
+    def __init__(self, inner: ClientHooks, model, generations: Generations | None, weight: float, draws: int):
+        self.inner, self.model, self.generations, self.weight, self.draws = inner, model, generations, weight, draws
 
     def start_vector(self, x):
         return self.inner.start_vector(x)
@@ -80,7 +80,7 @@ class ConsensusHooks(ClientHooks):
 
     def finish(self, y, steps, lr):
         uploads, state = self.inner.finish(y, steps, lr)
-        return uploads, {**state, "cog_local": to_host(y)}
+        return uploads, {**state, "cog_local": to_host(y), "cog_draws": torch.tensor(self.draws + 1)}
 
 
 class ConsensusGeneration:
@@ -91,7 +91,6 @@ class ConsensusGeneration:
         self.inner, self.fed_args, self.tokenizer, self.template = inner, fed_args, tokenizer, template
         self.prompts, self.seq_length = prompts, seq_length
         self.model = self.flat = None
-        self.draws = [0] * len(prompts)  # how often each client has drawn prompts: fresh ones every round
         self.round_cost = {"cog_generation_s": 0.0, "cog_generated": 0, "cog_kept_kl": []}
 
     def __getattr__(self, name):  # weights, vectors_per_transfer, num_clients, step, transfer_bytes, ...
@@ -103,10 +102,13 @@ class ConsensusGeneration:
 
     def client_hooks(self, client, x, state, client_store):
         inner = self.inner.client_hooks(client, x, state, client_store)
+        kept = client_store.get(client, {})
+        # The rounds this client has trained so far (kept with its state, so a resumed run draws the same prompts).
+        draws = int(kept.get("cog_draws", 0))
         start = time.perf_counter()
-        generations = self.generate(client, x, client_store.get(client, {}).get("cog_local"))
+        generations = self.generate(client, x, kept.get("cog_local"), draws)
         self.round_cost["cog_generation_s"] += time.perf_counter() - start
-        return ConsensusHooks(inner, self.model, generations, self.fed_args.cog_kd_weight)
+        return ConsensusHooks(inner, self.model, generations, self.fed_args.cog_kd_weight, draws)
 
     def round_metrics(self) -> dict:
         """The round's generation cost (seconds, generations made) and the mean KL of the kept ones; reset."""
@@ -116,20 +118,19 @@ class ConsensusGeneration:
         self.round_cost = {"cog_generation_s": 0.0, "cog_generated": 0, "cog_kept_kl": []}
         return row
 
-    def _draw_prompts(self, client: int) -> list[str]:
+    def _draw_prompts(self, client: int, draws: int) -> list[str]:
         pool = self.prompts[client]
-        rng = random.Random(client * 1_000_003 + self.draws[client])
-        self.draws[client] += 1
+        rng = random.Random(client * 1_000_003 + draws)
         return rng.sample(pool, min(len(pool), self.fed_args.cog_num_generate))
 
     @torch.no_grad()
-    def generate(self, client: int, x: torch.Tensor, local: torch.Tensor | None) -> Generations | None:
+    def generate(self, client: int, x: torch.Tensor, local: torch.Tensor | None, draws: int) -> Generations | None:
         """Steps 1 and 2: generations of the global model x, the --cog_num_keep on which the client's last local
         model disagrees most with it. The model is left holding x."""
         from evaluation.generate import generate_answers
         from utils.templates import prompt_text, tokenize_sft_sample
 
-        instructions = self._draw_prompts(client)
+        instructions = self._draw_prompts(client, draws)
         if not instructions:
             return None
         model, tok, a = self.model, self.tokenizer, self.fed_args

@@ -86,7 +86,8 @@ def test_keeps_the_generations_with_the_largest_kl_and_distils_them(cog, tokeniz
     by_hand = sum(hand_answer_kl(model, flat, x, y, samples[i]["input_ids"], samples[i]["labels"]) * n
                   for i, n in zip(best, tokens)) / sum(tokens)
     assert term.item() == pytest.approx(0.5 * by_hand, rel=1e-3)
-    assert set(hooks.finish(y, 1, 0.1)[1]) == {"cog_local"}
+    kept = hooks.finish(y, 1, 0.1)[1]
+    assert set(kept) == {"cog_local", "cog_draws"} and int(kept["cog_draws"]) == 1  # next round: a fresh draw
 
 
 def test_a_client_without_a_model_of_its_own_keeps_the_first_draws(cog):
