@@ -62,6 +62,7 @@ def train(script_args, fed_args):
     dataset = load_dataset_for(script_args, kinds=("sft", "multiturn"), entry="main_sft.py")
     # The training stack imports transformers' trainer and peft (which imports bitsandbytes): after
     # configure_console, and after the data, so that a missing dataset or no network fails at once.
+    from federated.fedcog import with_consensus_generation
     from federated.methods import make_algorithm
     from federated.loop import run_federated
     from federated.privacy import make_privacy
@@ -88,6 +89,9 @@ def train(script_args, fed_args):
 
     for name, members, run_args, run_fed, algorithm, privacy in runs:
         output_dir = Path(run_args.output_dir)
+        algorithm = with_consensus_generation(algorithm, run_fed, tokenizer, script_args.template,
+                                              [clients[i] for i in members], script_args.seq_length, dataset,
+                                              script_args.seed)  # FedCOG with --fedcog, else the algorithm itself
         local.flat.set(initial)  # every federation starts from the same LoRA initialisation
         run = run_federated(run_args, run_fed, model, local, [client_data[i] for i in members], lr_min=LR_MIN,
                             algorithm=algorithm, privacy=privacy)

@@ -185,27 +185,47 @@ def apply_quality_filter(dataset: FederatedDataset, scores, threshold: float) ->
     return filter_with_scores(dataset, scores, threshold)[0]
 
 
-def filter_with_scores(dataset: FederatedDataset, scores, threshold: float) -> tuple[FederatedDataset, list]:
-    """apply_quality_filter, and the IRA values of the kept samples aligned with the result (for ordering it
-    without scoring it again)."""
-    ira = _ira_per_client(dataset, scores)
+def filter_with_scores(dataset: FederatedDataset, scores, threshold, metric: str = "ira") -> tuple[FederatedDataset, list]:
+    """apply_quality_filter, and the scores of the kept samples aligned with the result (for ordering it
+    without scoring it again).
+
+    `threshold`: one number, or one per client (a per-client rule). `metric` names the score in the record; any
+    metric but "ira" takes `scores` as per-client lists. Where samples carry a known "corrupted" mark
+    (fed-synthetic-noisy), the record also holds the filter's recall and precision at finding them."""
+    values_per_client = _ira_per_client(dataset, scores) if metric == "ira" else scores
+    thresholds = list(threshold) if isinstance(threshold, (list, tuple)) else [threshold] * dataset.num_clients
     metadata = dataset.client_metadata or [{} for _ in dataset.clients]
-    survivors, dropped_clients = [], []  # (client id, kept samples, their IRA, metadata)
-    for cid, samples, values, meta in zip(dataset.client_ids, dataset.clients, ira, metadata):
-        kept = [(s, v) for s, v in zip(samples, values) if v >= threshold]
+    survivors, dropped_clients, dropped_samples = [], [], []  # (client id, kept samples, their scores, metadata)
+    for cid, samples, values, meta, bar in zip(dataset.client_ids, dataset.clients, values_per_client, metadata,
+                                               thresholds):
+        kept = [(s, v) for s, v in zip(samples, values) if v >= bar]
+        dropped_samples += [s for s, v in zip(samples, values) if v < bar]
         if kept:
             survivors.append((cid, [s for s, _ in kept], [v for _, v in kept], meta))
         else:
             dropped_clients.append(cid)
     if not survivors:
         raise SystemExit(f"--quality_threshold {threshold} drops every sample of {dataset.name}; lower it.")
-    kept_ids, kept_clients, kept_ira, kept_meta = (list(column) for column in zip(*survivors))
-    info = {**dataset.info, "quality_filter": {
-        "metric": "ira", "threshold": threshold, "samples_before": sum(dataset.sample_counts),
-        "samples_after": sum(map(len, kept_clients)), "dropped_clients": dropped_clients}}
+    kept_ids, kept_clients, kept_values, kept_meta = (list(column) for column in zip(*survivors))
+    record = {"metric": metric, "threshold": threshold if len(set(thresholds)) == 1 else thresholds,
+              "samples_before": sum(dataset.sample_counts), "samples_after": sum(map(len, kept_clients)),
+              "dropped_clients": dropped_clients, **corruption_detection(dataset, dropped_samples)}
     filtered = replace(dataset, client_ids=kept_ids, clients=kept_clients,
-                       client_metadata=kept_meta if dataset.client_metadata else [], info=info)
-    return filtered, kept_ira
+                       client_metadata=kept_meta if dataset.client_metadata else [],
+                       info={**dataset.info, "quality_filter": record})
+    return filtered, kept_values
+
+
+def corruption_detection(dataset: FederatedDataset, dropped: list[dict]) -> dict:
+    """Recall (corrupted samples dropped / corrupted samples) and precision (corrupted among the dropped) of a
+    filter, where the samples carry a known "corrupted" mark; {} otherwise."""
+    if not any("corrupted" in s for client in dataset.clients for s in client):
+        return {}
+    corrupted = sum(bool(s.get("corrupted")) for client in dataset.clients for s in client)
+    caught = sum(bool(s.get("corrupted")) for s in dropped)
+    return {"corrupted": corrupted, "corrupted_dropped": caught,
+            "recall": caught / corrupted if corrupted else float("nan"),
+            "precision": caught / len(dropped) if dropped else float("nan")}
 
 
 def order_by_quality(dataset: FederatedDataset, scores) -> FederatedDataset:

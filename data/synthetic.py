@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 
@@ -149,6 +150,63 @@ def build_synthetic(num_clients: int = 20, alpha: float = 0.3, seed: int = 0, me
 def fed_synthetic(synthetic_num_clients: int = 20, synthetic_alpha: float = 0.3, synthetic_seed: int = 0,
                   synthetic_mean_samples: int = 64, **_) -> FederatedDataset:
     return build_synthetic(synthetic_num_clients, synthetic_alpha, synthetic_seed, synthetic_mean_samples)
+
+
+def clean_samples(size: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """`size` correct samples, round-robin over the tasks, none of whose instructions is in `exclude` nor repeated:
+    a public anchor or prompt set (data/anchor_quality.py, federated/fedcog.py), disjoint from a dataset's test set
+    and clients. A task whose few distinct instructions are all taken (the number words have 21) drops out."""
+    rng, tasks, samples = random.Random(seed * 7919 + 17), list(TASKS), []
+    taken = set(exclude)
+    while len(samples) < size:
+        if not tasks:
+            raise SystemExit(f"Only {len(samples)} fed-synthetic samples are left outside the data set; ask for fewer.")
+        task = tasks[len(samples) % len(tasks)]
+        fresh = next((s for s in (_sample(task, rng) for _ in range(200)) if s["instruction"] not in taken), None)
+        if fresh is None:
+            tasks.remove(task)
+            continue
+        taken.add(fresh["instruction"])
+        samples.append(fresh)
+    return samples
+
+
+MAX_CORRUPTED_SHARE = 0.6  # fed-synthetic-noisy: client k corrupts a share drawn from U(0, this)
+
+
+def _wrong_answer(sample: dict, rng: random.Random) -> str:
+    """A well-formed wrong answer: the answer of another question of the same task (so the format gives nothing
+    away), drawn until it differs from the right one."""
+    for _ in range(100):
+        other = _sample(sample["task"], rng)["response"]
+        if other != sample["response"]:
+            return other
+    return sample["response"][::-1] + "x"  # a task whose answers rarely differ: still wrong
+
+
+def build_noisy_synthetic(num_clients: int = 20, alpha: float = 0.3, seed: int = 0,
+                          mean_samples: int = 64) -> FederatedDataset:
+    """fed-synthetic with a known share of each client's answers corrupted, the share varying per client
+    (U(0, MAX_CORRUPTED_SHARE)): the setting of the data quality methods. A corrupted sample keeps its instruction,
+    gets a wrong answer of the right form, and is marked {"corrupted": True}; the test set stays clean."""
+    base = build_synthetic(num_clients, alpha, seed, mean_samples)
+    rng = random.Random(seed * 104_729 + 3)
+    clients, metadata = [], []
+    for samples, meta in zip(base.clients, base.client_metadata):
+        share = rng.uniform(0, MAX_CORRUPTED_SHARE)
+        corrupt = set(rng.sample(range(len(samples)), round(share * len(samples))))
+        clients.append([{**s, "response": _wrong_answer(s, rng), "corrupted": True} if i in corrupt
+                        else {**s, "corrupted": False} for i, s in enumerate(samples)])
+        metadata.append({**meta, "corrupted_share": round(len(corrupt) / len(samples), 4)})
+    return replace(base, name="fed-synthetic-noisy", clients=clients, client_metadata=metadata,
+                   info={**base.info, "corrupted": f"a share U(0, {MAX_CORRUPTED_SHARE}) of each client's answers, "
+                                                    "replaced by another answer of the same task"})
+
+
+@register_dataset("fed-synthetic-noisy")
+def fed_synthetic_noisy(synthetic_num_clients: int = 20, synthetic_alpha: float = 0.3, synthetic_seed: int = 0,
+                        synthetic_mean_samples: int = 64, **_) -> FederatedDataset:
+    return build_noisy_synthetic(synthetic_num_clients, synthetic_alpha, synthetic_seed, synthetic_mean_samples)
 
 
 def exact_match(prediction: str, answer: str) -> bool:

@@ -60,6 +60,22 @@ class FedArguments:
     dp_noise_multiplier: float | None = field(default=None, metadata={"help": "clip mode: z, noise std z C / K"})
     dp_target_epsilon: float | None = field(default=None, metadata={"help": "clip mode: calibrate z so that "
                                                                              "epsilon after --num_rounds is this"})
+    # FedCOG (federated/fedcog.py): consensus generation and distillation in local training, with any --fed_alg.
+    fedcog: bool = field(default=False, metadata={"help": "FedCOG: each sampled client answers prompts with the "
+                                                         "global model, keeps those its own last model disagrees "
+                                                         "with most (token KL) and distils them while training "
+                                                         "(main_sft.py)"})
+    cog_kd_weight: float = field(default=1.0, metadata={"help": "FedCOG: weight of KL(global || local) on the kept "
+                                                               "generations in the local loss"})
+    cog_num_generate: int = field(default=8, metadata={"help": "FedCOG: prompts answered per client per round"})
+    cog_num_keep: int = field(default=4, metadata={"help": "FedCOG: generations kept (largest KL) per client"})
+    cog_max_new_tokens: int = field(default=32, metadata={"help": "FedCOG: answer length limit"})
+    cog_prompts: str = field(default="own", metadata={"help": "FedCOG prompt source: own (the client's "
+                                                             "instructions) or public (--cog_public_prompts; "
+                                                             "fed-synthetic: generated, disjoint from the test set)"})
+    cog_public_prompts: str | None = field(default=None, metadata={"help": "FedCOG: a JSON list of samples (or "
+                                                                          "strings) whose instructions are the "
+                                                                          "public prompts"})
 
     def __post_init__(self):
         if self.local_epochs is not None:  # checked with every other flag in check_arguments
@@ -108,10 +124,34 @@ class ScriptArguments:
                                                                        "sources); test sets for leakage removal"})
     source_path: str | None = field(default=None, metadata={"help": "local copy of a FedLLM-Bench source dataset"})
     hf_token: str | None = field(default=None, metadata={"help": "token for gated sources (default: HF_TOKEN)"})
-    quality_filter: str | None = field(default=None, metadata={"help": "'ira': drop each client's low-IRA samples"})
+    quality_filter: str | None = field(default=None, metadata={
+        "help": "'ira': drop each client's low-IRA samples (FedDQC); 'anchor': drop samples whose influence on a "
+                "public anchor set is below one global threshold (CLUES); 'anchor_per_client': each client keeps "
+                "its own top share by the same score (data/anchor_quality.py)"})
     quality_threshold: float = field(default=0.0, metadata={"help": "keep samples with IRA >= this"})
+    quality_threshold_quantile: float = field(default=0.1, metadata={
+        "help": "anchor: the global threshold is this quantile of the anchors' own scores; anchor_per_client: "
+                "each client drops this share of its samples"})
+    quality_anchor_data: str | None = field(default=None, metadata={
+        "help": "anchor filters: a JSON list of good {instruction, response} samples (fed-synthetic datasets: "
+                "generated clean, disjoint from the test set, when not given)"})
+    quality_anchor_size: int = field(default=48, metadata={"help": "anchors generated for fed-synthetic datasets"})
+    quality_checkpoints: int = field(default=3, metadata={"help": "anchor filters: warm-up checkpoints summed in "
+                                                                  "the TracIn score"})
+    quality_warmup_lr: float = field(default=0.05, metadata={"help": "anchor filters: step size of the warm-up's "
+                                                                     "gradient steps on the anchors"})
     quality_order: bool = field(default=False, metadata={"help": "train each client from high to low IRA"})
     quality_model: str | None = field(default=None, metadata={"help": "model scoring IRA (default: the trained one)"})
+    feddca: bool = field(default=False, metadata={"help": "FedDCA: each client sends k-means centres of its "
+                                                           "instruction embeddings; the server picks one per client "
+                                                           "for coverage and returns the nearest public samples, "
+                                                           "added to the client's data (data/feddca.py)"})
+    dca_clusters: int = field(default=4, metadata={"help": "FedDCA: k-means centres per client"})
+    dca_retrieve: int = field(default=16, metadata={"help": "FedDCA: public samples retrieved per chosen centre"})
+    dca_public_data: str | None = field(default=None, metadata={"help": "FedDCA: the public pool, a JSON list of "
+                                                                       "samples (fed-synthetic: generated over "
+                                                                       "every task, disjoint from the test set)"})
+    dca_pool_size: int = field(default=480, metadata={"help": "FedDCA: size of the generated fed-synthetic pool"})
     client_groups: str | None = field(default=None, metadata={"help": "same_language or similar_language: one "
                                                                       "federation (adapter) per language group"})
     skip_groups: str | None = field(default=None, metadata={"help": "--client_groups: comma-separated groups that "
@@ -157,7 +197,7 @@ def dataset_options(script_args: ScriptArguments) -> dict:
 
 
 FEDOPT_VARIANTS = ("fedllm-bench", "reddi")
-QUALITY_FILTERS = ("ira",)
+QUALITY_FILTERS = ("ira", "anchor", "anchor_per_client")
 
 
 def _fail(flag: str, value, requirement: str, fix: str):
@@ -183,6 +223,7 @@ def _check_number(flag: str, value, *, integer=False, low=None, low_open=True, h
 def check_arguments(script_args: ScriptArguments, fed_args: FedArguments) -> None:
     """Every flag checked before any data or model is loaded: each failure one line naming the flag and the fix."""
     from federated.algorithms import check_algorithm_arguments, parse_local
+    from federated.fedcog import check_fedcog_arguments
     from federated.lora_methods import check_lora_arguments
     from federated.privacy import check_privacy_arguments
     from utils.model import check_quantization
@@ -216,7 +257,15 @@ def check_arguments(script_args: ScriptArguments, fed_args: FedArguments) -> Non
         _fail("--fedopt_variant", fed_args.fedopt_variant, f"one of {', '.join(FEDOPT_VARIANTS)}",
               "pass --fedopt_variant reddi for Reddi et al.'s Algorithm 2")
     if script_args.quality_filter is not None and script_args.quality_filter not in QUALITY_FILTERS:
-        _fail("--quality_filter", script_args.quality_filter, "'ira'", "pass --quality_filter ira or omit it")
+        _fail("--quality_filter", script_args.quality_filter, f"one of {', '.join(QUALITY_FILTERS)}",
+              "or omit it for no filter")
+    _check_number("--quality_threshold_quantile", script_args.quality_threshold_quantile, low=0, high=1)
+    _check_number("--quality_anchor_size", script_args.quality_anchor_size, integer=True, low=1)
+    _check_number("--quality_checkpoints", script_args.quality_checkpoints, integer=True, low=0)
+    _check_number("--quality_warmup_lr", script_args.quality_warmup_lr, low=0)
+    for flag, value in [("--dca_clusters", script_args.dca_clusters), ("--dca_retrieve", script_args.dca_retrieve),
+                        ("--dca_pool_size", script_args.dca_pool_size)]:
+        _check_number(flag, value, integer=True, low=0)
     if script_args.client_groups is not None:
         from data.groups import GROUP_MODES
         if script_args.client_groups not in GROUP_MODES:
@@ -228,4 +277,5 @@ def check_arguments(script_args: ScriptArguments, fed_args: FedArguments) -> Non
     check_algorithm_arguments(fed_args)
     check_privacy_arguments(fed_args)
     check_lora_arguments(fed_args, script_args)
+    check_fedcog_arguments(fed_args)
     check_quantization(script_args.load_in_8bit, script_args.load_in_4bit)

@@ -17,29 +17,75 @@ logger = logging.getLogger(__name__)
 
 
 def load_dataset_for(script_args, kinds: tuple[str, ...], entry: str):
-    """The run's dataset, checked to hold `kinds` of samples, after the optional IRA filter and ordering."""
+    """The run's dataset, checked to hold `kinds` of samples, after the optional quality filter and ordering and
+    FedDCA's augmentation."""
     kind = "preference" if kinds == ("preference",) else None
     dataset = load_federated_dataset(script_args.dataset, local_data_dir=script_args.local_data_dir, kind=kind,
                                      **dataset_options(script_args))
     if dataset.kind not in kinds:
         raise SystemExit(f"{dataset.described} holds {dataset.kind} samples, which {entry} does not train: "
                          f"use {'main_dpo.py' if dataset.kind == 'preference' else 'main_sft.py'}.")
-    return apply_quality(dataset, script_args)
+    from data.feddca import apply_feddca
+    return apply_feddca(apply_quality(dataset, script_args), script_args)  # retrieved public samples: not filtered
 
 
 def apply_quality(dataset, script_args):
-    """FedDQC-style data quality control: drop low-IRA samples and/or train from high to low IRA."""
+    """Data quality control: FedDQC's IRA filter and/or high-to-low IRA order, or the anchor-scored filter
+    (CLUES: one global threshold, or the per-client rule) before the IRA order when both are asked."""
     if not (script_args.quality_filter or script_args.quality_order):
         return dataset
-    if script_args.quality_filter not in (None, "ira"):
-        raise SystemExit(f"Unknown --quality_filter {script_args.quality_filter!r}: the supported score is 'ira'.")
+    if script_args.quality_filter not in (None, "ira", "anchor", "anchor_per_client"):
+        raise SystemExit(f"Unknown --quality_filter {script_args.quality_filter!r}: choose ira, anchor or "
+                         "anchor_per_client.")
+    if script_args.quality_filter in ("anchor", "anchor_per_client"):
+        dataset = filter_by_anchors(dataset, script_args)
+        if not script_args.quality_order:
+            return dataset
     from data.quality import filter_with_scores, order_by_quality, score_dataset
     scores = score_dataset(dataset, model_name_or_path=script_args.quality_model or script_args.model_name_or_path,
                            max_length=script_args.seq_length)
-    if script_args.quality_filter:  # the kept samples' scores come along: no second scoring pass for the order
+    if script_args.quality_filter == "ira":  # the kept samples' scores come along: no second scoring pass
         dataset, scores = filter_with_scores(dataset, scores, script_args.quality_threshold)
     if script_args.quality_order:
         dataset = order_by_quality(dataset, scores)
+    return dataset
+
+
+def filter_by_anchors(dataset, script_args):
+    """--quality_filter anchor / anchor_per_client: TracIn scores against the anchor set on a fresh LoRA adapter of
+    the scoring model (data/anchor_quality.py), then the filter; the outcome is logged and kept in dataset.info."""
+    import numpy as np
+
+    from data import anchor_quality as aq
+    from data.quality import filter_with_scores
+    if dataset.kind == "preference":
+        raise SystemExit("--quality_filter anchor scores instruction-response samples; preference data is not "
+                         "supported: use --quality_filter ira, or no filter.")
+    s = script_args
+    anchors = aq.load_anchors(dataset, s.quality_anchor_data, s.quality_anchor_size, s.seed)
+    name = s.quality_model or s.model_name_or_path
+
+    def compute():
+        tokenizer = load_tokenizer(name, s.seq_length)
+        base = load_base_model(name)
+        torch.manual_seed(s.seed)  # the adapter's initial A: the warm-up's start
+        model = wrap_with_lora(base, r=s.peft_lora_r, alpha=s.peft_lora_alpha, dropout=0.0)
+        return aq.score_with_anchors(dataset, anchors, model, tokenizer, s.template, s.seq_length,
+                                     s.quality_checkpoints, s.quality_warmup_lr)
+
+    settings = {"model": name, "r": s.peft_lora_r, "alpha": s.peft_lora_alpha, "seed": s.seed, "template": s.template,
+                "seq_length": s.seq_length, "checkpoints": s.quality_checkpoints, "lr": s.quality_warmup_lr}
+    scores, anchor_scores = aq.cached_scores(dataset, anchors, settings, compute)
+    q = s.quality_threshold_quantile
+    threshold = (aq.global_threshold(anchor_scores, q) if s.quality_filter == "anchor"
+                 else aq.per_client_thresholds(scores, q))
+    dataset, _ = filter_with_scores(dataset, scores, threshold, metric=s.quality_filter)
+    record = dataset.info["quality_filter"]
+    record.update(anchors=len(anchors), anchor_score_quantile=q,
+                  anchor_scores=[float(v) for v in np.quantile(anchor_scores, [0, 0.5, 1])])
+    logger.info("quality filter %s: kept %d of %d samples%s", s.quality_filter, record["samples_after"],
+                record["samples_before"], f" (corrupted: recall {record['recall']:.3f}, precision "
+                f"{record['precision']:.3f})" if "recall" in record else "")
     return dataset
 
 

@@ -1,0 +1,123 @@
+"""FedCOG: the token KL, the selection of the generations the local model disagrees with most and the distillation
+term against unbatched hand computations on a tiny model, and main_sft.py --fedcog with a server rule that keeps
+client state (SCAFFOLD)."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import main_sft
+from conftest import run_entry
+from federated.algorithms import Algorithm, ClientHooks
+from federated.fedcog import ConsensusGeneration, token_kl
+from federated.flat import FlatParams
+
+
+def test_token_kl_by_hand():
+    p, q = torch.tensor([[0.7, 0.2, 0.1]]), torch.tensor([[0.4, 0.4, 0.2]])
+    hand = 0.7 * torch.log(torch.tensor(0.7 / 0.4)) + 0.2 * torch.log(torch.tensor(0.5)) \
+        + 0.1 * torch.log(torch.tensor(0.5))
+    assert token_kl(p.log(), q.log()).item() == pytest.approx(hand.item(), rel=1e-5)
+    assert token_kl(p.log(), p.log()).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.fixture()
+def cog(tokenizer):
+    from utils.model import tiny_llama, wrap_with_lora
+    model = wrap_with_lora(tiny_llama(tokenizer), r=4, alpha=8, dropout=0.0)
+    flat = FlatParams(model)
+    torch.manual_seed(0)
+    x = torch.randn(flat.numel) * 0.2  # a global model with non-zero B
+    local = x + torch.randn(flat.numel) * 0.5  # the client's own model of an earlier round
+    prompts = [[f"What is {a} + {b}? Answer with the number only." for a, b in [(2, 3), (10, 7), (41, 5), (8, 8),
+                                                                                (13, 29)]]]
+    args = SimpleNamespace(cog_num_generate=5, cog_num_keep=2, cog_max_new_tokens=6, cog_kd_weight=0.5)
+    method = ConsensusGeneration(Algorithm(args), args, tokenizer, "alpaca", prompts, seq_length=96)
+    method.bind(model, flat, x)
+    return method, model, flat, x, local
+
+
+def hand_answer_kl(model, flat, teacher, student, ids: list[int], labels: list[int]) -> float:
+    """Mean over the answer tokens of KL(p_teacher || p_student), one unpadded sequence at a time."""
+    def logp(vector):
+        flat.set(vector)
+        with torch.no_grad():
+            return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    t, s = logp(teacher), logp(student)
+    positions = [p - 1 for p in range(1, len(ids)) if labels[p] != -100]
+    return sum((t[p].exp() * (t[p] - s[p])).sum().item() for p in positions) / len(positions)
+
+
+def test_keeps_the_generations_with_the_largest_kl_and_distils_them(cog, tokenizer):
+    from evaluation.generate import generate_answers
+    from utils.templates import prompt_text, tokenize_sft_sample
+    method, model, flat, x, local = cog
+    store = {0: {"cog_local": local}}
+    hooks = method.client_hooks(0, x, {}, store)
+    assert torch.equal(flat.get(), x)  # left holding the global model, as local training starts from it
+    # By hand: the same prompts (the first draw of client 0), answered one by one by the global model.
+    drawn = __import__("random").Random(0).sample(method.prompts[0], 5)
+    flat.set(x)
+    answers = [generate_answers(model, tokenizer, [prompt_text("alpaca", tokenizer, p)], max_new_tokens=6,
+                                progress=SimpleNamespace(update=lambda n: None))[0] for p in drawn]
+    samples = [tokenize_sft_sample(tokenizer, "alpaca", {"instruction": p, "response": a}, 96)
+               for p, a in zip(drawn, answers)]
+    kls = [hand_answer_kl(model, flat, x, local, s["input_ids"], s["labels"]) for s in samples]
+    best = sorted(sorted(range(5), key=lambda i: -kls[i])[:2])
+    assert torch.equal(hooks.generations.input_ids[:, :max(len(samples[i]["input_ids"]) for i in best)],
+                       torch.nn.utils.rnn.pad_sequence([torch.tensor(samples[i]["input_ids"]) for i in best],
+                                                       batch_first=True, padding_value=tokenizer.pad_token_id))
+    metrics = method.round_metrics()
+    assert metrics["cog_generated"] == 5 and metrics["cog_generation_s"] > 0
+    assert metrics["cog_kept_mean_kl"] == pytest.approx(sum(kls[i] for i in best) / 2, rel=1e-3)
+    assert method.round_metrics()["cog_generated"] == 0  # reset per round
+
+    # The distillation term at a local point y: weight x mean over all kept answer tokens of KL(global || y).
+    y = x + torch.randn(flat.numel) * 0.1
+    flat.set(y)
+    model.zero_grad()
+    term = hooks.loss_term(flat)
+    term.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    tokens = [sum(label != -100 for label in samples[i]["labels"][1:]) for i in best]
+    by_hand = sum(hand_answer_kl(model, flat, x, y, samples[i]["input_ids"], samples[i]["labels"]) * n
+                  for i, n in zip(best, tokens)) / sum(tokens)
+    assert term.item() == pytest.approx(0.5 * by_hand, rel=1e-3)
+    kept = hooks.finish(y, 1, 0.1)[1]
+    assert set(kept) == {"cog_local", "cog_draws"} and int(kept["cog_draws"]) == 1  # next round: a fresh draw
+
+
+def test_a_client_without_a_model_of_its_own_keeps_the_first_draws(cog):
+    method, model, flat, x, _ = cog
+    hooks = method.client_hooks(0, x, {}, {})
+    assert hooks.generations.input_ids.shape[0] == 2
+    assert method.round_metrics()["cog_kept_mean_kl"] == pytest.approx(0.0)
+    assert isinstance(hooks.inner, ClientHooks)
+
+
+def test_main_sft_fedcog_with_scaffold(tiny_model_dir, tmp_path, one_thread):
+    out = tmp_path / "cog"
+    run_entry(main_sft, ["--model_name_or_path", tiny_model_dir, "--output_dir", out, "--synthetic_num_clients", 3,
+                         "--synthetic_mean_samples", 16, "--sample_clients", 2, "--num_rounds", 2, "--max_steps", 1,
+                         "--batch_size", 2, "--seq_length", 64, "--learning_rate", 1e-3, "--eval_after", "false",
+                         "--fed_alg", "scaffold", "--fedcog", "--cog_num_generate", 3, "--cog_num_keep", 2,
+                         "--cog_max_new_tokens", 4])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["cog_generated"] == 6 and r["cog_generation_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("flags, message", [(["--cog_num_keep", 9], "cog_num_keep"),
+                                            (["--cog_prompts", "mine"], "cog_prompts")])
+def test_bad_fedcog_flags_are_refused_before_loading(flags, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        run_entry(main_sft, ["--output_dir", tmp_path / "x", "--fedcog", *flags])
+
+
+def test_main_dpo_refuses_fedcog(tmp_path):
+    import main_dpo
+    with pytest.raises(SystemExit, match="--fedcog"):
+        run_entry(main_dpo, ["--output_dir", tmp_path / "x", "--fedcog"])
