@@ -36,13 +36,16 @@ def test_personal_keeps_the_global_b_at_its_init_whatever_dp_adds():
     assert torch.equal(new[mask], x[mask]) and not torch.equal(new[~mask], x[~mask])
 
 
-def test_the_scored_personal_model_holds_the_mean_of_the_clients_b():
+def test_the_scored_personal_model_holds_the_mean_of_the_clients_b(tmp_path):
+    from federated.client_store import ClientStore
     from test_lora_methods import composed, toy_model
     algorithm, flat = composed("personal", toy_model())
     mask = algorithm.method.layout.b_mask
     x, nb = flat.get(), int(mask.sum())
-    store = {3: {"lora_B": torch.full((nb,), 4.0)}, 0: {"lora_B": torch.full((nb,), 1.0)}}
-    algorithm.load_global(flat, RunState(x=x, server_state={}, client_store=store))
+    run = RunState(x=x, server_state=algorithm.init_state(x, 4), client_store=ClientStore.fresh(tmp_path))
+    algorithm.keep_client_state(run, 3, {"lora_B": torch.full((nb,), 4.0)}, 1)
+    algorithm.keep_client_state(run, 0, {"lora_B": torch.full((nb,), 1.0)}, 1)
+    algorithm.load_global(flat, run)
     scored = flat.get()
     assert torch.equal(scored[mask], torch.full((nb,), 2.5)) and torch.equal(scored[~mask], x[~mask])
 
@@ -210,18 +213,18 @@ def test_a_boolean_json_rating_is_refused():
 
 @needs_eval_data
 def test_the_judge_model_id_is_matched_exactly_in_the_servers_list(tmp_path, caplog, monkeypatch):
-    """--judge_model judge-x against a server listing only judge-x-large: a different model, so a warning, and
-    the judgments record that the name was not listed."""
+    """--judge_model judge-x against a server listing only judge-x-large: a different model, so refused; with
+    --judge_allow_unlisted it judges, and the judgments record that the name was not listed."""
     from evaluation.judge import read_judgments
     from test_eval_judge import BENCHMARKS, EVAL_DATA, ScriptedServer, judge_cli, rating_reply, write_answers
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")  # a local server: any key
     write_answers(tmp_path, "vicuna", "m1", BENCHMARKS["vicuna"].load(EVAL_DATA)[:1])
     with ScriptedServer(rating_reply, served_model="judge-x-large") as server:
-        with caplog.at_level("WARNING", logger="evaluation.judge"):
+        with pytest.raises(SystemExit, match="does not list --judge_model 'judge-x'"):
             judge_cli(tmp_path, server.url, ["vicuna"])
-    assert "does not list --judge_model 'judge-x'" in caplog.text
-    assert [row["judge_model_listed"] for row in read_judgments(tmp_path / "vicuna" / "judgments" /
-                                                                "m1__judge-x.jsonl")] == [False]
+        judge_cli(tmp_path, server.url, ["vicuna"], "--judge_allow_unlisted")
+    rows = [row for path in (tmp_path / "vicuna" / "judgments").glob("m1__*.jsonl") for row in read_judgments(path)]
+    assert [row["judge_model_listed"] for row in rows] == [False]
 
 
 def test_stratified_subsets_spread_the_extra_questions_over_the_strata():
