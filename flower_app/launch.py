@@ -156,18 +156,23 @@ class LocalFlower:
                 family += [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
             except psutil.NoSuchProcess:
                 continue
-        for member in family:
-            try:
-                member.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(family, timeout=10)
-        for member in alive:
-            try:
-                member.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        terminate_all(family)
         for process in self.processes.values():
             if process.poll() is None:
                 process.wait(timeout=5)
+
+
+def terminate_all(processes: list) -> None:
+    """TERM every psutil process given, then KILL those still alive after 10 s, and wait for them."""
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)

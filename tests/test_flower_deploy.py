@@ -101,6 +101,8 @@ def stop_session(leader: int) -> None:
 
     import psutil
 
+    from flower_app.launch import terminate_all
+
     family = []
     for process in psutil.process_iter():
         try:
@@ -108,17 +110,7 @@ def stop_session(leader: int) -> None:
                 family.append(process)
         except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
             continue
-    for process in family:
-        try:
-            process.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(family, timeout=10)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
+    terminate_all(family)
 
 
 @pytest.mark.slow
