@@ -76,7 +76,8 @@ def test_tracin_scores_match_a_per_sample_loop(lora_tiny, tokenizer):
     assert np.abs(expected_client).min() > 1e-6  # the scores are not trivially zero
     np.testing.assert_allclose(anchor_scores, expected_anchor, rtol=1e-3, atol=1e-7)
     np.testing.assert_allclose(scores, expected_client, rtol=1e-3, atol=1e-7)
-    assert aq.global_threshold(anchor_scores, 0.5) == pytest.approx(float(np.median(expected_anchor)))
+    # the median of the scores just checked to rtol 1e-3 (thread counts change the float sums' order)
+    assert aq.global_threshold(anchor_scores, 0.5) == pytest.approx(float(np.median(expected_anchor)), rel=1e-3)
 
 
 def toy(scores_per_client, corrupted_per_client) -> FederatedDataset:
