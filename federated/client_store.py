@@ -115,6 +115,7 @@ class ClientStore(Mapping):
                 store.path(entry["client"], entry["version"]).unlink(missing_ok=True)
         if len(lines) > kept:
             write_durably(index, b"".join(lines[:kept]))
+        store.folder.mkdir(parents=True, exist_ok=True)  # a run that kept no state may not have made it
         return store
 
     def _record(self, entry: dict, line: bytes) -> None:

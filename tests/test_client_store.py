@@ -312,3 +312,14 @@ def test_a_dropped_client_keeps_the_state_of_its_last_good_round(tmp_path):
     assert sorted(p.name for p in (tmp_path / "client_state").glob("*.safetensors")) == [
         "0-r1.safetensors", "0-r2.safetensors", "1-r1.safetensors", "2-r1.safetensors"]
     assert torch.equal(state.client_store[2]["c"], load_file(tmp_path / "client_state/2-r1.safetensors")["c"])
+
+
+def test_a_run_that_kept_no_state_resumes_without_its_folder(tmp_path):
+    """FedAvg keeps no client state: a run folder copied without client_state/ resumes and checkpoints again."""
+    flags = dict(num_rounds=2, sample_clients=2, checkpoint_step=1)
+    run(tmp_path / "full", make(lambda k, t: torch.full((4,), 0.5)), sizes=[4, 4], **flags)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-1", resumed / "checkpoint-1")
+    state = run(resumed, make(lambda k, t: torch.full((4,), 0.5)), sizes=[4, 4], resume=True, **flags)
+    assert state.round == 2 and (resumed / "checkpoint-2").is_dir()
