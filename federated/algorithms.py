@@ -71,6 +71,10 @@ class Algorithm:
         in the run's client store (on disk: federated/client_store.py)."""
         run.client_store.put(client, state, round_number)
 
+    def round_metrics(self) -> dict:
+        """The round's own costs for its metrics row (FedCOG's generation: federated/fedcog.py); none here."""
+        return {}
+
     def load_global(self, flat, run) -> None:
         """Load the global model into the trainable parameters (after every server step, and for evaluation)."""
         flat.set(run.x)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -24,7 +23,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from federated.client_store import ClientStore, fsync_dir
+from federated.client_store import ClientStore
+from utils.files import fsync_file, fsync_folder
 
 logger = logging.getLogger(__name__)
 
@@ -67,21 +67,16 @@ def save_checkpoint(output_dir: str | Path, run: RunState, model) -> Path:
     write_checksums(tmp)
     for path in [*tmp.rglob("*"), tmp]:  # durable before it is renamed into place
         if path.is_dir():
-            fsync_dir(path)
+            fsync_folder(path)
         else:
-            _fsync_file(path)
+            fsync_file(path)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    fsync_dir(final.parent)
+    fsync_folder(final.parent)
     if isinstance(run.client_store, ClientStore):
         rounds = [checkpoint_round(p) for p in checkpoints(output_dir)]
         run.client_store.prune([r for r in rounds if r <= run.round])
     return final
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def sha256(path: Path) -> str:

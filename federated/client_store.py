@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,34 +25,13 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from utils.files import fsync_file, fsync_folder, write_bytes_atomic
+
 INDEX = "index.jsonl"
 
 
 class ClientStateError(RuntimeError):
     """A client-state file or the index does not match what was recorded (damaged, missing or cut)."""
-
-
-def write_durably(path: Path, data: bytes, sync: bool = True) -> None:
-    """Write `data` to `path` atomically (temporary file, rename); with `sync`, durably too (fsync of the file before
-    the rename, and of the folder after it)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if sync:
-        fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (a power loss after rename must not bring back the old entry)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def later_entry(line: bytes) -> dict | None:
@@ -114,7 +92,7 @@ class ClientStore(Mapping):
             if entry and entry["version"] not in store.versions.get(entry["client"], ()):
                 store.path(entry["client"], entry["version"]).unlink(missing_ok=True)
         if len(lines) > kept:
-            write_durably(index, b"".join(lines[:kept]))
+            write_bytes_atomic(index, b"".join(lines[:kept]))
         store.folder.mkdir(parents=True, exist_ok=True)  # a run that kept no state may not have made it
         return store
 
@@ -132,7 +110,7 @@ class ClientStore(Mapping):
         """Store `client`'s state as of round `version` (1-based); it replaces the client's earlier state."""
         data = save_tensors({name: t.detach().cpu().contiguous() for name, t in state.items()})
         # Durable at the next sync(), before a checkpoint refers to it: a crash before that redoes the round anyway.
-        write_durably(self.path(client, version), data, sync=False)
+        write_bytes_atomic(self.path(client, version), data, durable=False)
         self.unsynced.append(self.path(client, version))
         entry = {"client": client, "version": version, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         line = (json.dumps(entry) + "\n").encode()
@@ -174,9 +152,8 @@ class ClientStore(Mapping):
         """Make every state and index line written so far durable, before a checkpoint refers to them."""
         for path in [*self.unsynced, self.folder / INDEX]:
             if path.exists():  # a state pruned since it was written needs no fsync
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-        fsync_dir(self.folder)
+                fsync_file(path)
+        fsync_folder(self.folder)
         self.unsynced.clear()
 
     def prune(self, checkpoint_rounds: list[int]) -> None:

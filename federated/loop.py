@@ -283,7 +283,7 @@ class Federation:
         if self.privacy is not None:
             row.update(self.privacy.metrics(run))
         row.update(summed.metrics if summed is not None else {})
-        row.update(getattr(self.algorithm, "round_metrics", dict)())  # a method's own costs (FedCOG's generation)
+        row.update(self.algorithm.round_metrics())  # a method's own costs (FedCOG's generation)
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         row["mean_loss"] = float(np.mean([losses[k] for k in aggregated])) if aggregated else float("nan")

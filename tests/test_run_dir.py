@@ -204,8 +204,8 @@ def test_other_errors_pass_through_the_guard(tmp_path):
 
 
 def test_an_atomic_write_that_fails_midway_leaves_the_old_file_whole(tmp_path):
-    """The write fails after the file is opened (a lone surrogate cannot be encoded): a write in place would have
-    truncated the old file; the old one stays, and no temporary file is left."""
+    """The write fails midway (a lone surrogate cannot be encoded): a write in place would have truncated the old
+    file; the old one stays, and no temporary file is left."""
     from utils.files import write_json_atomic, write_text_atomic
     path = tmp_path / "args.json"
     write_json_atomic(path, {"round": 1})

@@ -18,18 +18,33 @@ def fsync_folder(folder: str | Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+def fsync_file(path: str | Path) -> None:
+    """Flush a file already written (and closed) to the disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, durable: bool = True) -> None:
+    """`data` into `path`, whole or not at all. `durable=False` skips both fsyncs, for a caller that flushes the
+    file and its folder itself before anything refers to it (federated/client_store.py flushes before a
+    checkpoint)."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_folder(path.parent)
+    if durable:
+        fsync_folder(path.parent)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: str | Path, obj, **dumps_options) -> None:
