@@ -10,8 +10,10 @@ Coverage Augmentation", arXiv 2409.20135), done once before the federated rounds
      cosine search in torch: the pools here are small, so no approximate index is needed), and the client
      trains on its own samples plus those, with the usual rounds.
 
-The public pool is --dca_public_data (a JSON list of samples) or, for fed-synthetic datasets, clean generated
-samples over every task, disjoint from the test set and from the clients' samples. Coverage is reported as the
+The public pool is --dca_public_data (a JSON list of samples of the dataset's kind) or, for fed-synthetic
+datasets, clean generated samples over every task, disjoint from the test set and from the clients' samples. For
+preference data (main_dpo.py) the pool holds prompt-chosen-rejected pairs and retrieval is by prompt: the paper
+augments instruction data, and the same coverage argument holds for the prompts of preference pairs. Coverage is reported as the
 mean over held-out prompts of the largest cosine similarity to a client's data, averaged over clients, before
 and after augmentation (the paper's coverage notion, with the test prompts standing in for the domain).
 
@@ -140,18 +142,38 @@ def client_embedder(name: str):
     return transformer_embedder(name)
 
 
+POOL_KEYS = {"preference": ("prompt", "chosen", "rejected"), "sft": ("instruction", "response")}
+
+
 def load_public_pool(dataset, path: str | None, size: int, seed: int) -> list[dict]:
+    """--dca_public_data (samples of the dataset's own kind: instruction-response samples or conversations for
+    SFT, prompt-chosen-rejected pairs for DPO), or for fed-synthetic datasets `size` clean generated samples over
+    every task (pairs for fed-synthetic-pref), disjoint from the test set and the clients' samples."""
+    from data.quality import sample_pair
+    kind = "preference" if dataset.kind == "preference" else "sft"
     if path:
         if not Path(path).is_file():
-            raise SystemExit(f"--dca_public_data {path}: no such file; pass a JSON list of {{instruction, response}} "
-                             "samples.")
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+            raise SystemExit(f"--dca_public_data {path}: no such file; pass a JSON list of samples with "
+                             f"{', '.join(POOL_KEYS[kind])}.")
+        pool = json.loads(Path(path).read_text(encoding="utf-8"))
+        usable = lambda s: isinstance(s, dict) and (  # noqa: E731
+            all(k in s for k in POOL_KEYS[kind]) or (kind == "sft" and "conversations" in s))
+        if not (isinstance(pool, list) and pool and all(usable(s) for s in pool)):
+            raise SystemExit(f"--dca_public_data {path}: {dataset.described} holds {dataset.kind} samples, so the "
+                             f"pool must be a non-empty JSON list of objects with {', '.join(POOL_KEYS[kind])}.")
+        return pool
     if not dataset.name.startswith("fed-synthetic"):
-        raise SystemExit(f"--feddca needs a public instruction pool for {dataset.described}: pass "
-                         "--dca_public_data FILE.")
+        raise SystemExit(f"--feddca needs a public pool for {dataset.described}: pass --dca_public_data FILE.")
     from data.synthetic import clean_samples
-    taken = {s["instruction"] for s in dataset.test} | {s["instruction"] for c in dataset.clients for s in c}
-    return clean_samples(size, seed + 2, exclude=taken)
+    taken = {sample_pair(s)[0] for s in dataset.test} | {sample_pair(s)[0] for c in dataset.clients for s in c}
+    pool = clean_samples(size, seed + 2, exclude=taken)
+    if kind == "preference":
+        import random
+
+        from data.synthetic_pref import to_pair
+        rng = random.Random(seed + 3)
+        pool = [to_pair(s, rng) for s in pool]
+    return pool
 
 
 def embed_prompts(encoder, samples: list[dict]) -> torch.Tensor:
@@ -215,8 +237,6 @@ def apply_feddca(dataset, script_args):
     the clients' encoder is --dca_client_encoder."""
     if not script_args.feddca:
         return dataset
-    if dataset.kind == "preference":
-        raise SystemExit("--feddca retrieves instruction-response samples; it is not defined for preference data.")
     from data.analyze import minilm_embedder
     pool = load_public_pool(dataset, script_args.dca_public_data, script_args.dca_pool_size, script_args.seed)
     return augment(dataset, pool, minilm_embedder(), script_args.dca_clusters, script_args.dca_retrieve,

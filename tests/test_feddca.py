@@ -124,3 +124,39 @@ def test_main_sft_runs_feddca_star_end_to_end(tmp_path, tiny_model_dir, one_thre
     records = [r.getMessage() for r in caplog.records if r.getMessage().startswith("FedDCA: ")]
     assert len(records) == 1 and "'alignment_cosine'" in records[0] and "'per_centre': 4" in records[0]
     assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_preference_data_retrieves_preference_pairs(tmp_path):
+    """DPO: the generated pool holds pairs with prompts no client or test pair has; a pool of the wrong kind is
+    refused with the keys it needs."""
+    import json
+
+    from data.synthetic_pref import build_synthetic_pref
+    ds = build_synthetic_pref(num_clients=3, alpha=0.05, seed=1, mean_samples=8)
+    pool = feddca.load_public_pool(ds, None, 40, seed=0)
+    assert all({"prompt", "chosen", "rejected"} <= s.keys() and s["chosen"] != s["rejected"] for s in pool)
+    assert not {s["prompt"] for s in pool} & ({s["prompt"] for s in ds.test} | {s["prompt"] for c in ds.clients
+                                                                              for s in c})
+    out = feddca.augment(ds, pool, feddca.hashing_embedder(), clusters=2, per_centre=3, seed=0)
+    assert all({"prompt", "chosen", "rejected"} <= s.keys() for c in out.clients for s in c[-3:])
+    wrong = tmp_path / "sft_pool.json"
+    wrong.write_text(json.dumps([{"instruction": "a", "response": "b"}]))
+    with pytest.raises(SystemExit, match="prompt, chosen, rejected"):
+        feddca.load_public_pool(ds, str(wrong), 40, seed=0)
+
+
+def test_main_dpo_trains_on_retrieved_pairs(tmp_path, tiny_model_dir, one_thread, caplog):
+    import json
+    import logging
+
+    import main_dpo
+    from conftest import run_entry
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="data.feddca"):
+        run_entry(main_dpo, ["--model_name_or_path", tiny_model_dir, "--output_dir", out,
+                             "--synthetic_num_clients", 3, "--synthetic_alpha", 0.05, "--synthetic_mean_samples", 8,
+                             "--sample_clients", 1, "--num_rounds", 1, "--max_steps", 1, "--batch_size", 2,
+                             "--seq_length", 96, "--eval_after", "false", "--feddca", "--dca_retrieve", 4,
+                             "--dca_pool_size", 60, "--dca_client_encoder", "hashing"])
+    assert any(r.getMessage().startswith("FedDCA: ") for r in caplog.records)
+    assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
