@@ -9,7 +9,10 @@ anchor set, measured on the LoRA parameters over a short warm-up on the anchors:
     score(z)  = Σ_{c<C} η <grad_LoRA loss(z; θ_c), ḡ_c>                       (a client sample z)
     score(a)  = Σ_{c<C} η <grad_LoRA loss(a; θ_c), (n ḡ_c - grad loss(a; θ_c)) / (n - 1)>   (anchor a, leave-one-out)
 
-loss is the mean cross-entropy of the response tokens (the SFT loss). The anchors score themselves leave-one-out
+loss is the mean cross-entropy of the response tokens (the SFT loss); for preference pairs (main_dpo.py) it is the
+DPO loss, -log σ(β [(log π_θ(chosen) - log π_θ(rejected)) - (log π_ref(chosen) - log π_ref(rejected))]), log π
+summed over the answer tokens, the reference the base model (the adapter switched off, as in local DPO training)
+and β = DPO_BETA: the anchors and the client pairs are scored alike. The anchors score themselves leave-one-out
 so that no anchor counts its own gradient; the global threshold is the `quantile` of those anchor scores. The
 server sends the threshold and the C checkpoints with their mean anchor gradients (or a node holding the public
 anchors recomputes them, identically); each client scores its own samples and keeps those at or above the
@@ -47,10 +50,52 @@ def lora_parameters(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
+DPO_BETA = 0.1  # TRL's default; at the warm-up's start (policy = reference) it only scales every score alike
+
+
 def tokenize_samples(samples: list[dict], tokenizer, template: str, max_length: int) -> list[dict]:
-    """input_ids and labels (-100 outside the response) per sample, as local training tokenises them."""
+    """input_ids and labels (-100 outside the response) per sample, as local training tokenises them; a
+    preference pair becomes {"chosen": ..., "rejected": ...}, each such a sequence (prompt + that answer)."""
+    from utils.preference import tokenize_pair
     from utils.templates import tokenize_sft_sample
-    return [tokenize_sft_sample(tokenizer, template, s, max_length) for s in samples]
+
+    def sequence(prompt_ids: list[int], answer_ids: list[int]) -> dict:
+        ids = (prompt_ids + answer_ids)[:max_length]
+        return {"input_ids": ids, "labels": ([-100] * len(prompt_ids) + answer_ids)[:max_length]}
+
+    def tokenized(sample: dict) -> dict:
+        if "prompt" not in sample:
+            return tokenize_sft_sample(tokenizer, template, sample, max_length)
+        pair = tokenize_pair(tokenizer, template, sample, max_length)
+        return {"chosen": sequence(pair["prompt_ids"], pair["chosen_ids"]),
+                "rejected": sequence(pair["prompt_ids"], pair["rejected_ids"])}
+    return [tokenized(s) for s in samples]
+
+
+def _length(sample: dict) -> int:
+    return len(sample["input_ids"]) if "input_ids" in sample else max(len(sample[k]["input_ids"])
+                                                                      for k in ("chosen", "rejected"))
+
+
+def _answer_log_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ over the answer tokens of log p(token): logits [L, V] of one sequence, labels [L] (-100 elsewhere)."""
+    targets = labels[1:]
+    logp = torch.log_softmax(logits[:-1].float(), dim=-1).gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    return (logp * (targets != -100)).sum()
+
+
+@torch.no_grad()
+def add_reference_margins(model, pairs: list[dict], pad_id: int) -> list[dict]:
+    """Each tokenised pair with "ref_margin" = log π_ref(chosen) - log π_ref(rejected), the base model's (the
+    LoRA adapter switched off)."""
+    device = next(model.parameters()).device
+    with model.disable_adapter():
+        for pair in pairs:
+            log_probs = [_answer_log_prob(model(input_ids=torch.tensor([pair[k]["input_ids"]], device=device),
+                                                use_cache=False).logits[0],
+                                          torch.tensor(pair[k]["labels"], device=device)) for k in ("chosen", "rejected")]
+            pair["ref_margin"] = float(log_probs[0] - log_probs[1])
+    return pairs
 
 
 def _padded(batch: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,23 +109,35 @@ def _padded(batch: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def per_sample_gradients(model, params: dict[str, torch.Tensor], batch: list[dict], pad_id: int) -> torch.Tensor:
-    """[B, P]: each sample's gradient of its mean response-token loss w.r.t. the LoRA parameters `params`
-    (flattened in the order of `params`), from one batched backward pass."""
+    """[B, P]: each sample's gradient of its loss (SFT: mean response-token cross-entropy; a pair: DPO) w.r.t.
+    the LoRA parameters `params` (flattened in the order of `params`), from one batched backward pass."""
     from torch.func import functional_call, grad, vmap
 
     device = next(iter(params.values())).device
+    logits_of = lambda p, ids: functional_call(  # noqa: E731
+        model, p, args=(), kwargs={"input_ids": ids[None], "use_cache": False}).logits[0]
 
-    def sample_loss(p, ids, labels):
-        logits = functional_call(model, p, args=(), kwargs={"input_ids": ids[None], "use_cache": False}).logits[0]
-        return torch.nn.functional.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=-100)
+    def sft_loss(p, ids, labels):
+        return torch.nn.functional.cross_entropy(logits_of(p, ids)[:-1].float(), labels[1:], ignore_index=-100)
 
-    ids, labels = _padded(batch, pad_id)
-    grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, ids.to(device), labels.to(device))
+    def dpo_loss(p, chosen_ids, chosen_labels, rejected_ids, rejected_labels, ref_margin):
+        margin = (_answer_log_prob(logits_of(p, chosen_ids), chosen_labels)
+                  - _answer_log_prob(logits_of(p, rejected_ids), rejected_labels))
+        return -torch.nn.functional.logsigmoid(DPO_BETA * (margin - ref_margin))
+
+    if "input_ids" in batch[0]:
+        loss, inputs = sft_loss, _padded(batch, pad_id)
+    else:
+        loss = dpo_loss
+        inputs = (*_padded([s["chosen"] for s in batch], pad_id), *_padded([s["rejected"] for s in batch], pad_id),
+                  torch.tensor([s["ref_margin"] for s in batch]))
+    inputs = [t.to(device) for t in inputs]
+    grads = vmap(grad(loss), in_dims=(None, *[0] * len(inputs)))(params, *inputs)
     return torch.cat([grads[name].reshape(len(batch), -1).float() for name in params], dim=1)
 
 
 def _batches(samples: list[dict], batch_size: int):
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))  # similar lengths together
+    order = sorted(range(len(samples)), key=lambda i: _length(samples[i]))  # similar lengths together
     for start in range(0, len(order), batch_size):
         yield order[start:start + batch_size]
 
@@ -142,26 +199,35 @@ def per_client_thresholds(scores: list[list[float]], quantile: float) -> list[fl
 # ---------------------------------------------------------------------------------------------------------
 
 def load_anchors(dataset, anchor_file: str | None, size: int, seed: int) -> list[dict]:
-    """The public anchor set: `anchor_file` (a JSON list of {instruction, response} samples) when given; for a
-    fed-synthetic dataset `size` clean samples balanced over its tasks, disjoint from its test set and its clients'
+    """The public anchor set: `anchor_file` (a JSON list of samples of the dataset's kind: {instruction, response},
+    or {prompt, chosen, rejected} for preference data) when given; for a fed-synthetic dataset `size` clean
+    samples balanced over its tasks (pairs for fed-synthetic-pref), disjoint from its test set and its clients'
     samples."""
+    from data.quality import sample_pair
+    keys = ("prompt", "chosen", "rejected") if dataset.kind == "preference" else ("instruction", "response")
+    wanted = "a JSON list of good {" + ", ".join(keys) + "} samples"
     if anchor_file:
         path = Path(anchor_file)
         if not path.is_file():
-            raise SystemExit(f"--quality_anchor_data {anchor_file}: no such file; pass a JSON list of "
-                             "{\"instruction\", \"response\"} samples.")
+            raise SystemExit(f"--quality_anchor_data {anchor_file}: no such file; pass {wanted}.")
         anchors = json.loads(path.read_text(encoding="utf-8"))
-        if not (isinstance(anchors, list) and all(isinstance(a, dict) and {"instruction", "response"} <= set(a)
-                                                  for a in anchors)):
-            raise SystemExit(f"--quality_anchor_data {anchor_file} must hold a JSON list of samples, each with "
-                             "\"instruction\" and \"response\".")
+        if not (isinstance(anchors, list) and all(isinstance(a, dict) and set(keys) <= set(a) for a in anchors)):
+            raise SystemExit(f"--quality_anchor_data {anchor_file} must hold {wanted} ({dataset.described} holds "
+                             f"{dataset.kind} samples).")
         return anchors
     if not dataset.name.startswith("fed-synthetic"):
         raise SystemExit(f"--quality_filter anchor needs an anchor set for {dataset.described}: pass "
-                         "--quality_anchor_data FILE (a JSON list of good {instruction, response} samples).")
+                         f"--quality_anchor_data FILE ({wanted}).")
     from data.synthetic import clean_samples
-    taken = {s["instruction"] for s in dataset.test} | {s["instruction"] for c in dataset.clients for s in c}
-    return clean_samples(size, seed, exclude=taken)
+    taken = {sample_pair(s)[0] for s in dataset.test} | {sample_pair(s)[0] for c in dataset.clients for s in c}
+    anchors = clean_samples(size, seed, exclude=taken)
+    if dataset.kind == "preference":
+        import random
+
+        from data.synthetic_pref import to_pair
+        rng = random.Random(seed + 3)
+        anchors = [to_pair(a, rng) for a in anchors]
+    return anchors
 
 
 def score_with_anchors(dataset, anchors: list[dict], model, tokenizer, template: str, max_length: int,
@@ -170,10 +236,12 @@ def score_with_anchors(dataset, anchors: list[dict], model, tokenizer, template:
     adapter) as the starting point of the warm-up."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.eval()  # no dropout: a sample's gradient is a function of the sample and θ only
-    checkpoints, anchor_scores = anchor_checkpoints(
-        model, tokenize_samples(anchors, tokenizer, template, max_length), num_checkpoints, lr, pad_id, batch_size)
-    scores = [sample_scores(model, checkpoints, tokenize_samples(client, tokenizer, template, max_length), pad_id,
-                            batch_size).tolist() for client in dataset.clients]
+    def tokenized(samples):
+        out = tokenize_samples(samples, tokenizer, template, max_length)
+        return add_reference_margins(model, out, pad_id) if dataset.kind == "preference" else out
+    checkpoints, anchor_scores = anchor_checkpoints(model, tokenized(anchors), num_checkpoints, lr, pad_id, batch_size)
+    scores = [sample_scores(model, checkpoints, tokenized(client), pad_id, batch_size).tolist()
+              for client in dataset.clients]
     return scores, anchor_scores
 
 

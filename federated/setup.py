@@ -58,9 +58,6 @@ def filter_by_anchors(dataset, script_args):
 
     from data import anchor_quality as aq
     from data.quality import filter_with_scores
-    if dataset.kind == "preference":
-        raise SystemExit("--quality_filter anchor scores instruction-response samples; preference data is not "
-                         "supported: use --quality_filter ira, or no filter.")
     s = script_args
     anchors = aq.load_anchors(dataset, s.quality_anchor_data, s.quality_anchor_size, s.seed)
     name = s.quality_model or s.model_name_or_path

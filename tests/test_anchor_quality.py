@@ -164,3 +164,65 @@ def test_bad_anchor_flags_are_refused_before_loading(flags, message, tmp_path):
     from conftest import run_entry
     with pytest.raises(SystemExit, match=message):
         run_entry(main_sft, ["--output_dir", tmp_path / "x", *flags])
+
+
+PAIRS = [{"prompt": "What is 2 + 3? Answer with the number only.", "chosen": "5", "rejected": "6"},
+         {"prompt": "Spell the word 'tiger' backwards.", "chosen": "regit", "rejected": "tiger"},
+         {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "A long answer about the sky and the sea."}]
+
+
+def hand_dpo_gradient(model, pair: dict) -> torch.Tensor:
+    """One pair alone: each answer's summed log-probability from the model's own mean loss times its answer
+    tokens, the reference the same with the adapter off, the DPO loss, ordinary backward."""
+    def answer_log_prob(seq):
+        labels = torch.tensor([seq["labels"]])
+        tokens = int((labels[0, 1:] != -100).sum())
+        return -model(input_ids=torch.tensor([seq["input_ids"]]), labels=labels).loss * tokens
+
+    with torch.no_grad(), model.disable_adapter():
+        reference = answer_log_prob(pair["chosen"]) - answer_log_prob(pair["rejected"])
+    model.zero_grad()
+    margin = answer_log_prob(pair["chosen"]) - answer_log_prob(pair["rejected"])
+    (-torch.nn.functional.logsigmoid(aq.DPO_BETA * (margin - reference))).backward()
+    return torch.cat([p.grad.reshape(-1).clone() for _, p in model.named_parameters() if p.requires_grad])
+
+
+def test_preference_pairs_get_per_sample_dpo_gradients(lora_tiny, tokenizer):
+    """main_dpo.py's anchor filter: the batched DPO gradients (pairs of different lengths padded together, the
+    base model as reference) equal a per-pair autograd loop."""
+    pairs = aq.add_reference_margins(lora_tiny, aq.tokenize_samples(PAIRS, tokenizer, "alpaca", 128),
+                                     tokenizer.pad_token_id)
+    params = aq.lora_parameters(lora_tiny)
+    batched = aq.per_sample_gradients(lora_tiny, params, pairs, tokenizer.pad_token_id)
+    expected = torch.stack([hand_dpo_gradient(lora_tiny, pair) for pair in pairs])
+    assert expected.abs().max() > 1e-6  # B != 0 in this fixture: the policy is not the reference
+    torch.testing.assert_close(batched, expected, rtol=1e-3, atol=1e-6)
+
+
+def test_preference_anchors_are_pairs_disjoint_from_the_clients():
+    from data.quality import sample_pair
+    from data.synthetic_pref import build_synthetic_pref
+    ds = build_synthetic_pref(num_clients=3, alpha=0.3, seed=0, mean_samples=8)
+    anchors = aq.load_anchors(ds, None, 12, seed=0)
+    used = {sample_pair(s)[0] for s in ds.test} | {sample_pair(s)[0] for c in ds.clients for s in c}
+    assert len(anchors) == 12 and all({"prompt", "chosen", "rejected"} <= a.keys() for a in anchors)
+    assert not {a["prompt"] for a in anchors} & used
+
+
+def test_main_dpo_filters_pairs_by_anchor_scores(tiny_model_dir, one_thread, tmp_path, monkeypatch, caplog):
+    import json
+    import logging
+
+    import main_dpo
+    from conftest import run_entry
+    monkeypatch.setenv("FEDLLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="federated.setup"):
+        run_entry(main_dpo, ["--model_name_or_path", tiny_model_dir, "--output_dir", out, "--synthetic_num_clients", 2,
+                             "--synthetic_mean_samples", 8, "--sample_clients", 1, "--num_rounds", 1, "--max_steps", 1,
+                             "--batch_size", 2, "--seq_length", 96, "--eval_after", "false", "--peft_lora_r", 4,
+                             "--quality_filter", "anchor", "--quality_anchor_size", 4, "--quality_checkpoints", 1,
+                             "--quality_threshold_quantile", 0.5])
+    kept = [r.getMessage() for r in caplog.records if r.getMessage().startswith("quality filter anchor: kept")]
+    assert len(kept) == 1, [r.getMessage() for r in caplog.records]
+    assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
