@@ -1,12 +1,14 @@
-"""How well each data quality filter finds the corrupted answers of fed-synthetic-noisy (issue #26): recall and
-precision against the known corruption, samples kept, and the scoring time, for
+"""How well each data quality filter finds the corrupted answers of fed-synthetic-noisy (issue #26), or the
+flipped pairs of fed-synthetic-pref-noisy (--dataset; scored with the DPO loss as main_dpo.py scores them): recall
+and precision against the known corruption, samples kept, and the scoring time, for
   anchor             CLUES's TracIn scores against the anchor set, one global threshold (a quantile of the
                      anchors' own scores)
   anchor_per_client  the same scores, each client dropping its own lowest share
   ira                FedDQC's IRA filter, at --ira_threshold
-Every filter runs exactly as main_sft.py runs it (federated.setup.apply_quality).
+Every filter runs exactly as main_sft.py and main_dpo.py run it (federated.setup.apply_quality).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_quality_filters.py --clients 8 --mean_samples 24 --quantiles 0.1,0.3
+    OMP_NUM_THREADS=1 python benchmarks/bench_quality_filters.py --dataset fed-synthetic-pref-noisy --seq_length 96
 """
 from __future__ import annotations
 
@@ -34,15 +36,19 @@ def main(argv=None):
     parser.add_argument("--quantiles", default="0.1,0.3")
     parser.add_argument("--ira_threshold", type=float, default=0.0)
     parser.add_argument("--filters", default="anchor,anchor_per_client,ira")
+    parser.add_argument("--dataset", default="fed-synthetic-noisy",
+                        choices=["fed-synthetic-noisy", "fed-synthetic-pref-noisy"])
+    parser.add_argument("--seq_length", type=int, default=256)
     parser.add_argument("--json", default=None, help="write the rows here too")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from data.synthetic import build_noisy_synthetic
+    from data.registry import load_federated_dataset
     from federated.setup import apply_quality
-    dataset = build_noisy_synthetic(args.clients, 0.3, args.seed, args.mean_samples)
+    dataset = load_federated_dataset(args.dataset, synthetic_num_clients=args.clients, synthetic_alpha=0.3,
+                                     synthetic_seed=args.seed, synthetic_mean_samples=args.mean_samples)
     settings = dict(quality_order=False, quality_anchor_data=None, quality_anchor_size=args.anchors, seed=args.seed,
-                    quality_model=None, model_name_or_path=args.model, seq_length=256, peft_lora_r=16,
+                    quality_model=None, model_name_or_path=args.model, seq_length=args.seq_length, peft_lora_r=16,
                     peft_lora_alpha=32, template="alpaca", quality_checkpoints=args.checkpoints,
                     quality_warmup_lr=args.warmup_lr, quality_threshold=args.ira_threshold)
     rows = []

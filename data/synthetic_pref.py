@@ -88,3 +88,30 @@ def build_synthetic_pref(num_clients: int = 20, alpha: float = 0.3, seed: int = 
 def fed_synthetic_pref(synthetic_num_clients: int = 20, synthetic_alpha: float = 0.3, synthetic_seed: int = 0,
                        synthetic_mean_samples: int = 64, **_) -> FederatedDataset:
     return build_synthetic_pref(synthetic_num_clients, synthetic_alpha, synthetic_seed, synthetic_mean_samples)
+
+
+def build_noisy_synthetic_pref(num_clients: int = 20, alpha: float = 0.3, seed: int = 0,
+                               mean_samples: int = 64) -> FederatedDataset:
+    """fed-synthetic-pref with a known share of each client's pairs flipped (the wrong answer marked chosen), the
+    share varying per client as in fed-synthetic-noisy (U(0, MAX_CORRUPTED_SHARE)); each pair is marked
+    {"corrupted": ...}, the test pairs stay clean: the preference setting of the data quality methods."""
+    from data.synthetic import MAX_CORRUPTED_SHARE
+    base = build_synthetic_pref(num_clients, alpha, seed, mean_samples)
+    rng = random.Random(seed * 104_729 + 5)
+    clients, metadata = [], []
+    for pairs, meta in zip(base.clients, base.client_metadata):
+        flipped = set(rng.sample(range(len(pairs)), round(rng.uniform(0, MAX_CORRUPTED_SHARE) * len(pairs))))
+        clients.append([{**p, "chosen": p["rejected"], "rejected": p["chosen"], "corrupted": True} if i in flipped
+                        else {**p, "corrupted": False} for i, p in enumerate(pairs)])
+        metadata.append({**meta, "corrupted_share": round(len(flipped) / len(pairs), 4)})
+    return FederatedDataset(
+        name="fed-synthetic-pref-noisy", kind="preference", client_ids=base.client_ids, clients=clients,
+        test=base.test, client_metadata=metadata,
+        info={**base.info, "corrupted": f"a share U(0, {MAX_CORRUPTED_SHARE}) of each client's pairs, chosen and "
+                                        "rejected swapped"})
+
+
+@register_dataset("fed-synthetic-pref-noisy")
+def fed_synthetic_pref_noisy(synthetic_num_clients: int = 20, synthetic_alpha: float = 0.3, synthetic_seed: int = 0,
+                             synthetic_mean_samples: int = 64, **_) -> FederatedDataset:
+    return build_noisy_synthetic_pref(synthetic_num_clients, synthetic_alpha, synthetic_seed, synthetic_mean_samples)

@@ -226,3 +226,18 @@ def test_main_dpo_filters_pairs_by_anchor_scores(tiny_model_dir, one_thread, tmp
     kept = [r.getMessage() for r in caplog.records if r.getMessage().startswith("quality filter anchor: kept")]
     assert len(kept) == 1, [r.getMessage() for r in caplog.records]
     assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_noisy_preference_data_flips_a_marked_share_of_pairs():
+    from data.registry import load_federated_dataset
+    from data.synthetic_pref import build_synthetic_pref
+    clean = build_synthetic_pref(num_clients=6, alpha=0.3, seed=3, mean_samples=20)
+    noisy = load_federated_dataset("fed-synthetic-pref-noisy", synthetic_num_clients=6, synthetic_seed=3,
+                                   synthetic_mean_samples=20)
+    assert noisy.kind == "preference" and noisy.test == clean.test
+    for before, after, meta in zip(clean.clients, noisy.clients, noisy.client_metadata):
+        for b, a in zip(before, after):  # a flipped pair is exactly the clean pair swapped, and marked
+            swapped = (a["chosen"], a["rejected"]) == (b["rejected"], b["chosen"])
+            assert a["corrupted"] == swapped and (swapped or (a["chosen"], a["rejected"]) == (b["chosen"], b["rejected"]))
+        assert meta["corrupted_share"] == pytest.approx(sum(a["corrupted"] for a in after) / len(after), abs=1e-4)
+    assert 0 < sum(a["corrupted"] for c in noisy.clients for a in c) < sum(noisy.sample_counts)
