@@ -92,7 +92,7 @@ def train(script_args, fed_args, dpo_args):
     from federated.methods import make_algorithm
     from federated.loop import run_federated
     from federated.privacy import make_privacy
-    from federated.setup import load_lora_model, local_trainer
+    from federated.setup import load_lora_model, local_trainer, write_data_methods
     from utils.model import load_tokenizer
 
     clients = select_clients(dataset, fed_args)
@@ -100,6 +100,7 @@ def train(script_args, fed_args, dpo_args):
     privacy = make_privacy(fed_args, script_args, [len(c) for c in clients])  # None unless DP flags are given
     prepare_run_dir(output_dir, settings_of(script_args, fed_args, dpo_args), resume=script_args.resume,
                     overwrite=script_args.overwrite_output_dir)
+    write_data_methods(dataset, output_dir)
 
     tokenizer = load_tokenizer(script_args.model_name_or_path, script_args.seq_length)
     client_data = tokenize_clients(clients, tokenizer, script_args.template, script_args.seq_length,

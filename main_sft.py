@@ -66,7 +66,7 @@ def train(script_args, fed_args):
     from federated.methods import make_algorithm
     from federated.loop import run_federated
     from federated.privacy import make_privacy
-    from federated.setup import load_lora_model, local_trainer
+    from federated.setup import load_lora_model, local_trainer, write_data_methods
     from utils.model import load_tokenizer
 
     clients = select_clients(dataset, fed_args)
@@ -78,6 +78,7 @@ def train(script_args, fed_args):
     for _, _, run_args, run_fed, _, _ in runs:
         prepare_run_dir(run_args.output_dir, settings_of(run_args, run_fed), resume=script_args.resume,
                         overwrite=script_args.overwrite_output_dir)
+        write_data_methods(dataset, run_args.output_dir)
 
     tokenizer = load_tokenizer(script_args.model_name_or_path, script_args.seq_length)
     client_data = tokenize_clients(clients, tokenizer, script_args.template, script_args.seq_length,

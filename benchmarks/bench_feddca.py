@@ -50,7 +50,8 @@ def main(argv=None):
         pool_v, domain = embed_prompts(server, pool), embed_prompts(server, ds.test)
         n = len(domain)  # alignment_cosine's reference: two different held-out prompts' mean cosine
         pairwise = float(((domain @ domain.T).sum() - n) / (n * (n - 1)))
-        before = coverage(torch.cat([embed_prompts(server, c) for c in ds.clients]), domain)
+        server_clients = [embed_prompts(server, c) for c in ds.clients]
+        before = coverage(torch.cat(server_clients), domain)
         tasks_before = len({s["task"] for c in ds.clients for s in c})
         for name, encoder in encoders.items():
             start = time.perf_counter()
@@ -68,8 +69,7 @@ def main(argv=None):
                        "tasks_clients_plus_retrieved": len({s["task"] for c in ds.clients for s in c}
                                                            | {pool[j]["task"] for j in union}),
                        "retrieved_distinct": len(union), "coverage_before": round(before, 4),
-                       "coverage_after": round(coverage(torch.cat([pool_v[union], *[embed_prompts(server, c)
-                                                                                     for c in ds.clients]]), domain), 4),
+                       "coverage_after": round(coverage(torch.cat([pool_v[union], *server_clients]), domain), 4),
                        "alignment_cosine": round(alignment_cosine(encoder, projection, ds.test, domain), 4)
                        if star else None, "prompts_mean_pairwise_cosine": round(pairwise, 4),
                        "client_embed_ms_per_prompt": round(per_prompt_ms, 3)}

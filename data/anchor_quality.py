@@ -91,9 +91,10 @@ def add_reference_margins(model, pairs: list[dict], pad_id: int) -> list[dict]:
     device = next(model.parameters()).device
     with model.disable_adapter():
         for pair in pairs:
-            log_probs = [_answer_log_prob(model(input_ids=torch.tensor([pair[k]["input_ids"]], device=device),
-                                                use_cache=False).logits[0],
-                                          torch.tensor(pair[k]["labels"], device=device)) for k in ("chosen", "rejected")]
+            log_probs = []
+            for answer in (pair["chosen"], pair["rejected"]):
+                logits = model(input_ids=torch.tensor([answer["input_ids"]], device=device), use_cache=False).logits
+                log_probs.append(_answer_log_prob(logits[0], torch.tensor(answer["labels"], device=device)))
             pair["ref_margin"] = float(log_probs[0] - log_probs[1])
     return pairs
 

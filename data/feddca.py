@@ -13,9 +13,11 @@ Coverage Augmentation", arXiv 2409.20135), done once before the federated rounds
 The public pool is --dca_public_data (a JSON list of samples of the dataset's kind) or, for fed-synthetic
 datasets, clean generated samples over every task, disjoint from the test set and from the clients' samples. For
 preference data (main_dpo.py) the pool holds prompt-chosen-rejected pairs and retrieval is by prompt: the paper
-augments instruction data, and the same coverage argument holds for the prompts of preference pairs. Coverage is reported as the
-mean over held-out prompts of the largest cosine similarity to a client's data, averaged over clients, before
-and after augmentation (the paper's coverage notion, with the test prompts standing in for the domain).
+augments instruction data, and the same coverage argument holds for the prompts of preference pairs.
+
+Coverage is reported as the mean over held-out prompts of the largest cosine similarity to a client's data,
+averaged over clients, before and after augmentation (the paper's coverage notion, with the test prompts standing
+in for the domain).
 
 FedDCA* (--dca_client_encoder): the clients embed with a cheaper encoder of their own (`minilm_l2`, the first
 two layers of MiniLM; `hashing`, feature-hashed word uni- and bigrams, no model at all; or any Hugging Face
@@ -106,7 +108,8 @@ def project(vectors: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(vectors @ projection, dim=-1)
 
 
-def alignment_cosine(client_embed, projection: torch.Tensor, samples: list[dict], server_vectors: torch.Tensor) -> float:
+def alignment_cosine(client_embed, projection: torch.Tensor, samples: list[dict],
+                     server_vectors: torch.Tensor) -> float:
     """Mean cosine between the samples' mapped client embeddings and their true server embeddings."""
     return float((project(embed_prompts(client_embed, samples), projection) * server_vectors).sum(1).mean())
 

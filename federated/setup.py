@@ -29,6 +29,17 @@ def load_dataset_for(script_args, kinds: tuple[str, ...], entry: str):
     return apply_feddca(apply_quality(dataset, script_args), script_args)  # retrieved public samples: not filtered
 
 
+def write_data_methods(dataset, output_dir) -> None:
+    """The data methods' records (a quality filter's kept counts, recall and precision; FedDCA's retrieval,
+    coverage and FedDCA*'s alignment) into the run folder as data_methods.json, beside metrics.jsonl."""
+    from pathlib import Path
+
+    from utils.files import write_json_atomic
+    record = {key: dataset.info[key] for key in ("quality_filter", "feddca") if key in dataset.info}
+    if record:
+        write_json_atomic(Path(output_dir) / "data_methods.json", record, indent=2)
+
+
 def apply_quality(dataset, script_args):
     """Data quality control: FedDQC's IRA filter and/or high-to-low IRA order, or the anchor-scored filter
     (CLUES: one global threshold, or the per-client rule) before the IRA order when both are asked."""

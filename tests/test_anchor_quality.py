@@ -209,22 +209,23 @@ def test_preference_anchors_are_pairs_disjoint_from_the_clients():
     assert not {a["prompt"] for a in anchors} & used
 
 
-def test_main_dpo_filters_pairs_by_anchor_scores(tiny_model_dir, one_thread, tmp_path, monkeypatch, caplog):
+def test_main_dpo_filters_pairs_by_anchor_scores(tiny_model_dir, one_thread, tmp_path, monkeypatch):
+    """The flags' path through main_dpo.py on flipped pairs: scored, filtered, recorded in the run folder."""
     import json
-    import logging
 
     import main_dpo
     from conftest import run_entry
     monkeypatch.setenv("FEDLLM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    with caplog.at_level(logging.INFO, logger="federated.setup"):
-        run_entry(main_dpo, ["--model_name_or_path", tiny_model_dir, "--output_dir", out, "--synthetic_num_clients", 2,
-                             "--synthetic_mean_samples", 8, "--sample_clients", 1, "--num_rounds", 1, "--max_steps", 1,
-                             "--batch_size", 2, "--seq_length", 96, "--eval_after", "false", "--peft_lora_r", 4,
-                             "--quality_filter", "anchor", "--quality_anchor_size", 4, "--quality_checkpoints", 1,
-                             "--quality_threshold_quantile", 0.5])
-    kept = [r.getMessage() for r in caplog.records if r.getMessage().startswith("quality filter anchor: kept")]
-    assert len(kept) == 1, [r.getMessage() for r in caplog.records]
+    run_entry(main_dpo, ["--dataset", "fed-synthetic-pref-noisy", "--model_name_or_path", tiny_model_dir,
+                         "--output_dir", out, "--synthetic_num_clients", 2, "--synthetic_mean_samples", 8,
+                         "--sample_clients", 1, "--num_rounds", 1, "--max_steps", 1, "--batch_size", 2,
+                         "--seq_length", 96, "--eval_after", "false", "--peft_lora_r", 4,
+                         "--quality_filter", "anchor", "--quality_anchor_size", 4, "--quality_checkpoints", 1,
+                         "--quality_threshold_quantile", 0.5])
+    record = json.loads((out / "data_methods.json").read_text())["quality_filter"]
+    assert record["metric"] == "anchor" and record["anchors"] == 4
+    assert record["samples_before"] > record["samples_after"] > 0 and 0 <= record["recall"] <= 1
     assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
@@ -238,6 +239,7 @@ def test_noisy_preference_data_flips_a_marked_share_of_pairs():
     for before, after, meta in zip(clean.clients, noisy.clients, noisy.client_metadata):
         for b, a in zip(before, after):  # a flipped pair is exactly the clean pair swapped, and marked
             swapped = (a["chosen"], a["rejected"]) == (b["rejected"], b["chosen"])
-            assert a["corrupted"] == swapped and (swapped or (a["chosen"], a["rejected"]) == (b["chosen"], b["rejected"]))
+            unchanged = (a["chosen"], a["rejected"]) == (b["chosen"], b["rejected"])
+            assert a["corrupted"] == swapped and (swapped or unchanged)
         assert meta["corrupted_share"] == pytest.approx(sum(a["corrupted"] for a in after) / len(after), abs=1e-4)
     assert 0 < sum(a["corrupted"] for c in noisy.clients for a in c) < sum(noisy.sample_counts)

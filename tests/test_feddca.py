@@ -106,23 +106,21 @@ def test_bad_dca_flags_are_refused_before_loading(tmp_path):
         run_entry(main_sft, ["--output_dir", tmp_path / "x", "--feddca", "--dca_align_ridge", -1])
 
 
-def test_main_sft_runs_feddca_star_end_to_end(tmp_path, tiny_model_dir, one_thread, caplog):
-    """--feddca --dca_client_encoder reaches the augmentation through the entry script: the record of the run
+def test_main_sft_runs_feddca_star_end_to_end(tmp_path, tiny_model_dir, one_thread):
+    """--feddca --dca_client_encoder reaches the augmentation through the entry script: the run folder's record
     carries FedDCA*'s alignment, and the federation trains on the augmented clients."""
     import json
-    import logging
 
     import main_sft
     from conftest import run_entry
     out = tmp_path / "run"
-    with caplog.at_level(logging.INFO, logger="data.feddca"):
-        run_entry(main_sft, ["--model_name_or_path", tiny_model_dir, "--output_dir", out,
-                             "--synthetic_num_clients", 3, "--synthetic_alpha", 0.05, "--synthetic_mean_samples", 8,
-                             "--sample_clients", 1, "--num_rounds", 1, "--max_steps", 1, "--batch_size", 2,
-                             "--seq_length", 64, "--eval_after", "false", "--feddca", "--dca_client_encoder",
-                             "hashing", "--dca_retrieve", 4, "--dca_pool_size", 60])
-    records = [r.getMessage() for r in caplog.records if r.getMessage().startswith("FedDCA: ")]
-    assert len(records) == 1 and "'alignment_cosine'" in records[0] and "'per_centre': 4" in records[0]
+    run_entry(main_sft, ["--model_name_or_path", tiny_model_dir, "--output_dir", out,
+                         "--synthetic_num_clients", 3, "--synthetic_alpha", 0.05, "--synthetic_mean_samples", 8,
+                         "--sample_clients", 1, "--num_rounds", 1, "--max_steps", 1, "--batch_size", 2,
+                         "--seq_length", 64, "--eval_after", "false", "--feddca", "--dca_client_encoder",
+                         "hashing", "--dca_retrieve", 4, "--dca_pool_size", 60])
+    record = json.loads((out / "data_methods.json").read_text())["feddca"]
+    assert record["per_centre"] == 4 and -1 <= record["alignment_cosine"] <= 1
     assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
@@ -145,18 +143,16 @@ def test_preference_data_retrieves_preference_pairs(tmp_path):
         feddca.load_public_pool(ds, str(wrong), 40, seed=0)
 
 
-def test_main_dpo_trains_on_retrieved_pairs(tmp_path, tiny_model_dir, one_thread, caplog):
+def test_main_dpo_trains_on_retrieved_pairs(tmp_path, tiny_model_dir, one_thread):
     import json
-    import logging
 
     import main_dpo
     from conftest import run_entry
     out = tmp_path / "run"
-    with caplog.at_level(logging.INFO, logger="data.feddca"):
-        run_entry(main_dpo, ["--model_name_or_path", tiny_model_dir, "--output_dir", out,
-                             "--synthetic_num_clients", 3, "--synthetic_alpha", 0.05, "--synthetic_mean_samples", 8,
-                             "--sample_clients", 1, "--num_rounds", 1, "--max_steps", 1, "--batch_size", 2,
-                             "--seq_length", 96, "--eval_after", "false", "--feddca", "--dca_retrieve", 4,
-                             "--dca_pool_size", 60, "--dca_client_encoder", "hashing"])
-    assert any(r.getMessage().startswith("FedDCA: ") for r in caplog.records)
+    run_entry(main_dpo, ["--model_name_or_path", tiny_model_dir, "--output_dir", out,
+                         "--synthetic_num_clients", 3, "--synthetic_alpha", 0.05, "--synthetic_mean_samples", 8,
+                         "--sample_clients", 1, "--num_rounds", 1, "--max_steps", 1, "--batch_size", 2,
+                         "--seq_length", 96, "--eval_after", "false", "--feddca", "--dca_retrieve", 4,
+                         "--dca_pool_size", 60, "--dca_client_encoder", "hashing"])
+    assert json.loads((out / "data_methods.json").read_text())["feddca"]["per_centre"] == 4
     assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
