@@ -70,10 +70,9 @@ def test_keeps_the_generations_with_the_largest_kl_and_distils_them(cog, tokeniz
     assert torch.equal(hooks.generations.input_ids[:, :max(len(samples[i]["input_ids"]) for i in best)],
                        torch.nn.utils.rnn.pad_sequence([torch.tensor(samples[i]["input_ids"]) for i in best],
                                                        batch_first=True, padding_value=tokenizer.pad_token_id))
-    metrics = method.round_metrics()
-    assert metrics["cog_generated"] == 5 and metrics["cog_generation_s"] > 0
-    assert metrics["cog_kept_mean_kl"] == pytest.approx(sum(kls[i] for i in best) / 2, rel=1e-3)
-    assert method.round_metrics()["cog_generated"] == 0  # reset per round
+    metrics = hooks.metrics()  # this client's costs, which travel with its result
+    assert metrics["cog_generated"] == 5 and metrics["cog_generation_s"] > 0 and metrics["cog_kept_kl_count"] == 2
+    assert metrics["cog_kept_kl_sum"] == pytest.approx(sum(kls[i] for i in best), rel=1e-3)
 
     # The distillation term at a local point y: weight x mean over all kept answer tokens of KL(global || y).
     y = x + torch.randn(flat.numel) * 0.1
@@ -94,7 +93,7 @@ def test_a_client_without_a_model_of_its_own_keeps_the_first_draws(cog):
     method, model, flat, x, _ = cog
     hooks = method.client_hooks(0, x, {}, {})
     assert hooks.generations.input_ids.shape[0] == 2
-    assert method.round_metrics()["cog_kept_mean_kl"] == pytest.approx(0.0)
+    assert hooks.metrics()["cog_kept_kl_count"] == 2 and hooks.metrics()["cog_kept_kl_sum"] == 0.0
     assert isinstance(hooks.inner, ClientHooks)
 
 
@@ -107,7 +106,11 @@ def test_main_sft_fedcog_with_scaffold(tiny_model_dir, tmp_path, one_thread):
                          "--cog_max_new_tokens", 4])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["cog_generated"] == 6 and r["cog_generation_s"] > 0 for r in rows)
+    # Two clients a round, each answering 3 prompts and keeping 2: the row sums their costs.
+    assert all(r["cog_generated"] == 6 and r["cog_kept_kl_count"] == 4 and r["cog_generation_s"] > 0 for r in rows)
+    assert rows[0]["cog_kept_kl_sum"] == 0.0  # round 1: no client has a model of its own yet
+    assert rows[1]["cog_kept_kl_sum"] > 0  # round 2: one of its 2 clients (of 3) trained in round 1 at least
+    assert all(r["cog_kept_kl_mean"] == r["cog_kept_kl_sum"] / 4 for r in rows)
 
 
 @pytest.mark.parametrize("flags, message", [(["--cog_num_keep", 9], "cog_num_keep"),
