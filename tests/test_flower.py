@@ -171,6 +171,26 @@ def test_a_node_worker_answers_the_messages_of_one_message_processes(tiny_model_
     assert dict(expected["node"])["partition_id"] == 1 and dict(expected["node"])["num_samples"] > 0
 
 
+def test_a_result_and_its_costs_cross_the_network_unchanged():
+    """A client's result through the bytes Flower sends (plain, and in SecAgg+'s FitRes layout, where only the
+    scalars travel): the same vector, state, loss, steps, time and own costs, ints staying ints."""
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+    from flwr.compat.common import recorddict_compat
+
+    from flower_app.messages import read_result, read_secure_result, result_content, secure_reply
+
+    costs = {"cog_generation_s": 0.125, "cog_generated": 3, "cog_kept_kl_sum": 0.75, "cog_kept_kl_count": 2}
+    sent = ClientResult(5, torch.arange(4.0), {}, {"cog_local": torch.ones(4)}, 1.5, 2, 0.25, costs)
+    received = read_result(recorddict_from_proto(recorddict_to_proto(result_content(sent))), "cpu")
+    assert (received.client, received.loss, received.steps, received.train_time) == (5, 1.5, 2, 0.25)
+    assert torch.equal(received.vector, sent.vector) and torch.equal(received.state["cog_local"], torch.ones(4))
+    assert received.metrics == costs and isinstance(received.metrics["cog_generated"], int)
+    reply = secure_reply(sent, np.zeros(4), 1, {"out_of_range": 0})
+    fitres = recorddict_compat.recorddict_to_fitres(recorddict_from_proto(recorddict_to_proto(reply)),
+                                                    keep_input=False)
+    assert read_secure_result(fitres).metrics == costs
+
+
 # --- failures and the minimum of replies ---------------------------------------------------------------------
 
 def tasks(*clients):
