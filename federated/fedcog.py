@@ -95,9 +95,10 @@ class ConsensusHooks(ClientHooks):
 
 class ConsensusGeneration:
     """A server rule (or a rule composed with a LoRA method) with FedCOG's client part; the Algorithm interface,
-    everything but client_hooks passed through."""
+    everything but client_hooks passed through. `prompts[k]`: client k's prompt pool (k its index in the
+    federation), for the clients this process trains: all of them in process, its own on a Flower node."""
 
-    def __init__(self, inner, fed_args, tokenizer, template: str, prompts: list[list[str]], seq_length: int):
+    def __init__(self, inner, fed_args, tokenizer, template: str, prompts: dict[int, list[str]], seq_length: int):
         self.inner, self.fed_args, self.tokenizer, self.template = inner, fed_args, tokenizer, template
         self.prompts, self.seq_length = prompts, seq_length
         self.model = self.flat = None
@@ -208,18 +209,27 @@ def public_prompts(dataset, path: str | None, size: int, seed: int) -> list[str]
     return [s["instruction"] for s in clean_samples(size, seed + 1, exclude={s["instruction"] for s in dataset.test})]
 
 
-def with_consensus_generation(algorithm, fed_args, tokenizer, template: str, clients: list[list[dict]],
+def with_consensus_generation(algorithm, fed_args, tokenizer, template: str, clients: dict[int, list[dict]],
                               seq_length: int, dataset=None, seed: int = 0):
-    """The algorithm itself without --fedcog; else composed with FedCOG, prompts from --cog_prompts."""
+    """The algorithm itself without --fedcog; else composed with FedCOG, prompts from --cog_prompts. `clients`:
+    the raw samples of the clients this process trains, by index in the federation (main_sft.py: all of them; a
+    Flower node: its own). `dataset`: the run's, which --cog_prompts public without a file draws from."""
     if not fed_args.fedcog:
         return algorithm
     if fed_args.cog_prompts == "public":
         pool = public_prompts(dataset, fed_args.cog_public_prompts, 20 * fed_args.cog_num_generate, seed)
-        prompts = [pool for _ in clients]
+        prompts = {k: pool for k in clients}
     else:  # each client's own instructions (a conversation's first)
         from data.quality import sample_pair
-        prompts = [[sample_pair(s)[0] for s in samples] for samples in clients]
+        prompts = {k: [sample_pair(s)[0] for s in samples] for k, samples in clients.items()}
     return ConsensusGeneration(algorithm, fed_args, tokenizer, template, prompts, seq_length)
+
+
+def refuse_preference_pairs(fed_args) -> None:
+    """FedCOG on a preference (DPO) run: refused, by main_dpo.py and the Flower app's task dpo alike."""
+    if fed_args.fedcog:
+        raise SystemExit("--fedcog distils the global model's generated answers (SFT); it is not defined for "
+                         "preference pairs: drop it, or train with main_sft.py.")
 
 
 def check_fedcog_arguments(fed_args) -> None:

@@ -32,8 +32,8 @@ def cog(tokenizer):
     torch.manual_seed(0)
     x = torch.randn(flat.numel) * 0.2  # a global model with non-zero B
     local = x + torch.randn(flat.numel) * 0.5  # the client's own model of an earlier round
-    prompts = [[f"What is {a} + {b}? Answer with the number only." for a, b in [(2, 3), (10, 7), (41, 5), (8, 8),
-                                                                                (13, 29)]]]
+    prompts = {0: [f"What is {a} + {b}? Answer with the number only." for a, b in [(2, 3), (10, 7), (41, 5), (8, 8),
+                                                                                   (13, 29)]]}
     args = SimpleNamespace(cog_num_generate=5, cog_num_keep=2, cog_max_new_tokens=6, cog_kd_weight=0.5)
     method = ConsensusGeneration(Algorithm(args), args, tokenizer, "alpaca", prompts, seq_length=96)
     method.bind(model, flat, x)

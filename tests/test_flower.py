@@ -59,7 +59,7 @@ def test_run_config_maps_onto_the_entry_scripts_dataclasses():
     ({"min-replies": 0}, "min-replies 0 is invalid"),
     ({"client-groups": "same_language"}, "does not"),
     ({"lora-method": "exact"}, "not supported by the Flower app yet: its residual is folded"),
-    ({"fedcog": True}, "fedcog is not supported by the Flower app yet"),
+    ({"task": "dpo", "fedcog": True}, "not defined for preference pairs"),
 ])
 def test_bad_run_config_is_one_clear_line(run_config, message):
     with pytest.raises(SystemExit, match=message):
@@ -261,16 +261,23 @@ def same_adapter(ours: Path, theirs: Path) -> bool:
     return a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
+FEDCOG = {"fedcog": True, "cog-num-generate": 3, "cog-num-keep": 2, "cog-max-new-tokens": 4}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fed_alg, lora_method", [("scaffold", "standard"), ("fedprox", "personal")])
-def test_simulation_gives_main_sft_adapter_bit_for_bit(tiny_model_dir, tmp_path, one_thread, fed_alg, lora_method):
+@pytest.mark.parametrize("fed_alg, lora_method, extra", [("scaffold", "standard", {}), ("fedprox", "personal", {}),
+                                                         ("fedavg", "standard", FEDCOG)])
+def test_simulation_gives_main_sft_adapter_bit_for_bit(tiny_model_dir, tmp_path, one_thread, fed_alg, lora_method,
+                                                       extra):
     """2 rounds, 4 simulated nodes of which 2 train at once, against main_sft.py: SCAFFOLD (client state and extra
-    uploads; FedAvg's bit-identity is checked over a real deployment below), and personalised adapters (each
-    client's own B travels with its task and comes back as kept state, as SCAFFOLD's c_i)."""
+    uploads; FedAvg's bit-identity is checked over a real deployment below), personalised adapters (each
+    client's own B travels with its task and comes back as kept state, as SCAFFOLD's c_i), and FedCOG (each node
+    generates from its own instructions; client 1, sampled in both rounds, gets its round-1 model back with its
+    task for round 2's selection; the costs travel with the results)."""
     from flower_app.launch import LocalFlower
 
     config = {**TINY_RUN, "fed-alg": fed_alg, "lora-method": lora_method, "model-name-or-path": tiny_model_dir,
-              "output-dir": str(tmp_path / "flower")}
+              "output-dir": str(tmp_path / "flower"), **extra}
     with LocalFlower(tmp_path / "home", simulation=True, env=QUIET_RAY) as flower:
         process = flower.run(config, num_supernodes=4, client_cpus=1)
         reference = in_process_reference(config, tmp_path / "inprocess")  # meanwhile
@@ -284,6 +291,11 @@ def test_simulation_gives_main_sft_adapter_bit_for_bit(tiny_model_dir, tmp_path,
         # Really sent: x, y (and SCAFFOLD's control delta), plus the state the server keeps for the client (c_i,
         # or the personal B) both ways (docs/FLOWER.md); in process only the vectors are counted.
         assert row["bytes_uploaded"] > ref["bytes_uploaded"] * 1.5
+        if extra:  # FedCOG's costs: the same generations kept with the same KL; times differ
+            cog = ("cog_generated", "cog_kept_kl_count", "cog_kept_kl_sum", "cog_kept_kl_mean")
+            assert [row[k] for k in cog] == [ref[k] for k in cog] and row["cog_generation_s"] > 0
+    if extra:
+        assert rows[1]["cog_kept_kl_sum"] > 0  # round 2 selected with client 1's own model from round 1
     assert json.loads((ours / "args.json").read_text()) == {
         **json.loads((reference / "args.json").read_text()), "output_dir": str(ours)}
     if lora_method == "personal":  # every client's own B kept by the server, equal to the in-process run's
@@ -344,6 +356,7 @@ def test_deployment_on_loopback_survives_a_supernode_stopped_mid_run(tiny_model_
     ({"lora-method": "personal"}, "every client's own B"),
     ({"lora-method": "hetero_rank", "client-ranks": "2,4"}, "the SVD of the mean"),
     ({"fed-alg": "local0"}, "trains one client alone"),
+    ({"fedcog": True}, "which would then see every y"),
     ({"sample-clients": 1}, "sample >= 2"),
     ({"secagg-quantization-range": 2 ** 30}, "the masked sum overflows"),
     ({"secagg-clipping-range": 0.0}, "secagg-clipping-range 0.0 is invalid"),
