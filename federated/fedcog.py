@@ -2,8 +2,9 @@
 Consensus-Oriented Generation", arXiv 2312.05966), for instruction tuning, composed with any server rule.
 
 Each sampled client, before its local training:
-  1. draws --cog_num_generate prompts (its own instructions, or a public prompt set) and answers them with the
-     global model x (the consensus), greedily, with the project's batched generator;
+  1. draws --cog_num_generate prompts (its own instructions, a public prompt set, or instructions the global model
+     writes itself: instruction_frame) and answers them with the global model x (the consensus), greedily, with
+     the project's batched generator;
   2. scores each generation by the token-level KL between the global model and the client's own model of its last
      round, mean over the answer tokens: KL(p_x || p_local). The --cog_num_keep generations with the largest KL
      are kept: what the consensus knows and the client's own model does not. A client that was never sampled
@@ -35,7 +36,8 @@ import torch
 from federated.algorithms import ClientHooks, to_host
 
 logger = logging.getLogger(__name__)
-PROMPT_SOURCES = ("own", "public")
+PROMPT_SOURCES = ("own", "public", "model")
+SENTINEL = "FEDCOG_INSTRUCTION_SENTINEL"  # stands for the instruction in a template's prompt (instruction_frame)
 
 
 @dataclass
@@ -96,9 +98,11 @@ class ConsensusHooks(ClientHooks):
 class ConsensusGeneration:
     """A server rule (or a rule composed with a LoRA method) with FedCOG's client part; the Algorithm interface,
     everything but client_hooks passed through. `prompts[k]`: client k's prompt pool (k its index in the
-    federation), for the clients this process trains: all of them in process, its own on a Flower node."""
+    federation), for the clients this process trains: all of them in process, its own on a Flower node; None:
+    the global model writes the prompts (--cog_prompts model)."""
 
-    def __init__(self, inner, fed_args, tokenizer, template: str, prompts: dict[int, list[str]], seq_length: int):
+    def __init__(self, inner, fed_args, tokenizer, template: str, prompts: dict[int, list[str]] | None,
+                 seq_length: int):
         self.inner, self.fed_args, self.tokenizer, self.template = inner, fed_args, tokenizer, template
         self.prompts, self.seq_length = prompts, seq_length
         self.model = self.flat = None
@@ -121,9 +125,29 @@ class ConsensusGeneration:
         return ConsensusHooks(inner, self.model, generations, self.fed_args.cog_kd_weight, draws, cost)
 
     def _draw_prompts(self, client: int, draws: int) -> list[str]:
+        """This round's prompts of `client`, a function of (client, draws): a resumed run draws the same ones."""
+        seed = client * 1_000_003 + draws
+        if self.prompts is None:
+            return self._model_instructions(seed)
         pool = self.prompts[client]
-        rng = random.Random(client * 1_000_003 + draws)
-        return rng.sample(pool, min(len(pool), self.fed_args.cog_num_generate))
+        return random.Random(seed).sample(pool, min(len(pool), self.fed_args.cog_num_generate))
+
+    def _model_instructions(self, seed: int) -> list[str]:
+        """--cog_prompts model: --cog_num_generate instructions the loaded model writes itself, continuing the
+        template's user-turn opening, sampled at temperature 1 and top-p 1 (its own distribution, at most
+        --cog_max_new_tokens tokens), seeded by `seed` inside a forked RNG (the run's RNG state does not move); each
+        cut at the turn's end and stripped, empty ones dropped."""
+        from evaluation.generate import generate_answers
+
+        opening, end = instruction_frame(self.template, self.tokenizer)
+        n = self.fed_args.cog_num_generate
+        cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
+            texts = generate_answers(self.model, self.tokenizer, [opening] * n, batch_size=n,
+                                     max_new_tokens=self.fed_args.cog_max_new_tokens, do_sample=True,
+                                     temperature=1.0, top_p=1.0, seed=seed, progress=_Silent())
+        instructions = [text.split(end)[0].strip() if end else text.strip() for text in texts]
+        return [instruction for instruction in instructions if instruction]
 
     @torch.no_grad()
     def generate(self, client: int, x: torch.Tensor, local: torch.Tensor | None,
@@ -134,11 +158,11 @@ class ConsensusGeneration:
         from evaluation.generate import generate_answers
         from utils.templates import prompt_text, tokenize_sft_sample
 
+        model, tok, a = self.model, self.tokenizer, self.fed_args
+        self.flat.set(x)  # the global model answers, and with --cog_prompts model writes the prompts too
         instructions = self._draw_prompts(client, draws)
         if not instructions:
             return None, _cost(0, [])
-        model, tok, a = self.model, self.tokenizer, self.fed_args
-        self.flat.set(x)
         texts = [prompt_text(self.template, tok, ins) for ins in instructions]
         answers = generate_answers(model, tok, texts, batch_size=len(texts), max_new_tokens=a.cog_max_new_tokens,
                                    progress=_Silent())
@@ -169,6 +193,18 @@ class ConsensusGeneration:
         token_rows = mask.nonzero()[:, 0]
         kept = Generations(ids[keep], kept_mask, global_logp[rows[token_rows]])
         return kept, _cost(len(samples), per_sample[keep].tolist())
+
+
+def instruction_frame(template: str, tokenizer) -> tuple[str, str | None]:
+    """(the user turn's opening, the mark of its end) in `template`: its generation prompt for a sentinel
+    instruction, cut at the sentinel. A model continuing the opening writes a user instruction; the first
+    non-blank line after the sentinel ends it (alpaca's "### Response:", vicuna's "ASSISTANT:"; a chat template's
+    end-of-turn token, where generation stops when it is the tokenizer's EOS, as SmolLM2's <|im_end|>)."""
+    from utils.templates import prompt_text
+
+    opening, closing = prompt_text(template, tokenizer, SENTINEL).split(SENTINEL)
+    lines = [line.strip() for line in closing.splitlines() if line.strip()]
+    return opening, lines[0] if lines else None
 
 
 def _cost(generated: int, kept_kl: list[float]) -> dict:
@@ -219,6 +255,8 @@ def with_consensus_generation(algorithm, fed_args, tokenizer, template: str, cli
     if fed_args.cog_prompts == "public":
         pool = public_prompts(dataset, fed_args.cog_public_prompts, 20 * fed_args.cog_num_generate, seed)
         prompts = {k: pool for k in clients}
+    elif fed_args.cog_prompts == "model":  # written by the global model each round
+        prompts = None
     else:  # each client's own instructions (a conversation's first)
         from data.quality import sample_pair
         prompts = {k: [sample_pair(s)[0] for s in samples] for k, samples in clients.items()}
@@ -239,6 +277,9 @@ def check_fedcog_arguments(fed_args) -> None:
     if fed_args.cog_prompts not in PROMPT_SOURCES:
         raise SystemExit(f"--cog_prompts {fed_args.cog_prompts!r} is invalid: choose one of "
                          f"{', '.join(PROMPT_SOURCES)}.")
+    if fed_args.cog_public_prompts and fed_args.cog_prompts != "public":
+        raise SystemExit(f"--cog_public_prompts is read only with --cog_prompts public, not "
+                         f"{fed_args.cog_prompts}: pass --cog_prompts public, or drop --cog_public_prompts.")
     if not (fed_args.cog_kd_weight >= 0 and fed_args.cog_num_generate >= 1 and fed_args.cog_max_new_tokens >= 1
             and 1 <= fed_args.cog_num_keep <= fed_args.cog_num_generate):
         raise SystemExit("FedCOG needs --cog_kd_weight >= 0, --cog_num_generate >= 1, --cog_max_new_tokens >= 1 "
