@@ -266,7 +266,8 @@ FEDCOG = {"fedcog": True, "cog-num-generate": 3, "cog-num-keep": 2, "cog-max-new
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fed_alg, lora_method, extra", [("scaffold", "standard", {}), ("fedprox", "personal", {}),
-                                                         ("fedavg", "standard", FEDCOG)])
+                                                         ("fedavg", "standard", FEDCOG)],
+                         ids=["scaffold", "fedprox-personal", "fedavg-fedcog"])
 def test_simulation_gives_main_sft_adapter_bit_for_bit(tiny_model_dir, tmp_path, one_thread, fed_alg, lora_method,
                                                        extra):
     """2 rounds, 4 simulated nodes of which 2 train at once, against main_sft.py: SCAFFOLD (client state and extra
