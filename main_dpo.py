@@ -70,9 +70,8 @@ def main():
     check_arguments(script_args, fed_args)
     from federated.lora_methods import check_reference_model
     check_reference_model(fed_args)
-    if fed_args.fedcog:
-        raise SystemExit("--fedcog distils the global model's generated answers (SFT); it is not defined for "
-                         "preference pairs: drop it, or train with main_sft.py.")
+    from federated.fedcog import refuse_preference_pairs
+    refuse_preference_pairs(fed_args)
     if not (math.isfinite(dpo_args.dpo_beta) and dpo_args.dpo_beta > 0):
         raise SystemExit(f"--dpo_beta {dpo_args.dpo_beta!r} is invalid: it must be a finite number > 0.")
     if entry_args.dry_run:

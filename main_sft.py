@@ -91,8 +91,8 @@ def train(script_args, fed_args):
     for name, members, run_args, run_fed, algorithm, privacy in runs:
         output_dir = Path(run_args.output_dir)
         algorithm = with_consensus_generation(algorithm, run_fed, tokenizer, script_args.template,
-                                              [clients[i] for i in members], script_args.seq_length, dataset,
-                                              script_args.seed)  # FedCOG with --fedcog, else the algorithm itself
+                                              dict(enumerate(clients[i] for i in members)), script_args.seq_length,
+                                              dataset, script_args.seed)  # FedCOG with --fedcog, else itself
         local.flat.set(initial)  # every federation starts from the same LoRA initialisation
         run = run_federated(run_args, run_fed, model, local, [client_data[i] for i in members], lr_min=LR_MIN,
                             algorithm=algorithm, privacy=privacy)

@@ -41,6 +41,11 @@ class ClientHooks:
         """After local training: (extra uploads for the server, state the client keeps for later rounds)."""
         return {}, {}
 
+    def metrics(self) -> dict[str, int | float]:
+        """This client's own costs of the round (FedCOG's generation: federated/fedcog.py), numbers that the
+        server sums over the round's clients into its metrics row (Federation.finish_round); none here."""
+        return {}
+
 
 @dataclass
 class Algorithm:
@@ -70,10 +75,6 @@ class Algorithm:
         """Keep what `client` carries to its next round (hooks.finish's state) as of round `round_number` (1-based),
         in the run's client store (on disk: federated/client_store.py)."""
         run.client_store.put(client, state, round_number)
-
-    def round_metrics(self) -> dict:
-        """The round's own costs for its metrics row (FedCOG's generation: federated/fedcog.py); none here."""
-        return {}
 
     def load_global(self, flat, run) -> None:
         """Load the global model into the trainable parameters (after every server step, and for evaluation)."""

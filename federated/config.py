@@ -71,8 +71,10 @@ class FedArguments:
     cog_num_keep: int = field(default=4, metadata={"help": "FedCOG: generations kept (largest KL) per client"})
     cog_max_new_tokens: int = field(default=32, metadata={"help": "FedCOG: answer length limit"})
     cog_prompts: str = field(default="own", metadata={"help": "FedCOG prompt source: own (the client's "
-                                                             "instructions) or public (--cog_public_prompts; "
-                                                             "fed-synthetic: generated, disjoint from the test set)"})
+                                                             "instructions), public (--cog_public_prompts; "
+                                                             "fed-synthetic: generated, disjoint from the test "
+                                                             "set) or model (instructions the global model "
+                                                             "samples itself, seeded per client and round)"})
     cog_public_prompts: str | None = field(default=None, metadata={"help": "FedCOG: a JSON list of samples (or "
                                                                           "strings) whose instructions are the "
                                                                           "public prompts"})

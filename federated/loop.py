@@ -16,7 +16,7 @@ import random
 import resource
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +160,22 @@ def outlier_clients(x: torch.Tensor, vectors: list[torch.Tensor], clients: list[
     return flagged
 
 
+def summed_client_metrics(results: list) -> dict:
+    """The round's sum of its clients' own costs (ClientResult.metrics, every client that answered, a diverged
+    one included: it spent them). Each pair K_sum, K_count also gives K_mean = K_sum / K_count (None when no
+    client counted any)."""
+    total: dict = {}
+    for result in results:
+        for key, value in result.metrics.items():
+            total[key] = total.get(key, 0) + value
+    for key in [k for k in total if k.endswith("_sum")]:
+        name = key[:-len("_sum")]
+        if name + "_count" in total:
+            count = total[name + "_count"]
+            total[name + "_mean"] = total[key] / count if count else None
+    return total
+
+
 @dataclass
 class ClientTask:
     """What the server tells a sampled client to do this round (all it needs besides the global vector, the
@@ -176,7 +192,8 @@ class ClientTask:
 @dataclass
 class ClientResult:
     """A client's answer: its vector (None when it diverged), the algorithm's extra uploads and the state it keeps
-    for later rounds (hooks.finish), its mean loss, the steps it did and its training time."""
+    for later rounds (hooks.finish), its mean loss, the steps it did, its training time and the algorithm's own
+    costs on this client (hooks.metrics: numbers the round's row sums over its clients)."""
     client: int
     vector: torch.Tensor | None
     uploads: dict
@@ -184,6 +201,7 @@ class ClientResult:
     loss: float
     steps: int
     train_time: float = 0.0
+    metrics: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -210,10 +228,11 @@ def train_client(local_trainer: LocalTrainer, algorithm, task: ClientTask, data,
     loss, steps = local_trainer.train(subset, task.steps, task.lr, hooks, task.seed)
     train_time = time.perf_counter() - start
     y = flat.get()
-    if not (is_finite(y) and math.isfinite(loss)):
-        return ClientResult(task.client, None, {}, {}, loss, steps, train_time)  # the server drops it
+    if not (is_finite(y) and math.isfinite(loss)):  # the server drops it; its costs were spent all the same
+        return ClientResult(task.client, None, {}, {}, loss, steps, train_time, hooks.metrics())
     uploads, state = hooks.finish(y, steps, task.lr)
-    return ClientResult(task.client, hooks.upload_vector(y), uploads, state, loss, steps, train_time)
+    return ClientResult(task.client, hooks.upload_vector(y), uploads, state, loss, steps, train_time,
+                        hooks.metrics())
 
 
 class Federation:
@@ -283,7 +302,7 @@ class Federation:
         if self.privacy is not None:
             row.update(self.privacy.metrics(run))
         row.update(summed.metrics if summed is not None else {})
-        row.update(self.algorithm.round_metrics())  # a method's own costs (FedCOG's generation)
+        row.update(summed_client_metrics(results))  # a method's own costs (FedCOG's generation)
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         row["mean_loss"] = float(np.mean([losses[k] for k in aggregated])) if aggregated else float("nan")

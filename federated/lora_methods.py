@@ -449,6 +449,9 @@ class LoraClientHooks(ClientHooks):
     def upload_vector(self, y):
         return self.method.upload(self.client, y, self.x)
 
+    def metrics(self):
+        return self.inner.metrics()
+
 
 class LoraAlgorithm:
     """A server rule composed with a LoRA method: the Algorithm interface, the rule's attributes passed through."""

@@ -8,7 +8,8 @@ a simulation actor serves all its messages from them. A Flower 1.42 SuperNode st
 every message, so there the process forwards the query and plain train messages to the node's warm worker
 (flower_app/node_worker.py), which runs the same functions and keeps all of it across messages.
 
-The client's kept state (SCAFFOLD's c_i) lives on the server and comes with each task (docs/FLOWER.md: why).
+The client's kept state (SCAFFOLD's c_i, FedCOG's last local model) lives on the server and comes with each task
+(docs/FLOWER.md: why).
 
 With run-config secagg, train messages are SecAgg+ stages and go through Flower's secaggplus_mod in the ClientApp
 process: in its masked-vector stage the node trains and answers in the legacy FitRes layout (its update y - x and
@@ -130,12 +131,18 @@ def node_trainer(context: Context):
 
 
 def run_task(context: Context, client, trainer, task, num_clients: int, x, server_state: dict, kept: dict):
+    from federated.fedcog import with_consensus_generation
     from federated.methods import make_algorithm
     from federated.loop import train_client
 
     if task.client != client.partition_id:
         raise RuntimeError(f"node {context.node_id} holds client {client.partition_id}, not {task.client}")
-    algorithm = make_algorithm(worker(context).settings.fed_args, num_clients)
+    node = worker(context)
+    s, f = node.script_args, node.settings.fed_args
+    # FedCOG with fedcog (its kept model and draw count come with the task, as SCAFFOLD's c_i), else the rule itself
+    algorithm = with_consensus_generation(make_algorithm(f, num_clients), f, node.tokenizer, s.template,
+                                          {client.partition_id: client.samples}, s.seq_length,
+                                          node.fedcog_dataset(), s.seed)
     # Bound on the round's global vector, not on the model, which in a Ray actor holds the last client it trained
     # (personal adapters keep B's shared init from it).
     algorithm.bind(trainer.trainer.model, trainer.flat, x)

@@ -6,6 +6,9 @@ Under secure aggregation (flower_app/secure.py) the same task and result travel 
 layout that Flower's SecAgg+ workflow and client mod read: the task's fields in the FitIns config, the global
 vector as its one parameter array; the client's update (y - x) as the FitRes parameters, which the mod masks
 before anything leaves the node, its weight as num_examples, its loss and steps as metrics.
+
+A result's own costs (ClientResult.metrics: FedCOG's generation) travel in the clear next to its loss, steps and
+time, each under "metric/" + its name: they are costs, not data.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from flwr.compat.common import recorddict_compat
 
 from federated.loop import ClientResult, ClientTask
 
-GLOBAL, SERVER, CLIENT, UPLOAD = "x", "server/", "client/", "upload/"
+GLOBAL, SERVER, CLIENT, UPLOAD, METRIC = "x", "server/", "client/", "upload/", "metric/"
 
 
 @dataclass
@@ -81,15 +84,26 @@ def read_task(content: RecordDict, device) -> tuple[ClientTask, int, torch.Tenso
     return task, num_clients, x, server_state, client_state
 
 
+def _result_metrics(result: ClientResult) -> dict:
+    """The scalars of a result (both layouts): its loss, steps, time, whether it diverged, and its own costs."""
+    return {"client": result.client, "loss": float(result.loss), "steps": result.steps,
+            "train_time": result.train_time, "diverged": int(result.vector is None),
+            **{METRIC + key: value for key, value in result.metrics.items()}}
+
+
+def _read_result_metrics(metrics) -> tuple[float, int, float, dict]:
+    """-> (loss, steps, train time, the result's own costs)."""
+    costs = {key[len(METRIC):]: value for key, value in metrics.items() if key.startswith(METRIC)}
+    return float(metrics["loss"]), int(metrics["steps"]), float(metrics["train_time"]), costs
+
+
 def result_content(result: ClientResult) -> RecordDict:
     arrays = {}
     if result.vector is not None:
         arrays[GLOBAL] = _array(result.vector)
         arrays.update({UPLOAD + key: _array(value) for key, value in result.uploads.items()})
         arrays.update({CLIENT + key: _array(value) for key, value in result.state.items()})
-    metrics = {"client": result.client, "loss": float(result.loss), "steps": result.steps,
-               "train_time": result.train_time, "diverged": int(result.vector is None)}
-    return RecordDict({"arrays": ArrayRecord(arrays), "result": MetricRecord(metrics)})
+    return RecordDict({"arrays": ArrayRecord(arrays), "result": MetricRecord(_result_metrics(result))})
 
 
 def read_result(content: RecordDict, device) -> ClientResult:
@@ -98,8 +112,7 @@ def read_result(content: RecordDict, device) -> ClientResult:
     vector = None if metrics["diverged"] else _tensor(arrays[GLOBAL], device)
     uploads = {k[len(UPLOAD):]: _tensor(v, device) for k, v in arrays.items() if k.startswith(UPLOAD)}
     state = {k[len(CLIENT):]: _tensor(v, "cpu") for k, v in arrays.items() if k.startswith(CLIENT)}
-    return ClientResult(int(metrics["client"]), vector, uploads, state, float(metrics["loss"]), int(metrics["steps"]),
-                        float(metrics["train_time"]))
+    return ClientResult(int(metrics["client"]), vector, uploads, state, *_read_result_metrics(metrics))
 
 
 # --- secure aggregation: the legacy Fit layout of Flower's SecAgg+ ------------------------------------------------
@@ -122,14 +135,12 @@ def read_secure_task(content: RecordDict, device) -> tuple[ClientTask, int, int,
 def secure_reply(result: ClientResult, update: np.ndarray, weight: int, metrics: dict) -> RecordDict:
     """The client's answer for secaggplus_mod: `update` (float64, so the mod's weighting and quantization lose
     nothing before its own rounding) with its weight; the mod masks the update and strips it from the reply."""
-    metrics = {"client": result.client, "loss": float(result.loss), "steps": result.steps,
-               "train_time": result.train_time, "diverged": int(result.vector is None), **metrics}
+    metrics = {**_result_metrics(result), **metrics}
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([update]), weight, metrics)
     return recorddict_compat.fitres_to_recorddict(fitres, keep_input=False)
 
 
 def read_secure_result(fitres: FitRes) -> ClientResult:
-    """A client's result in a secure round: no vector (the server has only the sum), its loss, steps and time."""
-    metrics = fitres.metrics
-    return ClientResult(int(metrics["client"]), None, {}, {}, float(metrics["loss"]), int(metrics["steps"]),
-                        float(metrics["train_time"]))
+    """A client's result in a secure round: no vector (the server has only the sum), its loss, steps, time and
+    own costs."""
+    return ClientResult(int(fitres.metrics["client"]), None, {}, {}, *_read_result_metrics(fitres.metrics))

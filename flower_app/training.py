@@ -31,11 +31,11 @@ def lr_min(task: str) -> float:
 
 @dataclass
 class NodeClient:
-    """One node's client for the whole run: its partition and tokenised samples."""
+    """One node's client for the whole run: its partition, raw and tokenised samples."""
     partition_id: int
     client_id: str
     data: object  # the tokenised datasets.Dataset
-    first_sample: dict  # a raw sample (DPOTrainer is built with one text pair)
+    samples: list[dict]  # the raw samples (FedCOG's own prompts; DPOTrainer is built with the first text pair)
 
 
 class Worker:
@@ -53,6 +53,7 @@ class Worker:
         self.script_args = replace(settings.script_args, output_dir=self.scratch.name)
         self.tokenizer = load_tokenizer(self.script_args.model_name_or_path, self.script_args.seq_length)
         self.local_trainer = None
+        self.dataset = None  # the run's dataset, loaded on first need
         self.partitions = None  # (client ids, each client's raw samples) of the run's dataset, once loaded
         self.clients: OrderedDict[int, NodeClient | None] = OrderedDict()  # node id -> its client, recent last
 
@@ -74,18 +75,36 @@ class Worker:
         s = self.script_args
         tokenize = _entry(self.settings.task).tokenize_clients
         data = tokenize([samples], self.tokenizer, s.template, s.seq_length, [client_id])[0]
-        return NodeClient(node.partition_id, client_id, data, samples[0])
+        return NodeClient(node.partition_id, client_id, data, samples)
 
     def _samples(self, node: NodeData):
         """(client id, raw samples) of this node, or None when the run's dataset has no client at its partition."""
         if node.data_file:
             return silo_samples(self.settings, node.data_file)
         if self.partitions is None:
-            self.partitions = run_partitions(self.settings)
+            self.partitions = run_partitions(self.settings, self.run_dataset())
         client_ids, clients = self.partitions
         if node.partition_id >= len(clients):
             return None
         return client_ids[node.partition_id], clients[node.partition_id]
+
+    def run_dataset(self):
+        """The run's dataset as main_sft.py/main_dpo.py load it, loaded once."""
+        if self.dataset is None:
+            from federated.setup import load_dataset_for
+
+            task = self.settings.task
+            self.dataset = load_dataset_for(self.settings.script_args, kinds=KINDS[task], entry=ENTRY[task])
+        return self.dataset
+
+    def fedcog_dataset(self):
+        """The run's dataset when FedCOG's public prompts come from it (--cog_prompts public without
+        --cog_public_prompts: fed-synthetic's, disjoint from its test set), else None: a node with its own data
+        file loads the run's dataset only then."""
+        f = self.settings.fed_args
+        if f.fedcog and f.cog_prompts == "public" and not f.cog_public_prompts:
+            return self.run_dataset()
+        return None
 
     def trainer_for(self, client: NodeClient):
         """The LocalTrainer, built on first use exactly as the entry script builds it."""
@@ -99,7 +118,7 @@ class Worker:
             else:
                 from utils.preference import pair_texts
                 trainer = _entry("dpo").build_dpo_trainer(model, self.tokenizer, s, self.settings.dpo_args,
-                                                          pair_texts(s.template, self.tokenizer, client.first_sample))
+                                                          pair_texts(s.template, self.tokenizer, client.samples[0]))
             self.local_trainer = local_trainer(trainer, model, s)
         return self.local_trainer
 
@@ -116,12 +135,10 @@ def silo_samples(settings: RunSettings, data_file: str):
     return dataset.client_ids[0], dataset.clients[0]
 
 
-def run_partitions(settings: RunSettings) -> tuple[list[str], list[list[dict]]]:
+def run_partitions(settings: RunSettings, dataset) -> tuple[list[str], list[list[dict]]]:
     """The run's clients as main_sft.py/main_dpo.py choose them: (client ids, each client's raw samples)."""
-    from federated.setup import load_dataset_for, select_clients
+    from federated.setup import select_clients
 
-    s, task = settings.script_args, settings.task
-    dataset = load_dataset_for(s, kinds=KINDS[task], entry=ENTRY[task])
     clients = select_clients(dataset, replace(settings.fed_args))
     return dataset.client_ids[:len(clients)], clients
 

@@ -32,8 +32,8 @@ def cog(tokenizer):
     torch.manual_seed(0)
     x = torch.randn(flat.numel) * 0.2  # a global model with non-zero B
     local = x + torch.randn(flat.numel) * 0.5  # the client's own model of an earlier round
-    prompts = [[f"What is {a} + {b}? Answer with the number only." for a, b in [(2, 3), (10, 7), (41, 5), (8, 8),
-                                                                                (13, 29)]]]
+    prompts = {0: [f"What is {a} + {b}? Answer with the number only." for a, b in [(2, 3), (10, 7), (41, 5), (8, 8),
+                                                                                   (13, 29)]]}
     args = SimpleNamespace(cog_num_generate=5, cog_num_keep=2, cog_max_new_tokens=6, cog_kd_weight=0.5)
     method = ConsensusGeneration(Algorithm(args), args, tokenizer, "alpaca", prompts, seq_length=96)
     method.bind(model, flat, x)
@@ -70,10 +70,9 @@ def test_keeps_the_generations_with_the_largest_kl_and_distils_them(cog, tokeniz
     assert torch.equal(hooks.generations.input_ids[:, :max(len(samples[i]["input_ids"]) for i in best)],
                        torch.nn.utils.rnn.pad_sequence([torch.tensor(samples[i]["input_ids"]) for i in best],
                                                        batch_first=True, padding_value=tokenizer.pad_token_id))
-    metrics = method.round_metrics()
-    assert metrics["cog_generated"] == 5 and metrics["cog_generation_s"] > 0
-    assert metrics["cog_kept_mean_kl"] == pytest.approx(sum(kls[i] for i in best) / 2, rel=1e-3)
-    assert method.round_metrics()["cog_generated"] == 0  # reset per round
+    metrics = hooks.metrics()  # this client's costs, which travel with its result
+    assert metrics["cog_generated"] == 5 and metrics["cog_generation_s"] > 0 and metrics["cog_kept_kl_count"] == 2
+    assert metrics["cog_kept_kl_sum"] == pytest.approx(sum(kls[i] for i in best), rel=1e-3)
 
     # The distillation term at a local point y: weight x mean over all kept answer tokens of KL(global || y).
     y = x + torch.randn(flat.numel) * 0.1
@@ -94,24 +93,63 @@ def test_a_client_without_a_model_of_its_own_keeps_the_first_draws(cog):
     method, model, flat, x, _ = cog
     hooks = method.client_hooks(0, x, {}, {})
     assert hooks.generations.input_ids.shape[0] == 2
-    assert method.round_metrics()["cog_kept_mean_kl"] == pytest.approx(0.0)
+    assert hooks.metrics()["cog_kept_kl_count"] == 2 and hooks.metrics()["cog_kept_kl_sum"] == 0.0
     assert isinstance(hooks.inner, ClientHooks)
 
 
-def test_main_sft_fedcog_with_scaffold(tiny_model_dir, tmp_path, one_thread):
+def test_the_global_model_writes_its_own_prompts_reproducibly(cog, tokenizer):
+    """--cog_prompts model: instructions sampled from the global model after the template's user-turn opening,
+    the same for the same (client, draws), others for another draw, the run's RNG state untouched; they are then
+    answered as the other sources' prompts are."""
+    from evaluation.generate import generate_answers
+    from federated.fedcog import instruction_frame
+    from utils.templates import prompt_text
+
+    _, model, flat, x, _ = cog
+    args = SimpleNamespace(cog_num_generate=4, cog_num_keep=2, cog_max_new_tokens=6, cog_kd_weight=0.5)
+    method = ConsensusGeneration(Algorithm(args), args, tokenizer, "alpaca", None, seq_length=96)
+    method.bind(model, flat, x)
+    opening, end = instruction_frame("alpaca", tokenizer)
+    assert opening == prompt_text("alpaca", tokenizer, "Q").split("Q \n\n### Response:")[0]
+    assert opening.endswith("### Instruction:\n") and end == "### Response:"
+
+    flat.set(x)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    first = method._draw_prompts(3, 0)
+    assert torch.equal(torch.random.get_rng_state(), before)  # forked: the run's RNG did not move
+    assert first == method._draw_prompts(3, 0) and first != method._draw_prompts(3, 1)
+    assert first and all(ins and ins == ins.strip() and end not in ins for ins in first)
+    # By hand: the same samples from the opening, seeded the same way, cut and stripped.
+    by_hand = generate_answers(model, tokenizer, [opening] * 4, batch_size=4, max_new_tokens=6, do_sample=True,
+                               seed=3 * 1_000_003, progress=SimpleNamespace(update=lambda n: None))
+    assert first == [t.split(end)[0].strip() for t in by_hand if t.split(end)[0].strip()]
+
+    hooks = method.client_hooks(3, x, {}, {})  # answered by the global model, scored and kept as before
+    assert hooks.metrics()["cog_generated"] == len(first) and hooks.generations.input_ids.shape[0] == 2
+
+
+@pytest.mark.parametrize("source", ["own", "model"])
+def test_main_sft_fedcog_with_scaffold(tiny_model_dir, tmp_path, one_thread, source):
     out = tmp_path / "cog"
     run_entry(main_sft, ["--model_name_or_path", tiny_model_dir, "--output_dir", out, "--synthetic_num_clients", 3,
                          "--synthetic_mean_samples", 16, "--sample_clients", 2, "--num_rounds", 2, "--max_steps", 1,
                          "--batch_size", 2, "--seq_length", 64, "--learning_rate", 1e-3, "--eval_after", "false",
                          "--fed_alg", "scaffold", "--fedcog", "--cog_num_generate", 3, "--cog_num_keep", 2,
-                         "--cog_max_new_tokens", 4])
+                         "--cog_max_new_tokens", 4, "--cog_prompts", source])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["cog_generated"] == 6 and r["cog_generation_s"] > 0 for r in rows)
+    # Two clients a round, each answering 3 prompts (the tiny model's own: none came out empty) and keeping 2: the
+    # row sums their costs.
+    assert all(r["cog_generated"] == 6 and r["cog_kept_kl_count"] == 4 and r["cog_generation_s"] > 0 for r in rows)
+    assert rows[0]["cog_kept_kl_sum"] == 0.0  # round 1: no client has a model of its own yet
+    assert rows[1]["cog_kept_kl_sum"] > 0  # round 2: one of its 2 clients (of 3) trained in round 1 at least
+    assert all(r["cog_kept_kl_mean"] == r["cog_kept_kl_sum"] / 4 for r in rows)
 
 
 @pytest.mark.parametrize("flags, message", [(["--cog_num_keep", 9], "cog_num_keep"),
-                                            (["--cog_prompts", "mine"], "cog_prompts")])
+                                            (["--cog_prompts", "mine"], "cog_prompts"),
+                                            (["--cog_public_prompts", "p.json"], "only with --cog_prompts public")])
 def test_bad_fedcog_flags_are_refused_before_loading(flags, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         run_entry(main_sft, ["--output_dir", tmp_path / "x", "--fedcog", *flags])

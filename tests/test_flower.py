@@ -59,7 +59,7 @@ def test_run_config_maps_onto_the_entry_scripts_dataclasses():
     ({"min-replies": 0}, "min-replies 0 is invalid"),
     ({"client-groups": "same_language"}, "does not"),
     ({"lora-method": "exact"}, "not supported by the Flower app yet: its residual is folded"),
-    ({"fedcog": True}, "fedcog is not supported by the Flower app yet"),
+    ({"task": "dpo", "fedcog": True}, "not defined for preference pairs"),
 ])
 def test_bad_run_config_is_one_clear_line(run_config, message):
     with pytest.raises(SystemExit, match=message):
@@ -171,6 +171,26 @@ def test_a_node_worker_answers_the_messages_of_one_message_processes(tiny_model_
     assert dict(expected["node"])["partition_id"] == 1 and dict(expected["node"])["num_samples"] > 0
 
 
+def test_a_result_and_its_costs_cross_the_network_unchanged():
+    """A client's result through the bytes Flower sends (plain, and in SecAgg+'s FitRes layout, where only the
+    scalars travel): the same vector, state, loss, steps, time and own costs, ints staying ints."""
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+    from flwr.compat.common import recorddict_compat
+
+    from flower_app.messages import read_result, read_secure_result, result_content, secure_reply
+
+    costs = {"cog_generation_s": 0.125, "cog_generated": 3, "cog_kept_kl_sum": 0.75, "cog_kept_kl_count": 2}
+    sent = ClientResult(5, torch.arange(4.0), {}, {"cog_local": torch.ones(4)}, 1.5, 2, 0.25, costs)
+    received = read_result(recorddict_from_proto(recorddict_to_proto(result_content(sent))), "cpu")
+    assert (received.client, received.loss, received.steps, received.train_time) == (5, 1.5, 2, 0.25)
+    assert torch.equal(received.vector, sent.vector) and torch.equal(received.state["cog_local"], torch.ones(4))
+    assert received.metrics == costs and isinstance(received.metrics["cog_generated"], int)
+    reply = secure_reply(sent, np.zeros(4), 1, {"out_of_range": 0})
+    fitres = recorddict_compat.recorddict_to_fitres(recorddict_from_proto(recorddict_to_proto(reply)),
+                                                    keep_input=False)
+    assert read_secure_result(fitres).metrics == costs
+
+
 # --- failures and the minimum of replies ---------------------------------------------------------------------
 
 def tasks(*clients):
@@ -241,16 +261,24 @@ def same_adapter(ours: Path, theirs: Path) -> bool:
     return a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
+FEDCOG = {"fedcog": True, "cog-num-generate": 3, "cog-num-keep": 2, "cog-max-new-tokens": 4}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fed_alg, lora_method", [("scaffold", "standard"), ("fedprox", "personal")])
-def test_simulation_gives_main_sft_adapter_bit_for_bit(tiny_model_dir, tmp_path, one_thread, fed_alg, lora_method):
+@pytest.mark.parametrize("fed_alg, lora_method, extra", [("scaffold", "standard", {}), ("fedprox", "personal", {}),
+                                                         ("fedavg", "standard", FEDCOG)],
+                         ids=["scaffold", "fedprox-personal", "fedavg-fedcog"])
+def test_simulation_gives_main_sft_adapter_bit_for_bit(tiny_model_dir, tmp_path, one_thread, fed_alg, lora_method,
+                                                       extra):
     """2 rounds, 4 simulated nodes of which 2 train at once, against main_sft.py: SCAFFOLD (client state and extra
-    uploads; FedAvg's bit-identity is checked over a real deployment below), and personalised adapters (each
-    client's own B travels with its task and comes back as kept state, as SCAFFOLD's c_i)."""
+    uploads; FedAvg's bit-identity is checked over a real deployment below), personalised adapters (each
+    client's own B travels with its task and comes back as kept state, as SCAFFOLD's c_i), and FedCOG (each node
+    generates from its own instructions; client 1, sampled in both rounds, gets its round-1 model back with its
+    task for round 2's selection; the costs travel with the results)."""
     from flower_app.launch import LocalFlower
 
     config = {**TINY_RUN, "fed-alg": fed_alg, "lora-method": lora_method, "model-name-or-path": tiny_model_dir,
-              "output-dir": str(tmp_path / "flower")}
+              "output-dir": str(tmp_path / "flower"), **extra}
     with LocalFlower(tmp_path / "home", simulation=True, env=QUIET_RAY) as flower:
         process = flower.run(config, num_supernodes=4, client_cpus=1)
         reference = in_process_reference(config, tmp_path / "inprocess")  # meanwhile
@@ -264,6 +292,11 @@ def test_simulation_gives_main_sft_adapter_bit_for_bit(tiny_model_dir, tmp_path,
         # Really sent: x, y (and SCAFFOLD's control delta), plus the state the server keeps for the client (c_i,
         # or the personal B) both ways (docs/FLOWER.md); in process only the vectors are counted.
         assert row["bytes_uploaded"] > ref["bytes_uploaded"] * 1.5
+        if extra:  # FedCOG's costs: the same generations kept with the same KL; times differ
+            cog = ("cog_generated", "cog_kept_kl_count", "cog_kept_kl_sum", "cog_kept_kl_mean")
+            assert [row[k] for k in cog] == [ref[k] for k in cog] and row["cog_generation_s"] > 0
+    if extra:
+        assert rows[1]["cog_kept_kl_sum"] > 0  # round 2 selected with client 1's own model from round 1
     assert json.loads((ours / "args.json").read_text()) == {
         **json.loads((reference / "args.json").read_text()), "output_dir": str(ours)}
     if lora_method == "personal":  # every client's own B kept by the server, equal to the in-process run's
@@ -324,6 +357,7 @@ def test_deployment_on_loopback_survives_a_supernode_stopped_mid_run(tiny_model_
     ({"lora-method": "personal"}, "every client's own B"),
     ({"lora-method": "hetero_rank", "client-ranks": "2,4"}, "the SVD of the mean"),
     ({"fed-alg": "local0"}, "trains one client alone"),
+    ({"fedcog": True}, "which would then see every y"),
     ({"sample-clients": 1}, "sample >= 2"),
     ({"secagg-quantization-range": 2 ** 30}, "the masked sum overflows"),
     ({"secagg-clipping-range": 0.0}, "secagg-clipping-range 0.0 is invalid"),

@@ -1,7 +1,7 @@
 """The round loop's wiring, with a stub local trainer (each client's update is chosen by the test) and, where the
 trainer's own behaviour is the point, the real SFTTrainer on a tiny model: which clients are aggregated with which
-weights, what SCAFFOLD stores, which learning rate, seed and data window each client gets, outlier updates, and
-FedProx under gradient accumulation."""
+weights, what SCAFFOLD stores, which learning rate, seed and data window each client gets, outlier updates, the
+clients' own costs summed into the round's row, and FedProx under gradient accumulation."""
 import json
 import math
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from datasets import Dataset
 
-from federated.algorithms import ScaffoldHooks
+from federated.algorithms import Algorithm, ClientHooks, ScaffoldHooks
 from federated.client import client_seed
 from federated.config import FedArguments, ScriptArguments
 from federated.flat import FlatParams
-from federated.loop import outlier_clients, round_learning_rate, run_federated
+from federated.loop import ClientResult, outlier_clients, round_learning_rate, run_federated, summed_client_metrics
 from test_run_dir import AdapterStub
 
 N = 4  # parameters of the stub model
@@ -49,7 +49,7 @@ def client_data(sizes):
     return [Dataset.from_list([{"client": k, "id": i} for i in range(n)]) for k, n in enumerate(sizes)]
 
 
-def run(tmp_path, trainer, sizes, **flags):
+def run(tmp_path, trainer, sizes, algorithm=None, **flags):
     script = {"output_dir": str(tmp_path), "learning_rate": 0.1, "seed": SEED, "max_steps": 2, "batch_size": 2,
               "checkpoint_step": 100}
     script.update({k: flags.pop(k) for k in list(flags) if hasattr(ScriptArguments, k)})
@@ -57,7 +57,7 @@ def run(tmp_path, trainer, sizes, **flags):
     fed_args.num_clients = len(sizes)
     tmp_path.mkdir(parents=True, exist_ok=True)
     return run_federated(ScriptArguments(**script), fed_args, trainer.model, trainer, client_data(sizes),
-                         lr_min=LR_MIN)
+                         lr_min=LR_MIN, algorithm=algorithm)
 
 
 def make(delta, loss=lambda k, t: 1.0):
@@ -94,6 +94,36 @@ def test_scaffold_stores_the_control_of_the_learning_rate_it_trained_with(tmp_pa
         y = call["x"] + 0.1 * (call["client"] + 1) * 3
         expected = (hooks.x - y) / (call["steps"] * lr) - hooks.correction  # option II with this round's lr
         assert torch.allclose(state.client_store[call["client"]]["c"], expected)
+
+
+class CostHooks(ClientHooks):
+    """Hooks that report costs of their own, as FedCOG's do: client k worked k + 1 half-seconds and kept k
+    generations whose KL summed to 0.25 k."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def metrics(self):
+        k = self.client
+        return {"work_s": 0.5 * (k + 1), "kept_kl_sum": 0.25 * k, "kept_kl_count": k}
+
+
+class CostReporting(Algorithm):
+    def client_hooks(self, client, x, state, client_store):
+        return CostHooks(client)
+
+
+def test_the_clients_costs_are_summed_into_the_rounds_row(tmp_path):
+    trainer = make(lambda k, t: torch.ones(N), loss=lambda k, t: math.nan if k == 2 else 0.5)
+    run(tmp_path, trainer, sizes=[4, 4, 4], algorithm=CostReporting(FedArguments()), num_rounds=1)
+    row = rows(tmp_path)[0]
+    assert row["dropped_clients"] == [2]  # diverged, but its costs were spent: counted
+    assert row["work_s"] == 0.5 + 1.0 + 1.5
+    assert (row["kept_kl_sum"], row["kept_kl_count"]) == (0.25 + 0.5, 0 + 1 + 2)
+    assert row["kept_kl_mean"] == pytest.approx(0.75 / 3)
+    nothing_kept = ClientResult(0, None, {}, {}, 1.0, 1, metrics={"kept_kl_sum": 0.0, "kept_kl_count": 0})
+    assert summed_client_metrics([nothing_kept])["kept_kl_mean"] is None
+    assert summed_client_metrics([ClientResult(0, None, {}, {}, 1.0, 1)]) == {}
 
 
 def test_each_client_and_round_gets_its_own_seed_and_the_rounds_learning_rate(tmp_path):
