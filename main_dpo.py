@@ -70,8 +70,6 @@ def main():
     check_arguments(script_args, fed_args)
     from federated.lora_methods import check_reference_model
     check_reference_model(fed_args)
-    from federated.fedcog import refuse_preference_pairs
-    refuse_preference_pairs(fed_args)
     if not (math.isfinite(dpo_args.dpo_beta) and dpo_args.dpo_beta > 0):
         raise SystemExit(f"--dpo_beta {dpo_args.dpo_beta!r} is invalid: it must be a finite number > 0.")
     if entry_args.dry_run:
@@ -88,6 +86,7 @@ def train(script_args, fed_args, dpo_args):
     dataset = load_dataset_for(script_args, kinds=("preference",), entry="main_dpo.py")
     # The training stack imports transformers' trainer and peft (which imports bitsandbytes): after
     # configure_console, and after the data, so that a missing dataset or no network fails at once.
+    from federated.fedcog import with_consensus_generation
     from federated.methods import make_algorithm
     from federated.loop import run_federated
     from federated.privacy import make_privacy
@@ -102,6 +101,9 @@ def train(script_args, fed_args, dpo_args):
     write_data_methods(dataset, output_dir)
 
     tokenizer = load_tokenizer(script_args.model_name_or_path, script_args.seq_length)
+    # FedCOG with --fedcog (its distillation term beside the DPO loss; prompts: the pairs'), else the rule itself
+    algorithm = with_consensus_generation(algorithm, fed_args, tokenizer, script_args.template,
+                                          dict(enumerate(clients)), script_args.seq_length, dataset, script_args.seed)
     client_data = tokenize_clients(clients, tokenizer, script_args.template, script_args.seq_length,
                                    dataset.client_ids[:len(clients)])
     model = load_lora_model(script_args, fed_args)

@@ -229,20 +229,28 @@ def _right_padded(samples: list[dict], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 def public_prompts(dataset, path: str | None, size: int, seed: int) -> list[str]:
-    """--cog_prompts public: the instructions of a JSON list of samples, or for fed-synthetic datasets clean
-    generated ones disjoint from the test set."""
+    """--cog_prompts public: the instructions (or preference prompts) of a JSON list of samples, or for
+    fed-synthetic datasets clean generated ones disjoint from the test set."""
     import json
     from pathlib import Path
+
+    from data.quality import sample_pair
     if path:
         if not Path(path).is_file():
             raise SystemExit(f"--cog_public_prompts {path}: no such file; pass a JSON list of samples with "
-                             "\"instruction\" (or of strings).")
+                             "\"instruction\" or \"prompt\" (or of strings).")
         items = json.loads(Path(path).read_text(encoding="utf-8"))
-        return [item["instruction"] if isinstance(item, dict) else str(item) for item in items]
+        if not (isinstance(items, list) and items and all(
+                isinstance(i, str) or (isinstance(i, dict) and ({"instruction", "prompt", "conversations"} & i.keys()))
+                for i in items)):
+            raise SystemExit(f"--cog_public_prompts {path} must hold a non-empty JSON list of strings or of samples "
+                             "with \"instruction\", \"prompt\" or \"conversations\".")
+        return [sample_pair(item)[0] if isinstance(item, dict) else item for item in items]
     if not dataset.name.startswith("fed-synthetic"):
         raise SystemExit(f"--cog_prompts public needs prompts for {dataset.described}: pass --cog_public_prompts FILE.")
     from data.synthetic import clean_samples
-    return [s["instruction"] for s in clean_samples(size, seed + 1, exclude={s["instruction"] for s in dataset.test})]
+    taken = {sample_pair(s)[0] for s in dataset.test}
+    return [s["instruction"] for s in clean_samples(size, seed + 1, exclude=taken)]
 
 
 def with_consensus_generation(algorithm, fed_args, tokenizer, template: str, clients: dict[int, list[dict]],
@@ -261,13 +269,6 @@ def with_consensus_generation(algorithm, fed_args, tokenizer, template: str, cli
         from data.quality import sample_pair
         prompts = {k: [sample_pair(s)[0] for s in samples] for k, samples in clients.items()}
     return ConsensusGeneration(algorithm, fed_args, tokenizer, template, prompts, seq_length)
-
-
-def refuse_preference_pairs(fed_args) -> None:
-    """FedCOG on a preference (DPO) run: refused, by main_dpo.py and the Flower app's task dpo alike."""
-    if fed_args.fedcog:
-        raise SystemExit("--fedcog distils the global model's generated answers (SFT); it is not defined for "
-                         "preference pairs: drop it, or train with main_sft.py.")
 
 
 def check_fedcog_arguments(fed_args) -> None:

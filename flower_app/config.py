@@ -120,9 +120,6 @@ def check_flower_arguments(script_args, fed_args, dpo_args, flower: FlowerArgume
         raise SystemExit("Run-config client-groups runs one federation per language group, which the Flower app does "
                          "not: start one Flower run per group (num-clients and the groups' data files), or use "
                          "main_sft.py.")
-    if flower.task == "dpo":
-        from federated.fedcog import refuse_preference_pairs
-        refuse_preference_pairs(fed_args)
     if not (isinstance(flower.min_replies, int) and flower.min_replies >= 1):
         raise SystemExit(f"Run-config min-replies {flower.min_replies!r} is invalid: it must be an integer >= 1.")
     if not (isinstance(flower.round_retries, int) and flower.round_retries >= 0):

@@ -155,7 +155,24 @@ def test_bad_fedcog_flags_are_refused_before_loading(flags, message, tmp_path):
         run_entry(main_sft, ["--output_dir", tmp_path / "x", "--fedcog", *flags])
 
 
-def test_main_dpo_refuses_fedcog(tmp_path):
+def test_main_dpo_adds_fedcogs_distillation_to_the_dpo_loss(tiny_model_dir, tmp_path, one_thread):
+    """main_dpo.py --fedcog: public prompts drawn beside a preference dataset are answered and kept, and the
+    distillation term changes local training (its gradient is 0 at the first step, where local = global, and
+    not after): the adapter differs from the same run without FedCOG."""
     import main_dpo
-    with pytest.raises(SystemExit, match="--fedcog"):
-        run_entry(main_dpo, ["--output_dir", tmp_path / "x", "--fedcog"])
+    from safetensors.torch import load_file
+
+    def run(name, *extra):
+        out = tmp_path / name
+        run_entry(main_dpo, ["--model_name_or_path", tiny_model_dir, "--output_dir", out, "--synthetic_num_clients",
+                             2, "--synthetic_mean_samples", 8, "--sample_clients", 1, "--num_rounds", 1,
+                             "--max_steps", 3, "--batch_size", 2, "--seq_length", 96, "--learning_rate", 1e-2,
+                             "--eval_after", "false", *extra])
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return rows, load_file(out / "checkpoint-1" / "adapter_model.safetensors")
+
+    plain_rows, plain = run("plain")
+    rows, cog = run("cog", "--fedcog", "--cog_prompts", "public", "--cog_num_generate", 3, "--cog_num_keep", 2,
+                    "--cog_max_new_tokens", 4, "--cog_kd_weight", 10)
+    assert rows[0]["cog_generated"] == 3 and rows[0]["cog_kept_kl_count"] == 2 and "cog_generated" not in plain_rows[0]
+    assert plain.keys() == cog.keys() and any(not torch.equal(plain[k], cog[k]) for k in plain)

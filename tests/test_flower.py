@@ -59,7 +59,6 @@ def test_run_config_maps_onto_the_entry_scripts_dataclasses():
     ({"min-replies": 0}, "min-replies 0 is invalid"),
     ({"client-groups": "same_language"}, "does not"),
     ({"lora-method": "exact"}, "not supported by the Flower app yet: its residual is folded"),
-    ({"task": "dpo", "fedcog": True}, "not defined for preference pairs"),
 ])
 def test_bad_run_config_is_one_clear_line(run_config, message):
     with pytest.raises(SystemExit, match=message):
