@@ -9,7 +9,7 @@ every message, so there the process forwards the query and plain train messages 
 (flower_app/node_worker.py), which runs the same functions and keeps all of it across messages.
 
 The client's kept state (SCAFFOLD's c_i, FedCOG's last local model) lives on the server and comes with each task
-(docs/FLOWER.md: why).
+(docs/FLOWER.md: why); under SecAgg+ FedCOG's stays on the node instead, in its Flower Context.state.
 
 With run-config secagg, train messages are SecAgg+ stages and go through Flower's secaggplus_mod in the ClientApp
 process: in its masked-vector stage the node trains and answers in the legacy FitRes layout (its update y - x and
@@ -110,13 +110,18 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
 
 
 def train_for_secure_sum(msg: Message, context: Context) -> Message:
-    """SecAgg+'s masked-vector stage: train, answer with the update and its weight for secaggplus_mod to mask."""
-    from flower_app.messages import read_secure_task, secure_reply
+    """SecAgg+'s masked-vector stage: train, answer with the update and its weight for secaggplus_mod to mask.
+    The client's kept state (FedCOG's last model and draw count) stays on the node, in its Flower Context.state:
+    the server, which keeps it in plain runs, must not see a client's trained vector here."""
+    from flower_app.messages import read_node_kept, read_secure_task, secure_reply, write_node_kept
     from flower_app.secure import secure_update
 
     client, trainer = node_trainer(context)
     task, num_clients, weight, x = read_secure_task(msg.content, trainer.flat.device)
-    result = run_task(context, client, trainer, task, num_clients, x, {}, {})
+    kept = read_node_kept(context.state, trainer.flat.device)
+    result = run_task(context, client, trainer, task, num_clients, x, {}, kept)
+    if result.vector is not None and result.state:  # a diverged client keeps its previous state, as in process
+        write_node_kept(context.state, result.state)
     settings = worker(context).settings
     update, metrics = secure_update(result, x, settings.fed_args, settings.flower.secagg_clipping_range)
     weight = 0 if result.vector is None else weight  # a diverged client withdraws from the sum

@@ -140,6 +140,19 @@ def secure_reply(result: ClientResult, update: np.ndarray, weight: int, metrics:
     return recorddict_compat.fitres_to_recorddict(fitres, keep_input=False)
 
 
+NODE_KEPT = "fedllm-node-kept"  # the record of the node's Context.state that holds its kept state (secure runs)
+
+
+def read_node_kept(state: RecordDict, device) -> dict[str, torch.Tensor]:
+    """The client state this node kept in its Flower Context.state (secure rounds only), {} before its first."""
+    record = state.array_records.get(NODE_KEPT)
+    return {} if record is None else {name: _tensor(array, device) for name, array in record.items()}
+
+
+def write_node_kept(state: RecordDict, kept: dict[str, torch.Tensor]) -> None:
+    state[NODE_KEPT] = ArrayRecord({name: _array(tensor) for name, tensor in kept.items()})
+
+
 def read_secure_result(fitres: FitRes) -> ClientResult:
     """A client's result in a secure round: no vector (the server has only the sum), its loss, steps, time and
     own costs."""

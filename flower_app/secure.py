@@ -36,10 +36,6 @@ def refusal(fed_args) -> str | None:
         return ("SCAFFOLD's c_i is kept by the server (docs/FLOWER.md, 'Client state'), and from c_i+ = (x - y) / "
                 "(K lr) - (c - c_i) the server would rebuild each client's y: use fedavg, fedprox, fedavgm, "
                 "fedadam, fedyogi or fedadagrad")
-    if fed_args.fedcog:
-        return ("fedcog: each client keeps its trained vector y for its next round's selection, and a client's "
-                "state is kept by the server (docs/FLOWER.md, 'Client state'), which would then see every y: drop "
-                "fedcog")
     if resolve_mode(fed_args) == "paper":  # --dp_mode paper, --dp_sigma, or fed-alg feddp
         return ("DP paper mode noises every client's vector on the server, which needs each vector: use DP clip "
                 "mode (the clients clip, the server noises the mean) or drop the DP flags")

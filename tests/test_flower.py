@@ -356,7 +356,6 @@ def test_deployment_on_loopback_survives_a_supernode_stopped_mid_run(tiny_model_
     ({"lora-method": "personal"}, "every client's own B"),
     ({"lora-method": "hetero_rank", "client-ranks": "2,4"}, "the SVD of the mean"),
     ({"fed-alg": "local0"}, "trains one client alone"),
-    ({"fedcog": True}, "which would then see every y"),
     ({"sample-clients": 1}, "sample >= 2"),
     ({"secagg-quantization-range": 2 ** 30}, "the masked sum overflows"),
     ({"secagg-clipping-range": 0.0}, "secagg-clipping-range 0.0 is invalid"),
@@ -403,6 +402,27 @@ def test_clip_mode_dp_on_a_securely_summed_mean_is_the_same_mechanism():
     mean = x + torch.stack([clip_delta(x, y, 0.5) for y in vectors]).mean(0)
     assert torch.allclose(secure.noise_mean(x, mean, 3, 3), expected[0], atol=1e-6)
     assert secure.epsilon() == in_process.epsilon()
+
+
+@pytest.mark.slow
+def test_fedcog_under_secure_aggregation_keeps_its_state_on_the_node(tiny_model_dir, tmp_path, one_thread):
+    """FedCOG through SecAgg+: the server never holds a client's kept model, so each node keeps it in its
+    Context.state. Every client trains in round 1, so in round 2 every client selects by KL against its own
+    round-1 model: a KL sum of exactly 0 would mean the node lost its state (a client with none keeps KL 0)."""
+    from flower_app.launch import LocalFlower
+
+    config = {**TINY_RUN, **FEDCOG, "synthetic-num-clients": 3, "sample-clients": 3, "fed-alg": "fedavg",
+              "max-steps": 1, "model-name-or-path": tiny_model_dir, "output-dir": str(tmp_path / "flower")}
+    with LocalFlower(tmp_path / "home", simulation=True, env=QUIET_RAY) as flower:
+        process = flower.run({**config, "secagg": True}, num_supernodes=3, client_cpus=1)
+        reference = in_process_reference(config, tmp_path / "inprocess")  # meanwhile
+        wait(process, "run", tmp_path / "home")
+    rows = [json.loads(line) for line in (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    for row, ref in zip(rows, expected, strict=True):
+        assert (row["cog_generated"], row["cog_kept_kl_count"]) == (ref["cog_generated"], ref["cog_kept_kl_count"])
+    assert rows[0]["cog_kept_kl_sum"] == expected[0]["cog_kept_kl_sum"] == 0.0
+    assert rows[1]["cog_kept_kl_sum"] > 0 and expected[1]["cog_kept_kl_sum"] > 0
 
 
 @pytest.mark.slow
