@@ -85,9 +85,13 @@ def greedy_centres(client_centres: list[torch.Tensor]) -> list[int]:
     return chosen
 
 
-def retrieve(pool: torch.Tensor, queries: torch.Tensor, n: int) -> torch.Tensor:
-    """[q, n] indices of the n public samples nearest each query by cosine similarity (exact)."""
-    return torch.topk(queries @ pool.T, min(n, pool.shape[0]), dim=1).indices
+def retrieve(pool: torch.Tensor, queries: torch.Tensor, n: int, chunk: int = 64) -> torch.Tensor:
+    """[q, n] indices of the n public samples nearest each query by cosine similarity (exact), `chunk` queries
+    at a time: the similarity block stays chunk x pool (747 clients against a pool of a million would otherwise
+    hold 3 GB at once)."""
+    k = min(n, pool.shape[0])
+    return torch.cat([torch.topk(queries[i:i + chunk] @ pool.T, k, dim=1).indices
+                      for i in range(0, len(queries), chunk)]) if len(queries) else torch.zeros(0, k, dtype=torch.long)
 
 
 def coverage(data: torch.Tensor, domain: torch.Tensor) -> float:

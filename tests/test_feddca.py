@@ -31,6 +31,8 @@ def test_greedy_choice_spreads_the_centres_and_retrieval_is_exact():
     assert feddca.greedy_centres(clients) == [0, 1, 1]
     pool = unit(0, 30, 60, 90, 120)
     assert feddca.retrieve(pool, unit(50), 2).tolist() == [[2, 1]]
+    queries = unit(50, 100, 10)  # in chunks of 2 queries: the same as all at once
+    assert feddca.retrieve(pool, queries, 2, chunk=2).tolist() == [[2, 1], [3, 4], [0, 1]]
     assert feddca.coverage(unit(0), unit(0, 60)) == pytest.approx((1 + 0.5) / 2, abs=1e-6)
 
 
