@@ -184,20 +184,28 @@ def _wrong_answer(sample: dict, rng: random.Random) -> str:
     return sample["response"][::-1] + "x"  # a task whose answers rarely differ: still wrong
 
 
+def corrupt_a_share(base: FederatedDataset, rng: random.Random, corrupt) -> tuple[list[list[dict]], list[dict]]:
+    """(clients, client metadata) of `base` with a share U(0, MAX_CORRUPTED_SHARE) of each client's samples, drawn
+    per client, replaced by corrupt(sample, rng) and marked {"corrupted": True} (the rest {"corrupted": False}),
+    the share recorded in the client's metadata: the noisy variants' one rule."""
+    clients, metadata = [], []
+    for samples, meta in zip(base.clients, base.client_metadata):
+        share = rng.uniform(0, MAX_CORRUPTED_SHARE)
+        chosen = set(rng.sample(range(len(samples)), round(share * len(samples))))
+        clients.append([{**corrupt(s, rng), "corrupted": True} if i in chosen else {**s, "corrupted": False}
+                        for i, s in enumerate(samples)])
+        metadata.append({**meta, "corrupted_share": round(len(chosen) / len(samples), 4)})
+    return clients, metadata
+
+
 def build_noisy_synthetic(num_clients: int = 20, alpha: float = 0.3, seed: int = 0,
                           mean_samples: int = 64) -> FederatedDataset:
     """fed-synthetic with a known share of each client's answers corrupted, the share varying per client
     (U(0, MAX_CORRUPTED_SHARE)): the setting of the data quality methods. A corrupted sample keeps its instruction,
     gets a wrong answer of the right form, and is marked {"corrupted": True}; the test set stays clean."""
     base = build_synthetic(num_clients, alpha, seed, mean_samples)
-    rng = random.Random(seed * 104_729 + 3)
-    clients, metadata = [], []
-    for samples, meta in zip(base.clients, base.client_metadata):
-        share = rng.uniform(0, MAX_CORRUPTED_SHARE)
-        corrupt = set(rng.sample(range(len(samples)), round(share * len(samples))))
-        clients.append([{**s, "response": _wrong_answer(s, rng), "corrupted": True} if i in corrupt
-                        else {**s, "corrupted": False} for i, s in enumerate(samples)])
-        metadata.append({**meta, "corrupted_share": round(len(corrupt) / len(samples), 4)})
+    clients, metadata = corrupt_a_share(base, random.Random(seed * 104_729 + 3),
+                                        lambda s, rng: {**s, "response": _wrong_answer(s, rng)})
     return replace(base, name="fed-synthetic-noisy", clients=clients, client_metadata=metadata,
                    info={**base.info, "corrupted": f"a share U(0, {MAX_CORRUPTED_SHARE}) of each client's answers, "
                                                     "replaced by another answer of the same task"})

@@ -11,7 +11,7 @@ import random
 
 from data.dataset import FederatedDataset
 from data.registry import register_dataset
-from data.synthetic import NUMBER_WORDS, build_synthetic
+from data.synthetic import MAX_CORRUPTED_SHARE, NUMBER_WORDS, build_synthetic, corrupt_a_share
 
 
 def _off_by_one(answer: str, rng: random.Random) -> str:
@@ -95,15 +95,9 @@ def build_noisy_synthetic_pref(num_clients: int = 20, alpha: float = 0.3, seed: 
     """fed-synthetic-pref with a known share of each client's pairs flipped (the wrong answer marked chosen), the
     share varying per client as in fed-synthetic-noisy (U(0, MAX_CORRUPTED_SHARE)); each pair is marked
     {"corrupted": ...}, the test pairs stay clean: the preference setting of the data quality methods."""
-    from data.synthetic import MAX_CORRUPTED_SHARE
     base = build_synthetic_pref(num_clients, alpha, seed, mean_samples)
-    rng = random.Random(seed * 104_729 + 5)
-    clients, metadata = [], []
-    for pairs, meta in zip(base.clients, base.client_metadata):
-        flipped = set(rng.sample(range(len(pairs)), round(rng.uniform(0, MAX_CORRUPTED_SHARE) * len(pairs))))
-        clients.append([{**p, "chosen": p["rejected"], "rejected": p["chosen"], "corrupted": True} if i in flipped
-                        else {**p, "corrupted": False} for i, p in enumerate(pairs)])
-        metadata.append({**meta, "corrupted_share": round(len(flipped) / len(pairs), 4)})
+    clients, metadata = corrupt_a_share(base, random.Random(seed * 104_729 + 5),
+                                        lambda p, rng: {**p, "chosen": p["rejected"], "rejected": p["chosen"]})
     return FederatedDataset(
         name="fed-synthetic-pref-noisy", kind="preference", client_ids=base.client_ids, clients=clients,
         test=base.test, client_metadata=metadata,
