@@ -204,8 +204,8 @@ def load_anchors(dataset, anchor_file: str | None, size: int, seed: int) -> list
     or {prompt, chosen, rejected} for preference data) when given; for a fed-synthetic dataset `size` clean
     samples balanced over its tasks (pairs for fed-synthetic-pref), disjoint from its test set and its clients'
     samples."""
-    from data.quality import sample_pair
-    keys = ("prompt", "chosen", "rejected") if dataset.kind == "preference" else ("instruction", "response")
+    from data.dataset import REQUIRED_KEYS
+    keys = REQUIRED_KEYS["preference" if dataset.kind == "preference" else "sft"]
     wanted = "a JSON list of good {" + ", ".join(keys) + "} samples"
     if anchor_file:
         path = Path(anchor_file)
@@ -219,16 +219,8 @@ def load_anchors(dataset, anchor_file: str | None, size: int, seed: int) -> list
     if not dataset.name.startswith("fed-synthetic"):
         raise SystemExit(f"--quality_filter anchor needs an anchor set for {dataset.described}: pass "
                          f"--quality_anchor_data FILE ({wanted}).")
-    from data.synthetic import clean_samples
-    taken = {sample_pair(s)[0] for s in dataset.test} | {sample_pair(s)[0] for c in dataset.clients for s in c}
-    anchors = clean_samples(size, seed, exclude=taken)
-    if dataset.kind == "preference":
-        import random
-
-        from data.synthetic_pref import to_pair
-        rng = random.Random(seed + 3)
-        anchors = [to_pair(a, rng) for a in anchors]
-    return anchors
+    from data.synthetic_pref import clean_samples_beside
+    return clean_samples_beside(dataset, size, seed)
 
 
 def score_with_anchors(dataset, anchors: list[dict], model, tokenizer, template: str, max_length: int,

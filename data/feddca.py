@@ -149,38 +149,27 @@ def client_embedder(name: str):
     return transformer_embedder(name)
 
 
-POOL_KEYS = {"preference": ("prompt", "chosen", "rejected"), "sft": ("instruction", "response")}
-
-
 def load_public_pool(dataset, path: str | None, size: int, seed: int) -> list[dict]:
     """--dca_public_data (samples of the dataset's own kind: instruction-response samples or conversations for
     SFT, prompt-chosen-rejected pairs for DPO), or for fed-synthetic datasets `size` clean generated samples over
     every task (pairs for fed-synthetic-pref), disjoint from the test set and the clients' samples."""
-    from data.quality import sample_pair
+    from data.dataset import REQUIRED_KEYS
     kind = "preference" if dataset.kind == "preference" else "sft"
     if path:
         if not Path(path).is_file():
             raise SystemExit(f"--dca_public_data {path}: no such file; pass a JSON list of samples with "
-                             f"{', '.join(POOL_KEYS[kind])}.")
+                             f"{', '.join(REQUIRED_KEYS[kind])}.")
         pool = json.loads(Path(path).read_text(encoding="utf-8"))
         usable = lambda s: isinstance(s, dict) and (  # noqa: E731
-            all(k in s for k in POOL_KEYS[kind]) or (kind == "sft" and "conversations" in s))
+            all(k in s for k in REQUIRED_KEYS[kind]) or (kind == "sft" and "conversations" in s))
         if not (isinstance(pool, list) and pool and all(usable(s) for s in pool)):
             raise SystemExit(f"--dca_public_data {path}: {dataset.described} holds {dataset.kind} samples, so the "
-                             f"pool must be a non-empty JSON list of objects with {', '.join(POOL_KEYS[kind])}.")
+                             f"pool must be a non-empty JSON list of objects with {', '.join(REQUIRED_KEYS[kind])}.")
         return pool
     if not dataset.name.startswith("fed-synthetic"):
         raise SystemExit(f"--feddca needs a public pool for {dataset.described}: pass --dca_public_data FILE.")
-    from data.synthetic import clean_samples
-    taken = {sample_pair(s)[0] for s in dataset.test} | {sample_pair(s)[0] for c in dataset.clients for s in c}
-    pool = clean_samples(size, seed + 2, exclude=taken)
-    if kind == "preference":
-        import random
-
-        from data.synthetic_pref import to_pair
-        rng = random.Random(seed + 3)
-        pool = [to_pair(s, rng) for s in pool]
-    return pool
+    from data.synthetic_pref import clean_samples_beside
+    return clean_samples_beside(dataset, size, seed + 2)
 
 
 def embed_prompts(encoder, samples: list[dict]) -> torch.Tensor:

@@ -11,7 +11,7 @@ import random
 
 from data.dataset import FederatedDataset
 from data.registry import register_dataset
-from data.synthetic import MAX_CORRUPTED_SHARE, NUMBER_WORDS, build_synthetic, corrupt_a_share
+from data.synthetic import MAX_CORRUPTED_SHARE, NUMBER_WORDS, build_synthetic, clean_samples, corrupt_a_share
 
 
 def _off_by_one(answer: str, rng: random.Random) -> str:
@@ -71,6 +71,19 @@ def to_pair(sample: dict, rng: random.Random) -> dict:
     rejected = WRONG_ANSWERS[sample["task"]](sample["response"], rng)
     return {"prompt": sample["instruction"], "chosen": sample["response"], "rejected": rejected,
             "task": sample["task"]}
+
+
+def clean_samples_beside(dataset: FederatedDataset, size: int, seed: int) -> list[dict]:
+    """`size` clean generated samples of `dataset`'s kind (pairs, made as fed-synthetic-pref makes them, for
+    preference data) whose instructions are in neither its test set nor its clients' data: the public anchors
+    (data/anchor_quality.py) and retrieval pool (data/feddca.py) beside a fed-synthetic dataset."""
+    from data.quality import sample_pair
+    taken = {sample_pair(s)[0] for s in dataset.test} | {sample_pair(s)[0] for c in dataset.clients for s in c}
+    samples = clean_samples(size, seed, exclude=taken)
+    if dataset.kind != "preference":
+        return samples
+    rng = random.Random(seed + 3)
+    return [to_pair(s, rng) for s in samples]
 
 
 def build_synthetic_pref(num_clients: int = 20, alpha: float = 0.3, seed: int = 0,
