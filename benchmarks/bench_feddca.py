@@ -63,7 +63,7 @@ def main(argv=None):
             rng = random.Random(seed)
             choices = {"greedy": greedy_centres(centres), "random": [rng.randrange(len(c)) for c in centres]}
             for rule, chosen in choices.items():
-                found = [retrieve(pool_v, c[i:i + 1], args.retrieve)[0].tolist() for c, i in zip(centres, chosen)]
+                found = retrieve(pool_v, torch.stack([c[i] for c, i in zip(centres, chosen)]), args.retrieve).tolist()
                 union = sorted({j for f in found for j in f})
                 row = {"seed": seed, "client_encoder": name, "rule": rule, "tasks_clients": tasks_before,
                        "tasks_clients_plus_retrieved": len({s["task"] for c in ds.clients for s in c}

@@ -134,9 +134,6 @@ def hashing_embedder(dims: int = 512):
     return embed
 
 
-CLIENT_ENCODERS = ("server", "minilm_l2", "hashing")  # or any Hugging Face encoder id or folder
-
-
 def client_embedder(name: str):
     """--dca_client_encoder: None for `server` (plain FedDCA, the clients share the server's encoder)."""
     from data.analyze import minilm_embedder, transformer_embedder
@@ -207,12 +204,13 @@ def augment(dataset, pool: list[dict], embed, clusters: int, per_centre: int, se
         if domain is not None:
             record["alignment_cosine"] = alignment_cosine(client_embed, projection, dataset.test, domain)
     chosen = greedy_centres(centres)
-    found = [retrieve(pool_vectors, c[i:i + 1], per_centre)[0].tolist() for c, i in zip(centres, chosen)]
+    found = retrieve(pool_vectors, torch.stack([c[i] for c, i in zip(centres, chosen)]), per_centre).tolist()
     clients = [samples + [{**pool[j], "retrieved": True} for j in indices]
                for samples, indices in zip(dataset.clients, found)]
-    record["retrieved_distinct"] = len({j for indices in found for j in indices})
+    distinct = sorted({j for indices in found for j in indices})
+    record["retrieved_distinct"] = len(distinct)
     if domain is not None:  # per client, and of the federation's data together (what the global model trains on)
-        retrieved = pool_vectors[sorted({j for indices in found for j in indices})]
+        retrieved = pool_vectors[distinct]
         record["coverage_before"] = float(np.mean([coverage(v, domain) for v in client_vectors]))
         record["coverage_after"] = float(np.mean([coverage(torch.cat([v, pool_vectors[idx]]), domain)
                                                   for v, idx in zip(client_vectors, found)]))
@@ -223,7 +221,7 @@ def augment(dataset, pool: list[dict], embed, clusters: int, per_centre: int, se
         tasks = lambda samples: {s["task"] for s in samples if "task" in s}  # noqa: E731
         record["tasks_per_client_before"] = float(np.mean([len(tasks(c)) for c in dataset.clients]))
         record["tasks_per_client_after"] = float(np.mean([len(tasks(c)) for c in clients]))
-        record["tasks_retrieved"] = len(tasks([pool[j] for indices in found for j in indices]))
+        record["tasks_retrieved"] = len(tasks([pool[j] for j in distinct]))
     logger.info("FedDCA: %s", record)
     return replace(dataset, clients=clients, info={**dataset.info, "feddca": record})
 
