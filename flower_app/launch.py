@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -26,9 +27,39 @@ CONNECTION = "local-test"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int, consecutive: bool = False) -> list[int]:
+    """`count` distinct free loopback ports (consecutive: base, base + 1, ...). They are drawn below the kernel's
+    ephemeral range, so no outgoing connection takes one before its server binds it, and all are held bound while
+    they are chosen (picked one at a time, a port just released is often handed out again)."""
+    rng = random.Random()
+    below = _ephemeral_start()
+    below = below if below > 12000 else 65536  # an unusual range: draw from all of them
+    for _ in range(200):
+        held: list[socket.socket] = []
+        try:
+            base = rng.randrange(10000, below - count)
+            for k in range(count):
+                held.append(socket.socket())
+                held[-1].bind(("127.0.0.1", base + k if consecutive else rng.randrange(10000, below)))
+            ports = [s.getsockname()[1] for s in held]
+            if len(set(ports)) == count:
+                return ports
+        except OSError:  # taken: draw again
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"no {count} free loopback ports found below {below} in 200 draws")
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: the IANA dynamic range starts here
+        return 49152
 
 
 def toml_value(value) -> str:
@@ -55,6 +86,7 @@ class LocalFlower:
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                     "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
         self.port = free_port()
+        self.ports_given = {self.port}  # a SuperNode started a moment ago may not have bound its port yet
         self.processes: dict[str, subprocess.Popen] = {}
 
     def __enter__(self):
@@ -115,10 +147,15 @@ class LocalFlower:
         """A SuperNode; with node authentication its key is registered first (register=False: an intruder with a
         key the SuperLink does not know)."""
         command = [str(BIN / "flower-supernode"), *self._tls("supernode"), "--superlink", f"127.0.0.1:{self.port}",
-                   "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", config_arg(node_config)]
+                   "--host", "127.0.0.1", "--port", str(self.new_port()), "--node-config", config_arg(node_config)]
         if self.node_auth:
             command += ["--auth-supernode-private-key", str(self.node_key(name, register))]
         return self._start(name, command)
+
+    def new_port(self) -> int:
+        port = next(p for p in iter(free_port, None) if p not in self.ports_given)
+        self.ports_given.add(port)
+        return port
 
     def node_key(self, name: str, register: bool) -> Path:
         """A key pair for a SuperNode (flower_app.deploy.make_node_key), its public key registered with the

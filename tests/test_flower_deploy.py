@@ -113,6 +113,27 @@ def stop_session(leader: int) -> None:
     terminate_all(family)
 
 
+def test_ports_chosen_together_are_distinct_and_bindable():
+    """Two ports picked one after the other were once the same (the first released, then handed out again), and
+    the one-host block's SuperNode 0 could not bind the SuperLink's port."""
+    import socket
+
+    from flower_app.launch import free_ports
+
+    for _ in range(50):
+        base, *rest = free_ports(4, consecutive=True)
+        assert rest == [base + 1, base + 2, base + 3]
+        ports = free_ports(3)
+        assert len(set(ports)) == 3
+    held = [socket.socket() for _ in ports]
+    try:
+        for s, port in zip(held, ports):
+            s.bind(("127.0.0.1", port))
+    finally:
+        for s in held:
+            s.close()
+
+
 @pytest.mark.slow
 def test_the_documented_one_host_deployment_runs_as_pasted(tmp_path, tiny_model_dir):
     """docs/FLOWER.md's one-host block in bash: certificates, silo files, SuperLink with a database and node
@@ -120,11 +141,11 @@ def test_the_documented_one_host_deployment_runs_as_pasted(tmp_path, tiny_model_
     then a run with a bad run config, and `deploy wait` exits 1 naming the reason. Changed for the test only:
     free ports, the tiny model, one round, a work folder outside the repository (the project's paths made
     absolute)."""
-    from flower_app.launch import free_port
+    from flower_app.launch import free_ports
 
     script = documented_block("one-host deployment")
-    node_port = free_port()
-    changes = {"LINK_PORT=9093": f"LINK_PORT={free_port()}", "NODE_PORT=9094": f"NODE_PORT={node_port}",
+    link_port, node_port, _, _ = free_ports(4, consecutive=True)  # SuperNode k listens on node_port + k
+    changes = {"LINK_PORT=9093": f"LINK_PORT={link_port}", "NODE_PORT=9094": f"NODE_PORT={node_port}",
                "MODEL=smollm2": f"MODEL={tiny_model_dir}", '"$PWD/.venv/bin': f'"{ROOT}/.venv/bin',
                "flwr run . prod": f"flwr run {ROOT} prod", "num-rounds=2": "num-rounds=1"}
     for old, new in changes.items():
