@@ -275,15 +275,17 @@ def test_multiturn_released_file_trains_with_vicuna(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_fed_synthetic_end_to_end(tmp_path):
-    """The real embedded model on fed-synthetic: loss falls over rounds and the exact-match score is written."""
+    """The real embedded model on fed-synthetic: loss falls over rounds and the exact-match score is written, on
+    4 held-out samples of each of the 12 tasks (the whole held-out set, 240 answers, took most of the test's time)."""
     out = tmp_path / "smol"
     run_entry(main_sft, ["--output_dir", out, "--num_rounds", 3, "--sample_clients", 2, "--max_steps", 3,
-                         "--batch_size", 4, "--seq_length", 96, "--learning_rate", 5e-4, "--synthetic_num_clients", 6])
+                         "--batch_size", 4, "--seq_length", 96, "--learning_rate", 5e-4, "--synthetic_num_clients", 6,
+                         "--eval_per_task", 4])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = (np.mean(list(r["client_loss"].values())) for r in (rows[0], rows[-1]))
     assert last < first
     scores = json.loads((out / "eval_exact_match.json").read_text())
-    assert scores["n"] == 240 and 0.0 <= scores["accuracy"] <= 1.0
+    assert scores["n"] == 48 and 0.0 <= scores["accuracy"] <= 1.0
 
 
 def test_client_groups_train_one_federation_per_language_family(tiny_model_dir, tmp_path, monkeypatch):
