@@ -176,3 +176,37 @@ def test_main_dpo_adds_fedcogs_distillation_to_the_dpo_loss(tiny_model_dir, tmp_
                     "--cog_max_new_tokens", 4, "--cog_kd_weight", 10)
     assert rows[0]["cog_generated"] == 3 and rows[0]["cog_kept_kl_count"] == 2 and "cog_generated" not in plain_rows[0]
     assert plain.keys() == cog.keys() and any(not torch.equal(plain[k], cog[k]) for k in plain)
+
+
+
+@pytest.mark.parametrize("source", ["public", "own"])
+def test_a_flower_node_draws_the_prompts_main_sft_draws(tiny_model_dir, tmp_path, source):
+    """FedCOG's prompts on a Flower node holding only its silo's file: with --cog_prompts public it draws the very
+    pool main_sft.py draws (clean fed-synthetic instructions, none a test prompt, not the client's own); with its
+    own prompts it never loads the run's dataset."""
+    from data.quality import sample_pair
+    from federated.fedcog import with_consensus_generation
+    from federated.setup import load_dataset_for
+    from flower_app.config import NodeData, parse_run_config
+    from flower_app.training import Worker
+
+    settings = parse_run_config({"model-name-or-path": tiny_model_dir, "synthetic-num-clients": 4,
+                                 "synthetic-mean-samples": 16, "fedcog": True, "cog-prompts": source, "seed": 3})
+    s, f = settings.script_args, settings.fed_args
+    dataset = load_dataset_for(s, kinds=("sft", "multiturn"), entry="main_sft.py")
+    in_process = with_consensus_generation(None, f, None, s.template, dict(enumerate(dataset.clients)),
+                                           s.seq_length, dataset, s.seed).prompts
+    silo = tmp_path / "silo1.json"
+    silo.write_text(json.dumps({dataset.client_ids[1]: dataset.clients[1]}))
+    node = Worker(settings)
+    own = [sample_pair(x)[0] for x in node.client(7, NodeData(1, 4, str(silo))).samples]
+    on_node = with_consensus_generation(None, f, node.tokenizer, s.template, {1: node.clients[7].samples},
+                                        s.seq_length, node.fedcog_dataset(), s.seed).prompts
+    assert on_node[1] == in_process[1]
+    if source == "public":
+        test_prompts = {sample_pair(t)[0] for t in dataset.test}
+        assert len(on_node[1]) == 20 * f.cog_num_generate and not test_prompts & set(on_node[1])
+        assert not set(own) >= set(on_node[1])
+    else:
+        assert node.dataset is None  # the silo's node never loaded the run's dataset
+        assert on_node[1] == own
