@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -208,6 +210,17 @@ FEDOPT_VARIANTS = ("fedllm-bench", "reddi")
 QUALITY_FILTERS = ("ira", "anchor", "anchor_per_client")
 
 
+DCA_CLIENT_ENCODERS = ("server", "minilm_l2", "hashing")  # data.feddca.client_embedder's names
+
+
+def _known_encoder(name) -> bool:
+    """A named client encoder, an existing folder, or a hub id: a mistyped name fails here, not after the data."""
+    if not isinstance(name, str):
+        return False
+    return name in DCA_CLIENT_ENCODERS or Path(name).expanduser().is_dir() or \
+        re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith((".", "/"))
+
+
 def _fail(flag: str, value, requirement: str, fix: str):
     raise SystemExit(f"{flag} {value!r} is invalid: it must be {requirement}; {fix}.")
 
@@ -275,9 +288,10 @@ def check_arguments(script_args: ScriptArguments, fed_args: FedArguments) -> Non
                         ("--dca_pool_size", script_args.dca_pool_size)]:
         _check_number(flag, value, integer=True, low=0)
     _check_number("--dca_align_ridge", script_args.dca_align_ridge, low=0)
-    if not (isinstance(script_args.dca_client_encoder, str) and script_args.dca_client_encoder.strip()):
+    if not _known_encoder(script_args.dca_client_encoder):
         _fail("--dca_client_encoder", script_args.dca_client_encoder,
-              "server, minilm_l2, hashing or a Hugging Face encoder id", "or omit it for the server's encoder")
+              f"{', '.join(DCA_CLIENT_ENCODERS)}, a local encoder folder or a Hugging Face id (org/name)",
+              "or omit it for the server's encoder")
     if script_args.client_groups is not None:
         from data.groups import GROUP_MODES
         if script_args.client_groups not in GROUP_MODES:

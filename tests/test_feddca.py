@@ -114,6 +114,10 @@ def test_bad_dca_flags_are_refused_before_loading(tmp_path):
         run_entry(main_sft, ["--output_dir", tmp_path / "x", "--feddca", "--dca_clusters", 0])
     with pytest.raises(SystemExit, match="--dca_align_ridge"):
         run_entry(main_sft, ["--output_dir", tmp_path / "x", "--feddca", "--dca_align_ridge", -1])
+    for typo in ("minilm-l2", "hashin", "./no/such/folder"):  # refused before any data or model is loaded
+        with pytest.raises(SystemExit, match=f"--dca_client_encoder '{typo}' is invalid"):
+            run_entry(main_sft, ["--output_dir", tmp_path / "x", "--feddca", "--dca_client_encoder", typo])
+    assert not (tmp_path / "x").exists()
 
 
 def test_main_sft_runs_feddca_star_end_to_end(tmp_path, tiny_model_dir, one_thread):
